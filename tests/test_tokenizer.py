@@ -1,0 +1,207 @@
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from tinypalm.errors import TinyPalmError
+from tinypalm.tokenizer import SPLIT, BPETokenizer, ByteTokenizer, tokenizer_from_dict
+
+SAMPLES = [
+    "hello world",
+    "It's 3 o'clock, isn't it?  Yes -- 42 cats_and_dogs!\n\n\tend ",
+    "你好，世界",
+    "emoji: 🙂👍🏽 family 👨‍👩‍👧 flag 🇯🇵",
+    "mixed: naïve café Ωμέγα привет مرحبا ½ ² x\u0301",
+    "",
+    " ",
+    "\n",
+]
+BAD_BYTES = [b"\xff\xfe abc \x80", bytes(range(256)), b"ok \xc3 truncated \xe4\xbd", random.Random(1).randbytes(3000)]
+
+
+def corpus(n_sentences=4000, seed=0):
+    """A few hundred KB of English-like text with some Chinese, numbers and punctuation."""
+    rng = random.Random(seed)
+    subj = ["the cat", "a dog", "my friend", "the old king", "our teacher", "this machine", "she", "they"]
+    verb = ["sees", "likes", "builds", "remembers", "follows", "writes about", "doesn't trust", "carries"]
+    obj = ["the river", "a small house", "the new model", "every letter", "twelve apples", "the quiet town"]
+    zh = ["我们今天学习语言模型。", "天气很好。", "他在写代码。", "这是一个测试。"]
+    lines = []
+    for _ in range(n_sentences):
+        s = f"{rng.choice(subj).capitalize()} {rng.choice(verb)} {rng.choice(obj)}"
+        s += rng.choice([".", "!", "?", f" {rng.randint(0, 999)} times.", ", I'm sure."])
+        if rng.random() < 0.15:
+            s += " " + rng.choice(zh)
+        lines.append(s)
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def text():
+    return corpus()
+
+
+@pytest.fixture(scope="module")
+def bpe(text):
+    return BPETokenizer.train(text, 600)
+
+
+def random_unicode(rng, n):
+    # any code point except surrogates, which UTF-8 cannot hold
+    cps = [rng.choice([rng.randrange(0x20, 0x7F), rng.randrange(0, 0xD800), rng.randrange(0xE000, 0x110000)])
+           for _ in range(n)]
+    return "".join(map(chr, cps))
+
+
+# ---- byte tokenizer ----
+
+def test_byte_roundtrip_str():
+    tok = ByteTokenizer()
+    for s in SAMPLES:
+        ids = tok.encode(s)
+        assert ids.dtype == np.int32 and ids.ndim == 1
+        assert len(ids) == len(s.encode("utf-8"))
+        assert ids.size == 0 or (ids.min() >= 0 and ids.max() < 256)
+        assert tok.decode(ids) == s
+
+
+def test_byte_roundtrip_bytes():
+    tok = ByteTokenizer()
+    for b in BAD_BYTES:
+        ids = tok.encode(b)
+        assert ids.tolist() == list(b)
+        assert tok.decode_bytes(ids) == b
+    assert tok.decode([0xFF]) == "\ufffd"  # invalid model output is shown, not raised
+
+
+def test_byte_token_bytes_and_errors():
+    tok = ByteTokenizer()
+    ids = tok.encode("你好🙂")
+    assert b"".join(tok.token_bytes(int(i)) for i in ids) == "你好🙂".encode()
+    with pytest.raises(TinyPalmError):
+        tok.decode([256])
+    with pytest.raises(TinyPalmError):
+        tok.decode([-1])
+    with pytest.raises(TinyPalmError):
+        tok.encode(123)
+
+
+# ---- pre-tokenisation ----
+
+def test_split_covers_every_character():
+    rng = random.Random(0)
+    for s in SAMPLES + [random_unicode(rng, 500) for _ in range(20)]:
+        assert "".join(SPLIT.findall(s)) == s
+    assert SPLIT.findall("It's hello  world 123!!") == ["It", "'s", " hello", " ", " world", " 123", "!!"]
+
+
+# ---- BPE ----
+
+def test_bpe_vocab_size_and_compression(bpe, text):
+    assert bpe.vocab_size == 600 == 256 + len(bpe.merges)
+    ids = bpe.encode(text)
+    assert ids.dtype == np.int32 and ids.ndim == 1
+    assert ids.min() >= 0 and ids.max() < bpe.vocab_size
+    assert len(text.encode("utf-8")) / len(ids) > 1.5
+
+
+def test_bpe_roundtrip_str(bpe, text):
+    rng = random.Random(2)
+    for s in SAMPLES + [text[:5000], random_unicode(rng, 2000)]:
+        ids = bpe.encode(s)
+        assert bpe.decode(ids) == s
+        assert bpe.decode_bytes(ids) == s.encode("utf-8")
+        assert bpe.encode(s.encode("utf-8")).tolist() == ids.tolist()  # str and its bytes agree
+
+
+def test_bpe_roundtrip_invalid_utf8(bpe):
+    for b in BAD_BYTES + [b"The cat sees \xff the river.\x80\n" * 3]:
+        assert bpe.decode_bytes(bpe.encode(b)) == b
+
+
+def test_bpe_token_bytes(bpe, text):
+    ids = bpe.encode(text[:3000])
+    assert b"".join(bpe.token_bytes(int(i)) for i in ids) == bpe.decode_bytes(ids)
+    for i, (a, b) in enumerate(bpe.merges):
+        assert bpe.token_bytes(256 + i) == bpe.token_bytes(a) + bpe.token_bytes(b)
+
+
+def test_bpe_deterministic(text):
+    a = BPETokenizer.train(text, 400)
+    b = BPETokenizer.train(text, 400)
+    assert a.merges == b.merges
+
+
+def test_bpe_runs_out_of_pairs():
+    tok = BPETokenizer.train("ab ab ab cd", 10_000)
+    assert 256 < tok.vocab_size < 10_000  # stopped when no pair occurs twice
+    assert tok.decode(tok.encode("ab ab ab cd")) == "ab ab ab cd"
+    assert BPETokenizer.train("", 300).vocab_size == 256
+    assert BPETokenizer.train("abc", 256).vocab_size == 256
+
+
+def test_bpe_vocab_too_small():
+    with pytest.raises(TinyPalmError):
+        BPETokenizer.train("hello", 255)
+
+
+def test_bpe_serialisation(bpe, text):
+    d = json.loads(json.dumps(bpe.to_dict()))
+    assert d["kind"] == "bpe"
+    tok = BPETokenizer.from_dict(d)
+    assert tok.vocab_size == bpe.vocab_size
+    sample = text[:20000] + "你好，世界 🙂"
+    assert tok.encode(sample).tolist() == bpe.encode(sample).tolist()
+    with pytest.raises(TinyPalmError):
+        BPETokenizer.from_dict({"kind": "bpe", "merges": [[300, 1]]})  # refers to an id not yet made
+
+
+def test_tokenizer_from_dict(bpe):
+    assert isinstance(tokenizer_from_dict(json.loads(json.dumps(ByteTokenizer().to_dict()))), ByteTokenizer)
+    tok = tokenizer_from_dict(json.loads(json.dumps(bpe.to_dict())))
+    assert isinstance(tok, BPETokenizer) and tok.merges == bpe.merges
+    with pytest.raises(TinyPalmError):
+        tokenizer_from_dict({"kind": "sentencepiece"})
+    with pytest.raises(TinyPalmError):
+        tokenizer_from_dict({})
+
+
+def naive_bpe(text, n_merges):
+    """Textbook BPE: recount every pair over every chunk before each merge."""
+    words = [list(c.encode("utf-8")) for c in SPLIT.findall(text)]
+    merges = []
+    for _ in range(n_merges):
+        counts = Counter(p for w in words for p in zip(w, w[1:]))
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))  # most frequent, ties to the smaller pair
+        if counts[best] < 2:
+            break
+        new = 256 + len(merges)
+        merges.append(best)
+        for k, w in enumerate(words):
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(new)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            words[k] = out
+    return merges
+
+
+def test_bpe_matches_naive_reference():
+    # repeated letters ("aaaa", "banana") exercise overlapping pairs; the rest exercises ties
+    text = corpus(150, seed=3) + " aaaa aaa aaaaa banana bananas anna " * 5 + "你好你好，世界世界 " * 4
+    tok = BPETokenizer.train(text, 256 + 200)
+    assert tok.merges == naive_bpe(text, 200)
+    assert len(tok.merges) > 100
+    # and to exhaustion, so both stop at the same point (the last pair that occurs twice)
+    small = corpus(40, seed=4) + " ab ab ab cd"
+    tok = BPETokenizer.train(small, 100_000)
+    assert tok.merges == naive_bpe(small, 100_000)
+    assert tok.vocab_size < 100_000

@@ -1,0 +1,37 @@
+"""The one place that chooses the array library.
+
+Everything else receives `xp` (numpy or cupy) and calls only functions both libraries share.
+"""
+
+import numpy
+
+from .errors import TinyPalmError
+
+DTYPES = ("float64", "float32")
+
+
+def get_xp(backend):
+    if backend == "numpy":
+        return numpy
+    if backend != "cupy":
+        raise TinyPalmError(f"unknown backend {backend!r}; use 'numpy' (CPU) or 'cupy' (NVIDIA GPU)")
+    try:
+        import cupy
+    except Exception as e:  # not installed, or its CUDA libraries failed to load
+        raise TinyPalmError(f"--backend cupy needs CuPy ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'not importable'}); "
+                            "install it with `pip install -e .[cuda12]` or `.[cuda13]`, or use --backend numpy") from None
+    if not cupy.is_available():
+        raise TinyPalmError("--backend cupy: CuPy is installed but no CUDA GPU is visible; "
+                            "check `nvidia-smi` and CUDA_VISIBLE_DEVICES, or use --backend numpy")
+    return cupy
+
+
+def to_numpy(a):
+    """A host numpy copy of an array from either backend."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, numpy.ndarray) else numpy.asarray(a)
+
+
+def check_dtype(dtype):
+    if dtype not in DTYPES:
+        raise TinyPalmError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+    return numpy.dtype(dtype)

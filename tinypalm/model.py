@@ -1,0 +1,230 @@
+"""The PaLM model: parameters, forward pass, and the backward pass written out by the chain rule.
+
+Storage. As in the paper, each layer keeps two fused matrices, so its five input projections run as one GEMM
+and its two output projections as another:
+    w_in  (D, H*Dh + 2*Hkv*Dh + 2*F) = [wq | wk | wv | w_gate | w_up]    applied to the shared LayerNorm output
+    w_out (H*Dh + F, D)              = [wo ; w_down]                      applied to [attention out | SwiGLU out]
+`model.params` maps the canonical names (`layers.0.wq`, ...) to views into those matrices, so optimizers,
+checkpoints and tests see the canonical names and shapes; `model.grads_like()` gives gradients in the same form.
+Update parameters in place (`p -= ...`, `p[...] = ...`) so the views stay tied to the storage.
+"""
+
+import math
+
+import numpy
+
+from . import ops
+from .backend import get_xp, check_dtype, to_numpy
+from .config import Config
+
+LAYER_PARAMS = ("norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def param_shapes(cfg):
+    """Canonical parameter names and shapes, in the order they are initialised and saved."""
+    D, F, q_dim, kv_dim = cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"embed": (cfg.vocab_size, D)}
+    for i in range(cfg.n_layers):
+        shapes.update({f"layers.{i}.norm": (D,), f"layers.{i}.wq": (D, q_dim), f"layers.{i}.wk": (D, kv_dim),
+                       f"layers.{i}.wv": (D, kv_dim), f"layers.{i}.wo": (q_dim, D), f"layers.{i}.w_gate": (D, F),
+                       f"layers.{i}.w_up": (D, F), f"layers.{i}.w_down": (F, D)})
+    shapes["norm"] = (D,)
+    return shapes
+
+
+def init_params(cfg, seed):
+    """Host float64 initial weights: embed ~ N(0, 1), matrices ~ N(0, 1/fan_in), norm gains 1.
+
+    Drawn with numpy's generator in canonical order, so both backends start from the same weights."""
+    rng = numpy.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        if len(shape) == 1:
+            params[name] = numpy.ones(shape)
+        elif name == "embed":
+            params[name] = rng.standard_normal(shape)
+        else:
+            params[name] = rng.standard_normal(shape) / math.sqrt(shape[0])
+    return params
+
+
+class Layer:
+    """One block's storage: norm (D,), w_in (D, Q + 2K + 2F), w_out (Q + F, D), and the canonical views."""
+
+    def __init__(self, xp, cfg, dtype):
+        D, F = cfg.d_model, cfg.d_ff
+        self.q_dim, self.kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.norm = xp.zeros(D, dtype=dtype)
+        self.w_in = xp.zeros((D, self.q_dim + 2 * self.kv_dim + 2 * F), dtype=dtype)
+        self.w_out = xp.zeros((self.q_dim + F, D), dtype=dtype)
+        q, k, v = self.q_dim, self.kv_dim, self.kv_dim
+        self.views = {"norm": self.norm,
+                      "wq": self.w_in[:, :q], "wk": self.w_in[:, q:q + k], "wv": self.w_in[:, q + k:q + k + v],
+                      "w_gate": self.w_in[:, q + k + v:q + k + v + F], "w_up": self.w_in[:, q + k + v + F:],
+                      "wo": self.w_out[:q], "w_down": self.w_out[q:]}
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer: (B, max_seq_len, Hkv, Dh) each."""
+
+    def __init__(self, xp, cfg, batch_size, dtype):
+        shape = (batch_size, cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
+        self.k = [xp.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [xp.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.length = 0
+
+
+class PaLM:
+    def __init__(self, config, backend="numpy", dtype="float32", seed=0):
+        assert isinstance(config, Config)
+        self.config = cfg = config
+        self.xp = xp = get_xp(backend)
+        self.backend, self.dtype = backend, check_dtype(dtype)
+        self.embed = xp.zeros((cfg.vocab_size, cfg.d_model), dtype=self.dtype)
+        self.norm = xp.zeros(cfg.d_model, dtype=self.dtype)
+        self.layers = [Layer(xp, cfg, self.dtype) for _ in range(cfg.n_layers)]
+        self.params = self._named(self.embed, self.norm, self.layers)
+        self.rope_cos, self.rope_sin = ops.rope_tables(xp, cfg.max_seq_len, cfg.head_dim, cfg.rope_base, self.dtype)
+        self._masks = {}
+        self.load_params(init_params(cfg, seed))
+
+    @staticmethod
+    def _named(embed, norm, layers):
+        named = {"embed": embed}
+        for i, layer in enumerate(layers):
+            named.update({f"layers.{i}.{k}": layer.views[k] for k in LAYER_PARAMS})
+        named["norm"] = norm
+        return named
+
+    def load_params(self, arrays):
+        """Copy host or device arrays, by canonical name, into the model's storage."""
+        for name, p in self.params.items():
+            p[...] = self.xp.asarray(arrays[name], dtype=self.dtype)
+
+    def params_numpy(self):
+        return {name: to_numpy(p) for name, p in self.params.items()}
+
+    def grads_like(self):
+        """Zeroed gradient storage shaped like the model: (d_embed, d_norm, d_layers, named views)."""
+        xp = self.xp
+        d_embed, d_norm = xp.zeros_like(self.embed), xp.zeros_like(self.norm)
+        d_layers = [Layer(xp, self.config, self.dtype) for _ in self.layers]
+        return d_embed, d_norm, d_layers, self._named(d_embed, d_norm, d_layers)
+
+    # --- forward ----------------------------------------------------------------------------------------------
+
+    def _mask(self, n_queries, n_keys, first_pos):
+        key = (n_queries, n_keys, first_pos)
+        if key not in self._masks:
+            if len(self._masks) > 64:
+                self._masks.clear()
+            groups = self.config.n_heads // self.config.n_kv_heads
+            self._masks[key] = ops.causal_mask(self.xp, n_queries, n_keys, first_pos, groups, self.dtype)
+        return self._masks[key]
+
+    def _block_forward(self, x, layer, pos, kv_cache=None, i=0, dropout=0.0, dropout_seed=0):
+        # x (B, T, D) -> x + Attn(LN(x)) + MLP(LN(x)), one parallel block
+        cfg, xp = self.config, self.xp
+        B, T, D = x.shape
+        H, Hkv, Dh, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+        q_dim, kv_dim = layer.q_dim, layer.kv_dim
+
+        h, ln_cache = ops.layernorm_forward(x.reshape(B * T, D), layer.norm, cfg.norm_eps)   # (N, D)
+        proj = ops.linear_forward(h, layer.w_in)                                             # (N, Q+2K+2F)
+        q = proj[:, :q_dim].reshape(B, T, H, Dh)
+        k = proj[:, q_dim:q_dim + kv_dim].reshape(B, T, Hkv, Dh)
+        v = proj[:, q_dim + kv_dim:q_dim + 2 * kv_dim].reshape(B, T, Hkv, Dh)
+        gate, up = proj[:, q_dim + 2 * kv_dim:q_dim + 2 * kv_dim + F], proj[:, q_dim + 2 * kv_dim + F:]
+
+        cos, sin = self.rope_cos[pos:pos + T, None, :], self.rope_sin[pos:pos + T, None, :]   # (T, 1, Dh)
+        q, k = ops.rope_forward(q, cos, sin), ops.rope_forward(k, cos, sin)
+        if kv_cache is not None:            # generation: append this chunk, attend over everything so far
+            kv_cache.k[i][:, pos:pos + T], kv_cache.v[i][:, pos:pos + T] = k, v
+            k, v = kv_cache.k[i][:, :pos + T], kv_cache.v[i][:, :pos + T]
+        attn, attn_cache = ops.attention_forward(xp, q, k, v, self._mask(T, pos + T, pos))    # (B, T, H, Dh)
+        hidden, swiglu_cache = ops.swiglu_forward(xp, gate, up)                             # (N, F)
+
+        branches = xp.concatenate([attn.reshape(B * T, q_dim), hidden], axis=1)              # (N, Q+F)
+        y = ops.linear_forward(branches, layer.w_out)                                       # (N, D)
+        keep = None
+        if dropout > 0.0:
+            keep = ops.dropout_mask(xp, y.shape, dropout, dropout_seed)
+            y = ops.dropout_forward(y, dropout, keep)
+        cache = (ln_cache, h, cos, sin, attn_cache, swiglu_cache, branches, keep, dropout)
+        return x + y.reshape(B, T, D), cache
+
+    def _forward(self, tokens, kv_cache=None, dropout=0.0, dropout_seed=0):
+        # tokens (B, T) int -> logits (N, V) and everything the backward needs
+        cfg = self.config
+        B, T = tokens.shape
+        pos = kv_cache.length if kv_cache is not None else 0
+        if pos + T > cfg.max_seq_len:
+            raise ValueError(f"{pos + T} positions exceed max_seq_len {cfg.max_seq_len}")
+        x = ops.embedding_forward(self.embed, tokens)                                       # (B, T, D)
+        block_caches = []
+        for i, layer in enumerate(self.layers):
+            x, cache = self._block_forward(x, layer, pos, kv_cache, i, dropout, dropout_seed * 1000003 + i)
+            block_caches.append(cache)
+        h, ln_cache = ops.layernorm_forward(x.reshape(B * T, cfg.d_model), self.norm, cfg.norm_eps)
+        logits = ops.tied_logits_forward(h, self.embed)                                     # (N, V)
+        if kv_cache is not None:
+            kv_cache.length = pos + T
+        return logits, (block_caches, ln_cache, h)
+
+    def _tokens(self, tokens):
+        tokens = self.xp.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (batch, time), got shape {tokens.shape}")
+        return tokens
+
+    def forward(self, tokens, kv_cache=None):
+        """tokens (B, T) -> logits (B, T, V). With a KVCache, tokens continue the cached positions."""
+        tokens = self._tokens(tokens)
+        logits, _ = self._forward(tokens, kv_cache)
+        return logits.reshape(*tokens.shape, -1)
+
+    def new_kv_cache(self, batch_size):
+        return KVCache(self.xp, self.config, batch_size, self.dtype)
+
+    # --- backward ---------------------------------------------------------------------------------------------
+
+    def _block_backward(self, dx, layer, d_layer, cache):
+        # dx (B, T, D): gradient at the block's output; accumulates into d_layer, returns the gradient at its input
+        cfg = self.config
+        B, T, D = dx.shape
+        q_dim, kv_dim, F = layer.q_dim, layer.kv_dim, cfg.d_ff
+        ln_cache, h, cos, sin, attn_cache, swiglu_cache, branches, keep, dropout = cache
+
+        dy = dx.reshape(B * T, D)                                       # residual: x_out = x + y
+        if keep is not None:
+            dy = ops.dropout_backward(dy, dropout, keep)
+        d_branches = ops.linear_backward(dy, branches, layer.w_out, d_layer.w_out)          # (N, Q+F)
+        d_attn, d_hidden = d_branches[:, :q_dim], d_branches[:, q_dim:]
+        d_gate, d_up = ops.swiglu_backward(d_hidden, swiglu_cache)
+        dq, dk, dv = ops.attention_backward(d_attn.reshape(B, T, cfg.n_heads, cfg.head_dim), attn_cache)
+        dq, dk = ops.rope_backward(dq, cos, sin), ops.rope_backward(dk, cos, sin)
+
+        d_proj = self.xp.concatenate([dq.reshape(B * T, q_dim), dk.reshape(B * T, kv_dim),
+                                      dv.reshape(B * T, kv_dim), d_gate, d_up], axis=1)     # (N, Q+2K+2F)
+        dh = ops.linear_backward(d_proj, h, layer.w_in, d_layer.w_in)                       # (N, D)
+        dx_ln = ops.layernorm_backward(dh, layer.norm, d_layer.norm, ln_cache)
+        return dx + dx_ln.reshape(B, T, D)
+
+    def loss_and_grads(self, tokens, targets, dropout=0.0, dropout_seed=0):
+        """Mean cross-entropy plus z-loss over all positions, and its gradient for every parameter.
+
+        tokens, targets (B, T) int. Returns (loss as a float, dict name -> gradient, canonical names)."""
+        xp, cfg = self.xp, self.config
+        tokens, targets = self._tokens(tokens), self._tokens(targets)
+        B, T = tokens.shape
+        logits, (block_caches, ln_cache, h) = self._forward(tokens, None, dropout, dropout_seed)
+        loss, ce_cache = ops.cross_entropy_forward(xp, logits, targets.reshape(-1), cfg.z_loss)
+
+        d_embed, d_norm, d_layers, grads = self.grads_like()
+        dlogits = ops.cross_entropy_backward(xp, ce_cache, cfg.z_loss)                      # (N, V)
+        dh = ops.tied_logits_backward(dlogits, h, self.embed, d_embed)                      # (N, D)
+        dx = ops.layernorm_backward(dh, self.norm, d_norm, ln_cache).reshape(B, T, cfg.d_model)
+        for layer, d_layer, cache in reversed(list(zip(self.layers, d_layers, block_caches))):
+            dx = self._block_backward(dx, layer, d_layer, cache)
+        ops.embedding_backward(xp, d_embed, dx, tokens)
+        return float(loss), grads

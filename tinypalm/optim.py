@@ -1,0 +1,76 @@
+"""AdamW, global-norm gradient clipping, and the learning-rate schedule."""
+
+import math
+
+
+def decays(name):
+    """Weight decay applies to the layers' matrices, not to norm gains and not to the embedding.
+
+    The embedding is excluded because its N(0, 1) scale is part of the design (no input scaling, logits scaled by
+    1/sqrt(D)), and decay would shrink every step the rows of tokens that appear rarely while only the frequent
+    ones get gradient to push back."""
+    return name.startswith("layers.") and not name.endswith(".norm")
+
+
+class AdamW:
+    """Adam with bias-corrected moments and decoupled weight decay (Loshchilov & Hutter).
+
+    p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p), for the parameters where `decays(name)`.
+    `frozen` names are left untouched (no update, no decay)."""
+
+    def __init__(self, params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, frozen=()):
+        self.beta1, self.beta2 = betas
+        self.eps, self.weight_decay = eps, weight_decay
+        self.frozen = set(frozen)
+        self.t = 0
+        self.m = {name: p * 0 for name, p in params.items() if name not in self.frozen}
+        self.v = {name: p * 0 for name, p in params.items() if name not in self.frozen}
+
+    def step(self, params, grads, lr):
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        m_correction, v_correction = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
+        for name, m in self.m.items():
+            p, g, v = params[name], grads[name], self.v[name]
+            m *= b1
+            m += (1.0 - b1) * g                               # first moment
+            v *= b2
+            v += (1.0 - b2) * (g * g)                         # second moment
+            if self.weight_decay and decays(name):
+                p *= 1.0 - lr * self.weight_decay             # decoupled: not part of the gradient
+            denom = (v / v_correction) ** 0.5
+            denom += self.eps
+            p -= (lr / m_correction) * m / denom
+
+    def state_dict(self):
+        """Arrays only, so a checkpoint can hold them: 'step' and 'm.<name>', 'v.<name>'."""
+        state = {"step": self.t}
+        state.update({f"m.{name}": m for name, m in self.m.items()})
+        state.update({f"v.{name}": v for name, v in self.v.items()})
+        return state
+
+    def load_state_dict(self, state, xp):
+        self.t = int(state["step"])
+        for name in self.m:
+            self.m[name][...] = xp.asarray(state[f"m.{name}"])
+            self.v[name][...] = xp.asarray(state[f"v.{name}"])
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients together so that their global L2 norm is at most max_norm; returns the norm before."""
+    total = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    if max_norm and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for g in grads.values():
+            g *= scale
+    return total
+
+
+def lr_at(step, max_lr, min_lr, warmup_steps, total_steps):
+    """Linear warmup from 0 to max_lr over warmup_steps, then cosine decay to min_lr at total_steps, then flat."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
