@@ -1,0 +1,140 @@
+"""Time one training step (forward, backward, gradient clipping, AdamW) and show where the time goes.
+
+    python -m tinypalm.bench                      # the reference CPU model: d_model 128, 4 layers, 4 heads,
+                                                  # 1 kv head, vocab 256, batch 12 x 64, float32
+    python -m tinypalm.bench --preset small --batch-size 8 --seq-len 256
+
+The step time is the median of --steps timed steps after --warmup untimed ones. The breakdown comes from
+separate steps in which every function of tinypalm.ops is timed (the device synchronised around each call on
+a GPU), so the instrumentation never slows the headline figure.
+"""
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import numpy
+
+from . import ops
+from .config import Config
+from .model import PaLM
+from .optim import AdamW, clip_grad_norm
+
+BENCH_SHAPE = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=1)
+MATMUL_OPS = {"linear_forward", "linear_backward", "tied_logits_forward", "tied_logits_backward"}
+
+
+def flops_per_token(cfg, seq_len):
+    """Training FLOPs per token, PaLM appendix B: 6N + 12 L H Dh T (N = all parameters)."""
+    return 6 * cfg.n_params() + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+def make_step(model, batch_size, seq_len, seed=0):
+    rng = numpy.random.default_rng(seed)
+    data = rng.integers(0, model.config.vocab_size, (batch_size, seq_len + 1))
+    tokens, targets = model.xp.asarray(data[:, :-1]), model.xp.asarray(data[:, 1:])
+    optimizer = AdamW(model.params)
+
+    def step():
+        loss, grads = model.loss_and_grads(tokens, targets)
+        clip_grad_norm(grads, 1.0)
+        optimizer.step(model.params, grads, lr=1e-4)
+        return loss
+    return step
+
+
+def synchronize(xp):
+    if xp is not numpy:
+        xp.cuda.Device().synchronize()
+
+
+def time_steps(step, xp, n):
+    times = []
+    for _ in range(n):
+        synchronize(xp)
+        start = time.perf_counter()
+        step()
+        synchronize(xp)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def profile_ops(step, xp, n):
+    """Seconds per step inside each ops function, and the step's total, from n instrumented steps.
+
+    Only outermost calls count (softmax runs inside attention and is counted there)."""
+    spent = defaultdict(float)
+    depth = [0]
+    originals = {name: getattr(ops, name) for name in dir(ops)
+                 if name.endswith(("_forward", "_backward")) and callable(getattr(ops, name))}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            if depth[0]:
+                return fn(*args, **kwargs)
+            depth[0] += 1
+            synchronize(xp)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                synchronize(xp)
+                spent[name] += time.perf_counter() - start
+                depth[0] -= 1
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(ops, name, timed(name, fn))
+    try:
+        total = sum(time_steps(step, xp, n))
+    finally:
+        for name, fn in originals.items():
+            setattr(ops, name, fn)
+    return {name: t / n for name, t in spent.items()}, total / n
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--preset", default=None, help="a Config preset (default: the reference CPU benchmark shape)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch-size", type=int, default=12)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args(argv)
+
+    shape = Config.preset(args.preset).to_dict() if args.preset else dict(BENCH_SHAPE)
+    shape["max_seq_len"] = max(shape.get("max_seq_len", 0), args.seq_len)
+    cfg = Config(**shape)
+    model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=0)
+    step = make_step(model, args.batch_size, args.seq_len)
+    xp = model.xp
+
+    time_steps(step, xp, args.warmup)
+    times = time_steps(step, xp, args.steps)
+    median = statistics.median(times)
+    tokens = args.batch_size * args.seq_len
+    print(f"tinypalm bench: backend {args.backend}, dtype {args.dtype}, {cfg.n_params() / 1e6:.2f}M parameters "
+          f"(d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, {cfg.n_kv_heads} kv, d_ff {cfg.d_ff}, "
+          f"vocab {cfg.vocab_size}), batch {args.batch_size} x {args.seq_len}")
+    print(f"step: median {median * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms "
+          f"over {args.steps} steps; {tokens / median:,.0f} tokens/s; "
+          f"{flops_per_token(cfg, args.seq_len) * tokens / median / 1e9:.1f} GFLOP/s (6N + 12LHDhT)")
+    if xp is not numpy:
+        print(f"peak GPU memory (pool): {xp.get_default_memory_pool().total_bytes() / 2**30:.2f} GiB")
+
+    per_op, total = profile_ops(step, xp, max(3, args.steps // 3))
+    matmul = sum(t for name, t in per_op.items() if name in MATMUL_OPS)
+    attention = sum(t for name, t in per_op.items() if name.startswith("attention"))
+    print(f"where the time goes (instrumented step: {total * 1e3:.1f} ms):")
+    print(f"  matmuls (linear, tied logits) {matmul / total:6.1%}   attention {attention / total:6.1%}   "
+          f"other ops {(sum(per_op.values()) - matmul - attention) / total:6.1%}   "
+          f"outside ops (AdamW, clipping, glue) {(total - sum(per_op.values())) / total:6.1%}")
+    for name, t in sorted(per_op.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:24s} {t * 1e3:7.2f} ms  {t / total:6.1%}")
+
+
+if __name__ == "__main__":
+    main()
