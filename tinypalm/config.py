@@ -48,11 +48,14 @@ class Config:
     def to_dict(self):
         return asdict(self)
 
-    def n_params(self):
-        """Parameters counted from the shapes alone (nothing is allocated): the embedding is counted once."""
+    def n_params(self, include_norms=True):
+        """Parameters counted from the shapes alone (nothing is allocated); the tied embedding counts once.
+
+        PaLM's Table 1 (8.63B, 62.50B, 540.35B) leaves out the LayerNorm gains: include_norms=False matches it."""
         D, H, Hkv, Dh, F = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
-        per_layer = D + D * H * Dh + 2 * D * Hkv * Dh + H * Dh * D + 3 * D * F
-        return self.vocab_size * D + self.n_layers * per_layer + D
+        norms = (self.n_layers + 1) * D if include_norms else 0
+        per_layer = D * H * Dh + 2 * D * Hkv * Dh + H * Dh * D + 3 * D * F
+        return self.vocab_size * D + self.n_layers * per_layer + norms
 
 
 PALM_SHAPE = dict(vocab_size=256000, n_kv_heads=1, head_dim=256, max_seq_len=2048)

@@ -183,6 +183,12 @@ class PaLM:
         logits, _ = self._forward(tokens, kv_cache)
         return logits.reshape(*tokens.shape, -1)
 
+    def loss(self, tokens, targets):
+        """The training loss without the backward pass (for evaluation)."""
+        logits, _ = self._forward(self._tokens(tokens))
+        loss, _ = ops.cross_entropy_forward(self.xp, logits, self._tokens(targets).reshape(-1), self.config.z_loss)
+        return float(loss)
+
     def new_kv_cache(self, batch_size):
         return KVCache(self.xp, self.config, batch_size, self.dtype)
 

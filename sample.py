@@ -1,0 +1,91 @@
+"""Generate text from a trained checkpoint, streaming tokens as they are made.
+
+    python sample.py --ckpt out                                   # out/best.npz (or out/last.npz)
+    python sample.py --ckpt out/last.npz --prompt "def " --max-new-tokens 300 --temperature 0.8 --top-k 50
+    python sample.py --ckpt out --prompt-file prompt.txt --num-samples 3 --top-p 0.9
+    python sample.py --ckpt out --temperature 0                   # greedy: the same text every time
+"""
+
+import argparse
+import codecs
+import sys
+import time
+
+from tinypalm import PaLM, TinyPalmError
+from tinypalm import checkpoint
+from tinypalm.cli import run_cli
+from tinypalm.generate import generate
+from tinypalm.tokenizer import tokenizer_from_dict
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a checkpoint .npz, or a training --out directory")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file instead")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token every time")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding this much probability")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token (slow; for comparison)")
+    return p
+
+
+def read_prompt(args):
+    if args.prompt_file is None:
+        return args.prompt
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise TinyPalmError(f"--prompt-file {args.prompt_file}: no such file; pass an existing UTF-8 text file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TinyPalmError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 text ({e})") from None
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1 or args.num_samples < 1 or args.temperature < 0:
+        raise TinyPalmError("--max-new-tokens and --num-samples must be at least 1 and --temperature not negative")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise TinyPalmError(f"--top-p must be in (0, 1], got {args.top_p}")
+    ckpt = checkpoint.load(args.ckpt)
+    tokenizer = tokenizer_from_dict(ckpt.tokenizer_dict)
+    model = PaLM(ckpt.config, backend=args.backend, dtype=ckpt.meta.get("dtype", "float32"))
+    model.load_params(ckpt.params)
+
+    prompt = read_prompt(args)
+    prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
+    if not prompt_ids:
+        raise TinyPalmError("the prompt is empty; pass some text with --prompt or --prompt-file")
+    limit = model.config.max_seq_len
+    if len(prompt_ids) >= limit:
+        print(f"note: the prompt is {len(prompt_ids)} tokens and the model sees at most {limit}; "
+              f"keeping its last {limit - 1}", file=sys.stderr)
+        prompt_ids = prompt_ids[-(limit - 1):]
+
+    out = sys.stdout
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            out.write(f"--- sample {i + 1} ---\n")
+        out.write(tokenizer.decode(prompt_ids))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a character may span tokens
+
+        def stream(token):
+            out.write(decoder.decode(tokenizer.token_bytes(token)))
+            out.flush()
+
+        start = time.perf_counter()
+        new = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       seed=args.seed + i, use_cache=not args.no_cache, on_token=stream)
+        out.write(decoder.decode(b"", final=True) + "\n")
+        seconds = time.perf_counter() - start
+        print(f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / seconds:.1f} tokens/s"
+              f"{', no cache' if args.no_cache else ''}]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_cli(main)

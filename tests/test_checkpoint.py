@@ -1,0 +1,117 @@
+"""Checkpoint files: round trip, plain numpy loading, atomic writes, and every kind of bad file."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tinypalm import Config, PaLM, TinyPalmError, checkpoint
+from tinypalm.optim import AdamW
+from tinypalm.tokenizer import BPETokenizer
+
+
+@pytest.fixture
+def trained(tmp_path):
+    model = PaLM(Config.preset("tiny", vocab_size=300), dtype="float64", seed=1)
+    tokenizer = BPETokenizer.train("hello hello world, hello there " * 50, 300)
+    opt = AdamW(model.params)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 300, (2, 8))
+    _, grads = model.loss_and_grads(x, x)
+    opt.step(model.params, grads, 1e-3)
+    path = str(tmp_path / "ckpt.npz")
+    checkpoint.save(path, model, tokenizer, step=7, optimizer=opt, train_args={"lr": 1e-3}, best_val_loss=2.5)
+    return model, tokenizer, opt, path
+
+
+def test_round_trip(trained):
+    model, tokenizer, opt, path = trained
+    ck = checkpoint.load(path)
+    assert ck.step == 7 and ck.best_val_loss == 2.5 and ck.train_args == {"lr": 1e-3}
+    assert ck.config == model.config and ck.tokenizer_dict == tokenizer.to_dict()
+    for name, p in model.params.items():
+        np.testing.assert_array_equal(ck.params[name], p)
+    assert int(ck.opt_state["step"]) == 1
+    np.testing.assert_array_equal(ck.opt_state["m.layers.1.wv"], opt.m["layers.1.wv"])
+    other = PaLM(ck.config, dtype="float64", seed=99)
+    other.load_params(ck.params)
+    x = np.arange(10)[None] % 300
+    np.testing.assert_array_equal(other.forward(x), model.forward(x))
+
+
+def test_loads_with_plain_numpy_without_pickle(trained):
+    _, _, _, path = trained
+    with np.load(path, allow_pickle=False) as npz:
+        meta = json.loads(str(npz["meta"]))
+        assert meta["format"] == "tinypalm-checkpoint"
+        assert npz["param.layers.0.wq"].shape == (64, 64)
+
+
+def test_a_failed_save_keeps_the_previous_file(trained, monkeypatch):
+    model, tokenizer, opt, path = trained
+    before = open(path, "rb").read()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(path, model, tokenizer, step=8, optimizer=opt)
+    assert open(path, "rb").read() == before
+    assert os.listdir(os.path.dirname(path)) == ["ckpt.npz"]           # no temporary file left behind
+
+
+def test_directory_resolves_to_best_then_last(trained, tmp_path):
+    _, _, _, path = trained
+    os.rename(path, tmp_path / "last.npz")
+    assert checkpoint.resolve(str(tmp_path)) == str(tmp_path / "last.npz")
+    open(tmp_path / "best.npz", "wb").write(open(tmp_path / "last.npz", "rb").read())
+    assert checkpoint.resolve(str(tmp_path)) == str(tmp_path / "best.npz")
+    os.makedirs(tmp_path / "empty_dir")
+    with pytest.raises(TinyPalmError, match="no best.npz or last.npz"):
+        checkpoint.resolve(str(tmp_path / "empty_dir"))
+
+
+def test_truncated(trained):
+    _, _, _, path = trained
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(TinyPalmError, match="truncated or corrupt"):
+        checkpoint.load(path)
+
+
+def test_missing(tmp_path):
+    with pytest.raises(TinyPalmError, match="no such checkpoint"):
+        checkpoint.load(str(tmp_path / "nope.npz"))
+
+
+def test_not_a_tinypalm_checkpoint(tmp_path):
+    path = str(tmp_path / "other.npz")
+    np.savez(path, weights=np.zeros(3))
+    with pytest.raises(TinyPalmError, match="not a tinypalm checkpoint"):
+        checkpoint.load(path)
+    open(path, "w").write("plain text")
+    with pytest.raises(TinyPalmError, match="truncated or corrupt"):
+        checkpoint.load(path)
+
+
+def test_incompatible_version(trained):
+    _, _, _, path = trained
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    meta = json.loads(str(arrays["meta"]))
+    meta["version"] = 99
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    with pytest.raises(TinyPalmError, match="version 99 is not supported"):
+        checkpoint.load(path)
+
+
+def test_parameters_that_do_not_match_the_config(trained):
+    _, _, _, path = trained
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    arrays["param.layers.0.wq"] = np.zeros((3, 3))
+    np.savez(path, **arrays)
+    with pytest.raises(TinyPalmError, match="layers.0.wq is missing or does not match"):
+        checkpoint.load(path)

@@ -1,0 +1,46 @@
+"""Generation: the KV cache changes nothing but the cost; greedy is deterministic; sampling filters."""
+
+import numpy as np
+
+from tinypalm import Config, PaLM
+from tinypalm.generate import choose_token, generate
+
+
+def model():
+    return PaLM(Config.preset("tiny", max_seq_len=16), dtype="float64", seed=4)
+
+
+def test_cached_and_uncached_generation_agree_past_the_context_limit():
+    m = model()
+    prompt = [5, 9, 11]
+    # 30 new tokens overflow max_seq_len 16, so the context is cut back to its last half along the way
+    cached = generate(m, prompt, 30, temperature=0.0, use_cache=True)
+    full = generate(m, prompt, 30, temperature=0.0, use_cache=False)
+    assert cached == full and len(cached) == 30
+
+
+def test_greedy_is_deterministic_and_picks_the_argmax():
+    m = model()
+    a = generate(m, [1, 2, 3], 10, temperature=0.0, seed=1)
+    b = generate(m, [1, 2, 3], 10, temperature=0.0, seed=2)
+    assert a == b
+    assert a[0] == int(np.argmax(m.forward(np.array([[1, 2, 3]]))[0, -1]))
+
+
+def test_sampling_is_reproducible_per_seed():
+    m = model()
+    assert generate(m, [7], 20, seed=3) == generate(m, [7], 20, seed=3)
+    assert generate(m, [7], 20, seed=3) != generate(m, [7], 20, seed=4)
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    rng = np.random.default_rng(0)
+    logits = np.array([0.0, 3.0, 2.9, -1.0, 2.8])
+    picks = {choose_token(logits, 1.0, 2, None, rng) for _ in range(300)}
+    assert picks == {1, 2}
+    assert {choose_token(logits, 1.0, 1, None, rng) for _ in range(50)} == {1}
+    probs = np.exp(logits) / np.exp(logits).sum()          # p = .03, .38, .35, .01, .32 (rounded)
+    assert probs[1] + probs[2] < 0.8 < probs[1] + probs[2] + probs[4]
+    picks = {choose_token(logits, 1.0, None, 0.8, rng) for _ in range(500)}
+    assert picks == {1, 2, 4}
+    assert {choose_token(logits, 1.0, None, 0.01, rng) for _ in range(50)} == {1}

@@ -1,0 +1,99 @@
+"""Checkpoints: one .npz file that `numpy.load(path, allow_pickle=False)` reads.
+
+Keys:
+    meta            JSON text: format, version, config, tokenizer, dtype, step, training arguments, best val loss
+    param.<name>    every parameter under its canonical name
+    opt.<key>       the AdamW state ('opt.step', 'opt.m.<name>', 'opt.v.<name>'); absent in weights-only files
+The batch order and dropout masks are functions of (seed, step) alone, so the seed in the training arguments
+and the step are the whole random and data-position state: a resumed run continues exactly.
+
+Files are written to a temporary name in the same directory, flushed to disk, then renamed over the old one,
+so a crash or Ctrl-C during a save never leaves a broken or missing checkpoint.
+"""
+
+import json
+import os
+import zipfile
+
+import numpy
+
+from .backend import to_numpy
+from .config import Config
+from .errors import TinyPalmError
+from .model import param_shapes
+
+FORMAT, VERSION = "tinypalm-checkpoint", 1
+
+
+def save(path, model, tokenizer, step, optimizer=None, train_args=None, best_val_loss=None):
+    meta = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(),
+            "dtype": str(model.dtype), "step": int(step), "train_args": train_args or {},
+            "best_val_loss": best_val_loss}
+    arrays = {"meta": numpy.array(json.dumps(meta))}
+    arrays.update({f"param.{name}": to_numpy(p) for name, p in model.params.items()})
+    if optimizer is not None:
+        arrays.update({f"opt.{key}": to_numpy(value) for key, value in optimizer.state_dict().items()})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            numpy.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class Checkpoint:
+    """A loaded checkpoint: meta fields, `config`, `params` (host arrays by canonical name), `opt_state`."""
+
+    def __init__(self, path, meta, params, opt_state):
+        self.path, self.meta, self.params, self.opt_state = path, meta, params, opt_state
+        self.config = Config(**meta["config"])
+        self.step = meta["step"]
+        self.tokenizer_dict = meta["tokenizer"]
+        self.train_args = meta.get("train_args", {})
+        self.best_val_loss = meta.get("best_val_loss")
+
+
+def resolve(path):
+    """A checkpoint file, or a training output directory (its best.npz, else last.npz)."""
+    if os.path.isdir(path):
+        for name in ("best.npz", "last.npz"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise TinyPalmError(f"{path}: directory holds no best.npz or last.npz; train first or pass a checkpoint file")
+    if not os.path.exists(path):
+        raise TinyPalmError(f"{path}: no such checkpoint; pass a .npz file written by train.py or its out/ directory")
+    return path
+
+
+def load(path):
+    path = resolve(path)
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            if "meta" not in npz.files:
+                raise TinyPalmError(f"{path}: not a tinypalm checkpoint (no 'meta' entry); pass a file written by train.py")
+            meta = json.loads(str(npz["meta"]))
+            if meta.get("format") != FORMAT:
+                raise TinyPalmError(f"{path}: not a tinypalm checkpoint; pass a file written by train.py")
+            if meta.get("version") != VERSION:
+                raise TinyPalmError(f"{path}: checkpoint format version {meta.get('version')} is not supported by this "
+                                    f"tinypalm (it reads version {VERSION}); use the tinypalm release that wrote it")
+            shapes = param_shapes(Config(**meta["config"]))
+            params = {}
+            for name, shape in shapes.items():
+                key = f"param.{name}"
+                if key not in npz.files or npz[key].shape != shape:
+                    raise TinyPalmError(f"{path}: parameter {name} is missing or does not match the checkpoint's own "
+                                        "config; the file is damaged, use another checkpoint")
+                params[name] = npz[key]
+            opt_state = {k[4:]: npz[k] for k in npz.files if k.startswith("opt.")} or None
+    except TinyPalmError:
+        raise
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise TinyPalmError(f"{path}: cannot read checkpoint, the file is truncated or corrupt ({type(e).__name__}); "
+                            "use another checkpoint, e.g. best.npz or last.npz") from None
+    return Checkpoint(path, meta, params, opt_state)

@@ -1,0 +1,59 @@
+"""Autoregressive generation with a key/value cache.
+
+With the cache, the prompt runs through the model once and each new token costs one position's work: its
+query attends to the cached keys and values of every earlier position. Without it (use_cache=False), every
+new token reruns the whole context, which gives the same logits at a far higher cost.
+"""
+
+import numpy
+
+from .backend import to_numpy
+
+
+def choose_token(logits, temperature, top_k, top_p, rng):
+    """One token id from a (V,) host array of logits: greedy at temperature 0, else sampled."""
+    if temperature == 0:
+        return int(numpy.argmax(logits))
+    logits = logits.astype(numpy.float64) / temperature
+    if top_k and top_k < logits.size:
+        kth = numpy.partition(logits, -top_k)[-top_k]
+        logits[logits < kth] = -numpy.inf
+    probs = numpy.exp(logits - logits.max())
+    probs /= probs.sum()
+    if top_p and top_p < 1.0:
+        # keep the smallest set of most likely tokens whose probabilities add up to at least top_p
+        order = numpy.argsort(-probs, kind="stable")
+        cumulative = numpy.cumsum(probs[order])
+        cut = int(numpy.searchsorted(cumulative, top_p)) + 1
+        probs[order[cut:]] = 0.0
+        probs /= probs.sum()
+    return int(rng.choice(probs.size, p=probs))
+
+
+def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=0,
+             use_cache=True, on_token=None):
+    """Continue prompt_ids (a non-empty list of ints); returns the new ids. on_token(id) sees each as it is made.
+
+    When the context reaches max_seq_len, the last half is kept and generation continues from it."""
+    max_len = model.config.max_seq_len
+    rng = numpy.random.default_rng(seed)
+    context = list(prompt_ids)[-max_len:]
+    new_ids = []
+    cache, fed = None, 0                     # fed: how many of the context's tokens the cache holds
+    for _ in range(max_new_tokens):
+        if len(context) > max_len:
+            context = context[-(max_len // 2):]
+            cache = None
+        if not use_cache:
+            logits = model.forward(numpy.array([context]))[0, -1]
+        else:
+            if cache is None:
+                cache, fed = model.new_kv_cache(batch_size=1), 0
+            logits = model.forward(numpy.array([context[fed:]]), cache)[0, -1]
+            fed = len(context)
+        token = choose_token(to_numpy(logits), temperature, top_k, top_p, rng)
+        context.append(token)
+        new_ids.append(token)
+        if on_token is not None:
+            on_token(token)
+    return new_ids

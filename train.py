@@ -1,0 +1,306 @@
+"""Train a PaLM model on text.
+
+    python train.py                                  # the `small` preset on Python's bundled docs, on the CPU
+    python train.py --data my.txt --tokenizer bpe --vocab-size 2048 --max-steps 5000
+    python train.py --data big.txt --prepare big.tok # tokenise once into a memory-mapped token file
+    python train.py --resume                         # continue out/last.npz exactly where it stopped
+    python train.py --init-from out/best.npz --data new.txt --out finetuned   # fine-tune
+
+Writes to --out: last.npz (every evaluation, and on Ctrl-C), best.npz (best validation loss so far),
+metrics.jsonl (one JSON record per log line and evaluation) and loss.svg (the loss curves).
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from tinypalm import Config, PaLM, TinyPalmError
+from tinypalm import checkpoint, data
+from tinypalm.cli import run_cli, format_duration
+from tinypalm.config import PRESETS
+from tinypalm.generate import generate
+from tinypalm.optim import AdamW, clip_grad_norm, lr_at
+from tinypalm.plot import read_metrics, write_loss_svg
+from tinypalm.tokenizer import ByteTokenizer, BPETokenizer, tokenizer_from_dict
+
+SHAPE_FLAGS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len", "rope_base",
+               "norm_eps", "z_loss")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="small", help=f"one of {', '.join(PRESETS)} (default small)")
+    for flag, kind in [("d-model", int), ("n-layers", int), ("n-heads", int), ("n-kv-heads", int), ("head-dim", int),
+                       ("d-ff", int), ("max-seq-len", int), ("rope-base", float), ("norm-eps", float), ("z-loss", float)]:
+        g.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
+    g.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="text file, directory of text files, or token file (default: Python's bundled docs)")
+    g.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
+    g.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (with --tokenizer bpe)")
+    g.add_argument("--bpe-train-bytes", type=int, default=32 << 20, help="train BPE on at most this much of the corpus")
+    g.add_argument("--prepare", default=None, metavar="TOKEN_FILE", help="tokenise --data into TOKEN_FILE and exit")
+    g = p.add_argument_group("training")
+    g.add_argument("--out", default="out")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--min-lr", type=float, default=2e-4)
+    g.add_argument("--warmup-steps", type=int, default=50)
+    g.add_argument("--max-steps", type=int, default=600)
+    g.add_argument("--decay-steps", type=int, default=None, help="cosine decay length (default: --max-steps)")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--eval-every", type=int, default=100)
+    g.add_argument("--eval-steps", type=int, default=10, help="validation batches per evaluation")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--patience", type=int, default=0, help="stop after this many evaluations without improvement (0: never)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", action="store_true", help="continue from <out>/last.npz")
+    g.add_argument("--init-from", default=None, metavar="CKPT", help="fine-tune: load weights and tokenizer, fresh optimizer")
+    g.add_argument("--freeze-layers", type=int, default=0, help="train only the top layers: the bottom N and the embedding stay fixed")
+    g.add_argument("--sample-tokens", type=int, default=200, help="length of the sample printed at the end (0: none)")
+    return p
+
+
+def explicit_flags(parser, argv):
+    """The flags actually given on the command line (a resumed run keeps its saved values for the rest)."""
+    saved = {a.dest: a.default for a in parser._actions}
+    for a in parser._actions:
+        a.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a in parser._actions:
+            a.default = saved[a.dest]
+
+
+def check_args(args):
+    positive = ["batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_steps", "log_every"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise TinyPalmError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.lr <= 0 or args.min_lr < 0:
+        raise TinyPalmError(f"--lr must be positive and --min-lr not negative, got {args.lr} and {args.min_lr}")
+    if args.resume and args.init_from:
+        raise TinyPalmError("--resume and --init-from exclude each other: resume continues a run, init-from starts a new one")
+
+
+def model_config(args, vocab_size, base=None):
+    """The preset (or a checkpoint's config), with shape flags applied and room for --seq-len."""
+    shape = base.to_dict() if base else Config.preset(args.preset).to_dict()
+    for name in SHAPE_FLAGS:
+        if getattr(args, name, None) is not None:
+            shape[name] = getattr(args, name)
+    if base is None:
+        shape["vocab_size"] = vocab_size
+        if args.head_dim is None and (args.d_model is not None or args.n_heads is not None):
+            shape["head_dim"] = None                       # recompute from the new d_model / n_heads
+        if args.d_ff is None and args.d_model is not None:
+            shape["d_ff"] = None
+        if args.max_seq_len is None:
+            shape["max_seq_len"] = max(shape["max_seq_len"], args.seq_len)
+    cfg = Config(**shape)
+    if args.seq_len > cfg.max_seq_len:
+        raise TinyPalmError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}; "
+                            "lower --seq-len or raise --max-seq-len")
+    return cfg
+
+
+def load_tokens(args, tokenizer_dict):
+    """(token stream, tokenizer) from --data; a saved tokenizer (resume, fine-tune) is reused, never retrained."""
+    if args.data and data.is_token_file(args.data):
+        tokens, file_tok = data.open_token_file(args.data)
+        if tokenizer_dict is not None and file_tok != tokenizer_dict:
+            raise TinyPalmError(f"--data {args.data}: this token file was made with another tokenizer than the "
+                                "checkpoint's; prepare it again with the checkpoint's tokenizer (--init-from ... --prepare)")
+        return tokens, tokenizer_from_dict(file_tok)
+    if args.data:
+        corpus, source = data.read_corpus(args.data), args.data
+    else:
+        corpus, source = data.default_corpus()
+    if tokenizer_dict is not None:
+        tokenizer = tokenizer_from_dict(tokenizer_dict)
+    elif args.tokenizer == "bpe":
+        t0 = time.time()
+        tokenizer = BPETokenizer.train(corpus[:args.bpe_train_bytes], args.vocab_size)
+        print(f"trained BPE: {tokenizer.vocab_size} tokens in {time.time() - t0:.1f}s")
+    else:
+        tokenizer = ByteTokenizer()
+    tokens = tokenizer.encode(corpus)
+    print(f"data: {source}, {len(corpus):,} bytes -> {len(tokens):,} {tokenizer.kind} tokens")
+    return tokens, tokenizer
+
+
+def evaluate(model, tokens, args):
+    """Mean loss over the fixed validation batches (the same ones at every evaluation)."""
+    batches = data.eval_batches(tokens, args.batch_size, args.seq_len, args.eval_steps)
+    return float(np.mean([model.loss(x, y) for x, y in batches]))
+
+
+class StopRequest:
+    """The first Ctrl-C asks the loop to save and stop after the current step; a second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, saving and stopping (Ctrl-C again to quit at once)", flush=True)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = explicit_flags(parser, argv)
+    ckpt = None
+    if args.resume:
+        path = os.path.join(args.out, "last.npz")
+        if not os.path.exists(path):
+            raise TinyPalmError(f"--resume: {path} does not exist; train without --resume first, or pass the --out of that run")
+        ckpt = checkpoint.load(path)
+        saved = dict(ckpt.train_args)
+        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in given},
+                                     "resume": True})
+    elif args.init_from:
+        ckpt = checkpoint.load(args.init_from)
+        changed = [f"--{n.replace('_', '-')}" for n in SHAPE_FLAGS if n != "max_seq_len" and getattr(args, n) is not None]
+        if changed:
+            raise TinyPalmError(f"--init-from: the model shape comes from the checkpoint; drop {', '.join(changed)}")
+    check_args(args)
+    np.seterr(over="ignore", invalid="ignore")      # a diverging run is caught below, by its loss and gradient norm
+
+    tokens, tokenizer = load_tokens(args, ckpt.tokenizer_dict if ckpt else None)
+    if args.prepare:
+        if not args.data:
+            raise TinyPalmError("--prepare needs --data: the text file or directory to tokenise")
+        n = data.prepare_token_file(args.data, args.prepare, tokenizer)
+        print(f"wrote {n:,} tokens to {args.prepare}; train with --data {args.prepare}")
+        return
+    train_tokens, val_tokens = data.split_train_val(tokens)
+    data.check_length(len(train_tokens), len(val_tokens), args.seq_len)
+
+    cfg = model_config(args, tokenizer.vocab_size, ckpt.config if ckpt else None)
+    model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=args.seed)
+    frozen = []
+    if args.freeze_layers:
+        if not 0 < args.freeze_layers <= cfg.n_layers:
+            raise TinyPalmError(f"--freeze-layers {args.freeze_layers}: the model has {cfg.n_layers} layers")
+        frozen = ["embed"] + [n for n in model.params if n.startswith("layers.") and int(n.split(".")[1]) < args.freeze_layers]
+    optimizer = AdamW(model.params, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, frozen=frozen)
+    start_step, best_val = 0, math.inf
+    if ckpt is not None:
+        model.load_params(ckpt.params)
+    if args.resume:
+        if ckpt.opt_state is None:
+            raise TinyPalmError(f"--resume: {ckpt.path} holds weights only (no optimizer state); use --init-from instead")
+        optimizer.load_state_dict(ckpt.opt_state, model.xp)
+        start_step, best_val = ckpt.step, ckpt.best_val_loss if ckpt.best_val_loss is not None else math.inf
+    os.makedirs(args.out, exist_ok=True)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if not args.resume and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    train_args = {k: v for k, v in vars(args).items() if k not in ("resume", "init_from", "prepare")}
+
+    def save(name, step):
+        checkpoint.save(os.path.join(args.out, name), model, tokenizer, step, optimizer, train_args,
+                        None if math.isinf(best_val) else best_val)
+
+    def log(record):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    decay_steps = args.decay_steps or args.max_steps
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    print(f"model: {cfg.n_params() / 1e6:.2f}M parameters, d_model {cfg.d_model}, {cfg.n_layers} layers, "
+          f"{cfg.n_heads} heads ({cfg.n_kv_heads} kv), d_ff {cfg.d_ff}, vocab {cfg.vocab_size}; "
+          f"{args.backend} {args.dtype}; {tokens_per_step:,} tokens per step"
+          + (f"; resuming at step {start_step}" if args.resume else ""))
+    stop = StopRequest()
+    t_start, t_log, evals_without_gain = time.time(), time.time(), 0
+    step, running = start_step, []
+
+    while step < args.max_steps:
+        lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
+        loss, grads = 0.0, None
+        for micro in range(args.grad_accum):
+            x, y = data.get_batch(train_tokens, args.batch_size, args.seq_len, args.seed, step * args.grad_accum + micro)
+            dropout_seed = (args.seed * 1_000_003 + step * args.grad_accum + micro) & 0x7FFFFFFF
+            micro_loss, micro_grads = model.loss_and_grads(x, y, args.dropout, dropout_seed)
+            loss += micro_loss / args.grad_accum
+            if grads is None:
+                grads = micro_grads
+            else:
+                for name in grads:
+                    grads[name] += micro_grads[name]
+        if args.grad_accum > 1:
+            for g in grads.values():
+                g *= 1.0 / args.grad_accum
+        grad_norm = clip_grad_norm(grads, args.grad_clip)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            last = os.path.join(args.out, "last.npz")
+            kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
+            raise TinyPalmError(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; stopped "
+                                f"without updating, {kept}; lower --lr, raise --warmup-steps or set --grad-clip")
+        optimizer.step(model.params, grads, lr)
+        step += 1
+        running.append(loss)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            now = time.time()
+            rate = len(running) * tokens_per_step / (now - t_log)
+            left = (args.max_steps - step) * (now - t_log) / len(running)
+            print(f"step {step}/{args.max_steps} | loss {np.mean(running):.4f} | lr {lr:.2e} | {rate:,.0f} tok/s | "
+                  f"{format_duration(now - t_start)} elapsed, {format_duration(left)} left", flush=True)
+            log({"split": "train", "step": step, "loss": float(np.mean(running)), "lr": lr, "grad_norm": grad_norm,
+                 "tokens_per_s": rate, "elapsed_s": now - t_start})
+            running, t_log = [], now
+
+        final = step == args.max_steps or stop.requested
+        if step % args.eval_every == 0 or final:
+            val = evaluate(model, val_tokens, args)
+            improved = val < best_val
+            best_val = min(best_val, val)
+            evals_without_gain = 0 if improved else evals_without_gain + 1
+            print(f"step {step}: val loss {val:.4f}" + (" (best)" if improved else f" (best {best_val:.4f})"), flush=True)
+            log({"split": "val", "step": step, "loss": val})
+            save("last.npz", step)
+            if improved:
+                save("best.npz", step)
+            write_loss_svg(os.path.join(args.out, "loss.svg"), *read_metrics(metrics_path),
+                           title=f"tinypalm {cfg.n_params() / 1e6:.1f}M")
+            t_log = time.time()
+            if args.patience and evals_without_gain >= args.patience:
+                print(f"early stop: no improvement in {args.patience} evaluations")
+                break
+        if stop.requested:
+            print(f"saved {os.path.join(args.out, 'last.npz')} at step {step}; continue with --resume")
+            return
+
+    print(f"done: {step} steps in {format_duration(time.time() - t_start)}; best val loss {best_val:.4f}; "
+          f"checkpoints in {args.out}/")
+    if args.sample_tokens:
+        prompt = tokenizer.encode("\n")
+        print("--- sample ---")
+        print(tokenizer.decode(generate(model, list(prompt), args.sample_tokens, temperature=0.8, top_k=50, seed=args.seed)))
+
+
+if __name__ == "__main__":
+    run_cli(main)
