@@ -31,6 +31,7 @@ from tinypalm.tokenizer import ByteTokenizer, BPETokenizer, tokenizer_from_dict
 
 SHAPE_FLAGS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len", "rope_base",
                "norm_eps", "z_loss")
+WEIGHT_SHAPE_FLAGS = SHAPE_FLAGS[:6]      # the ones a checkpoint's weights fix
 
 
 def build_parser():
@@ -121,8 +122,30 @@ def model_config(args, vocab_size, base=None):
     return cfg
 
 
+def make_tokenizer(args, corpus, tokenizer_dict):
+    """A saved tokenizer (resume, fine-tune) is reused, never retrained; else byte, or BPE trained on corpus."""
+    if tokenizer_dict is not None:
+        return tokenizer_from_dict(tokenizer_dict)
+    if args.tokenizer == "byte":
+        return ByteTokenizer()
+    t0 = time.time()
+    tokenizer = BPETokenizer.train(corpus[:args.bpe_train_bytes], args.vocab_size)
+    print(f"trained BPE: {tokenizer.vocab_size} tokens in {time.time() - t0:.1f}s")
+    return tokenizer
+
+
+def prepare(args, tokenizer_dict):
+    """--prepare: tokenise --data chunk by chunk into a token file (BPE learns from the corpus's head only)."""
+    if not args.data:
+        raise TinyPalmError("--prepare needs --data: the text file or directory to tokenise")
+    head = data.read_corpus_head(args.data, args.bpe_train_bytes) if args.tokenizer == "bpe" else b""
+    tokenizer = make_tokenizer(args, head, tokenizer_dict)
+    n = data.prepare_token_file(args.data, args.prepare, tokenizer)
+    print(f"wrote {n:,} tokens to {args.prepare}; train with --data {args.prepare}")
+
+
 def load_tokens(args, tokenizer_dict):
-    """(token stream, tokenizer) from --data; a saved tokenizer (resume, fine-tune) is reused, never retrained."""
+    """(token stream, tokenizer) from --data, or from the default corpus."""
     if args.data and data.is_token_file(args.data):
         tokens, file_tok = data.open_token_file(args.data)
         if tokenizer_dict is not None and file_tok != tokenizer_dict:
@@ -133,14 +156,7 @@ def load_tokens(args, tokenizer_dict):
         corpus, source = data.read_corpus(args.data), args.data
     else:
         corpus, source = data.default_corpus()
-    if tokenizer_dict is not None:
-        tokenizer = tokenizer_from_dict(tokenizer_dict)
-    elif args.tokenizer == "bpe":
-        t0 = time.time()
-        tokenizer = BPETokenizer.train(corpus[:args.bpe_train_bytes], args.vocab_size)
-        print(f"trained BPE: {tokenizer.vocab_size} tokens in {time.time() - t0:.1f}s")
-    else:
-        tokenizer = ByteTokenizer()
+    tokenizer = make_tokenizer(args, corpus, tokenizer_dict)
     tokens = tokenizer.encode(corpus)
     print(f"data: {source}, {len(corpus):,} bytes -> {len(tokens):,} {tokenizer.kind} tokens")
     return tokens, tokenizer
@@ -181,19 +197,16 @@ def main(argv=None):
                                      "resume": True})
     elif args.init_from:
         ckpt = checkpoint.load(args.init_from)
-        changed = [f"--{n.replace('_', '-')}" for n in SHAPE_FLAGS if n != "max_seq_len" and getattr(args, n) is not None]
-        if changed:
-            raise TinyPalmError(f"--init-from: the model shape comes from the checkpoint; drop {', '.join(changed)}")
+    changed = [f"--{n.replace('_', '-')}" for n in WEIGHT_SHAPE_FLAGS if n in given]
+    if ckpt is not None and changed:
+        raise TinyPalmError(f"{'--resume' if args.resume else '--init-from'}: the model's shape comes from the "
+                            f"checkpoint; drop {', '.join(changed)}")
     check_args(args)
     np.seterr(over="ignore", invalid="ignore")      # a diverging run is caught below, by its loss and gradient norm
 
-    tokens, tokenizer = load_tokens(args, ckpt.tokenizer_dict if ckpt else None)
     if args.prepare:
-        if not args.data:
-            raise TinyPalmError("--prepare needs --data: the text file or directory to tokenise")
-        n = data.prepare_token_file(args.data, args.prepare, tokenizer)
-        print(f"wrote {n:,} tokens to {args.prepare}; train with --data {args.prepare}")
-        return
+        return prepare(args, ckpt.tokenizer_dict if ckpt else None)
+    tokens, tokenizer = load_tokens(args, ckpt.tokenizer_dict if ckpt else None)
     train_tokens, val_tokens = data.split_train_val(tokens)
     data.check_length(len(train_tokens), len(val_tokens), args.seq_len)
 
@@ -275,6 +288,7 @@ def main(argv=None):
 
         final = step == args.max_steps or stop.requested
         if step % args.eval_every == 0 or final:
+            t_eval = time.time()
             val = evaluate(model, val_tokens, args)
             improved = val < best_val
             best_val = min(best_val, val)
@@ -286,7 +300,7 @@ def main(argv=None):
                 save("best.npz", step)
             write_loss_svg(os.path.join(args.out, "loss.svg"), *read_metrics(metrics_path),
                            title=f"tinypalm {cfg.n_params() / 1e6:.1f}M")
-            t_log = time.time()
+            t_log += time.time() - t_eval          # evaluation time is not training throughput
             if args.patience and evals_without_gain >= args.patience:
                 print(f"early stop: no improvement in {args.patience} evaluations")
                 break

@@ -97,6 +97,14 @@ def read_corpus(path):
     return data
 
 
+def read_corpus_head(path, n_bytes):
+    """The first n_bytes (cut after a newline) of what read_corpus(path) would return, without reading the rest."""
+    head = next(_byte_chunks(_text_files(path), n_bytes), b"")
+    if not head.strip():
+        raise _empty(path)
+    return head
+
+
 # ----------------------------------------------------------------------------------------- token files
 
 
