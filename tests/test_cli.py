@@ -110,6 +110,8 @@ def test_fine_tune_with_frozen_layers(corpus, tmp_path):
         assert not np.array_equal(tuned.params[name], base[name]), name
     r = run("train.py", "--init-from", "base/last.npz", "--d-model", "32", *TINY, cwd=tmp_path, check=False)
     assert_user_error(r, "--init-from", "--d-model")
+    r = run("train.py", "--resume", "--out", "base", "--n-layers", "3", cwd=tmp_path, check=False)
+    assert_user_error(r, "--resume", "--n-layers")
 
 
 def test_ctrl_c_saves_and_exits_cleanly(corpus, tmp_path):
