@@ -198,7 +198,7 @@ class PaLM:
         # dx (B, T, D): gradient at the block's output; accumulates into d_layer, returns the gradient at its input
         cfg = self.config
         B, T, D = dx.shape
-        q_dim, kv_dim, F = layer.q_dim, layer.kv_dim, cfg.d_ff
+        q_dim, kv_dim = layer.q_dim, layer.kv_dim
         ln_cache, h, cos, sin, attn_cache, swiglu_cache, branches, keep, dropout = cache
 
         dy = dx.reshape(B * T, D)                                       # residual: x_out = x + y

@@ -106,7 +106,7 @@ def attention_forward(xp, q, k, v, mask):
     # Each kv head serves G consecutive query heads. Stacking those G heads along the rows gives one matmul
     # per (batch, kv head) against the shared keys: (G*T, Dh) @ (Dh, S); k and v are never repeated.
     B, T, H, Dh = q.shape
-    S, Hkv = k.shape[1], k.shape[2]
+    Hkv = k.shape[2]
     G = H // Hkv
     scale = 1.0 / math.sqrt(Dh)
     qg = (q * scale).reshape(B, T, Hkv, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, Dh)
@@ -124,7 +124,6 @@ def attention_backward(dout, cache):
     # returns dq (B, T, H, Dh), dk, dv (B, S, Hkv, Dh)
     qg, kt, vt, probs, scale = cache
     B, Hkv, GT, Dh = qg.shape
-    S = kt.shape[-1]
     T = dout.shape[1]
     G = GT // T
     dout_g = dout.reshape(B, T, Hkv, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, GT, Dh)
