@@ -30,7 +30,7 @@ def save(path, model, tokenizer, step, optimizer=None, train_args=None, best_val
             "dtype": str(model.dtype), "step": int(step), "train_args": train_args or {},
             "best_val_loss": best_val_loss}
     arrays = {"meta": numpy.array(json.dumps(meta))}
-    arrays.update({f"param.{name}": to_numpy(p) for name, p in model.params.items()})
+    arrays.update({f"param.{name}": p for name, p in model.params_numpy().items()})
     if optimizer is not None:
         arrays.update({f"opt.{key}": to_numpy(value) for key, value in optimizer.state_dict().items()})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -49,9 +49,8 @@ def save(path, model, tokenizer, step, optimizer=None, train_args=None, best_val
 class Checkpoint:
     """A loaded checkpoint: meta fields, `config`, `params` (host arrays by canonical name), `opt_state`."""
 
-    def __init__(self, path, meta, params, opt_state):
-        self.path, self.meta, self.params, self.opt_state = path, meta, params, opt_state
-        self.config = Config(**meta["config"])
+    def __init__(self, path, meta, config, params, opt_state):
+        self.path, self.meta, self.config, self.params, self.opt_state = path, meta, config, params, opt_state
         self.step = meta["step"]
         self.tokenizer_dict = meta["tokenizer"]
         self.train_args = meta.get("train_args", {})
@@ -82,9 +81,9 @@ def load(path):
             if meta.get("version") != VERSION:
                 raise TinyPalmError(f"{path}: checkpoint format version {meta.get('version')} is not supported by this "
                                     f"tinypalm (it reads version {VERSION}); use the tinypalm release that wrote it")
-            shapes = param_shapes(Config(**meta["config"]))
+            config = Config(**meta["config"])
             params = {}
-            for name, shape in shapes.items():
+            for name, shape in param_shapes(config).items():
                 key = f"param.{name}"
                 if key not in npz.files or npz[key].shape != shape:
                     raise TinyPalmError(f"{path}: parameter {name} is missing or does not match the checkpoint's own "
@@ -96,4 +95,4 @@ def load(path):
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise TinyPalmError(f"{path}: cannot read checkpoint, the file is truncated or corrupt ({type(e).__name__}); "
                             "use another checkpoint, e.g. best.npz or last.npz") from None
-    return Checkpoint(path, meta, params, opt_state)
+    return Checkpoint(path, meta, config, params, opt_state)

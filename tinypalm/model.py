@@ -219,7 +219,7 @@ class PaLM:
     def loss_and_grads(self, tokens, targets, dropout=0.0, dropout_seed=0):
         """Mean cross-entropy plus z-loss over all positions, and its gradient for every parameter.
 
-        tokens, targets (B, T) int. Returns (loss as a float, dict name -> gradient, canonical names)."""
+        tokens, targets (B, T) int. Returns (loss as a float, dict: canonical name -> gradient)."""
         xp, cfg = self.xp, self.config
         tokens, targets = self._tokens(tokens), self._tokens(targets)
         B, T = tokens.shape
