@@ -95,23 +95,25 @@ def test_not_a_tinypalm_checkpoint(tmp_path):
         checkpoint.load(path)
 
 
+def rewrite(path, **entries):
+    """Rewrite a checkpoint file with some of its entries replaced."""
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    np.savez(path, **{**arrays, **entries})
+
+
 def test_incompatible_version(trained):
     _, _, _, path = trained
     with np.load(path) as npz:
-        arrays = dict(npz)
-    meta = json.loads(str(arrays["meta"]))
+        meta = json.loads(str(npz["meta"]))
     meta["version"] = 99
-    arrays["meta"] = np.array(json.dumps(meta))
-    np.savez(path, **arrays)
+    rewrite(path, meta=np.array(json.dumps(meta)))
     with pytest.raises(TinyPalmError, match="version 99 is not supported"):
         checkpoint.load(path)
 
 
 def test_parameters_that_do_not_match_the_config(trained):
     _, _, _, path = trained
-    with np.load(path) as npz:
-        arrays = dict(npz)
-    arrays["param.layers.0.wq"] = np.zeros((3, 3))
-    np.savez(path, **arrays)
+    rewrite(path, **{"param.layers.0.wq": np.zeros((3, 3))})
     with pytest.raises(TinyPalmError, match="layers.0.wq is missing or does not match"):
         checkpoint.load(path)
