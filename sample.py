@@ -4,6 +4,7 @@
     python sample.py --ckpt out/last.npz --prompt "def " --max-new-tokens 300 --temperature 0.8 --top-k 50
     python sample.py --ckpt out --prompt-file prompt.txt --num-samples 3 --top-p 0.9
     python sample.py --ckpt out --temperature 0                   # greedy: the same text every time
+    python sample.py --ckpt out --adapter lora_out                # with LoRA adapters trained on that checkpoint
 """
 
 import argparse
@@ -11,16 +12,16 @@ import codecs
 import sys
 import time
 
-from tinypalm import PaLM, TinyPalmError
-from tinypalm import checkpoint
+from tinypalm import TinyPalmError
 from tinypalm.cli import run_cli
 from tinypalm.generate import generate
-from tinypalm.tokenizer import tokenizer_from_dict
+from tinypalm.lora import load_model
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a checkpoint .npz, or a training --out directory")
+    p.add_argument("--adapter", default=None, help="LoRA adapter file (or a LoRA run's --out) trained on --ckpt")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file instead")
     p.add_argument("--max-new-tokens", type=int, default=500)
@@ -52,10 +53,7 @@ def main(argv=None):
         raise TinyPalmError("--max-new-tokens and --num-samples must be at least 1 and --temperature not negative")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise TinyPalmError(f"--top-p must be in (0, 1], got {args.top_p}")
-    ckpt = checkpoint.load(args.ckpt)
-    tokenizer = tokenizer_from_dict(ckpt.tokenizer_dict)
-    model = PaLM(ckpt.config, backend=args.backend, dtype=ckpt.meta.get("dtype", "float32"))
-    model.load_params(ckpt.params)
+    model, tokenizer, _ = load_model(args.ckpt, args.adapter, backend=args.backend)
 
     prompt = read_prompt(args)
     prompt_ids = [int(i) for i in tokenizer.encode(prompt)]

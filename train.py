@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from tinypalm import Config, PaLM, TinyPalmError
-from tinypalm import checkpoint, data
+from tinypalm import checkpoint, data, lora
 from tinypalm.cli import run_cli, format_duration
 from tinypalm.config import PRESETS
 from tinypalm.generate import generate
@@ -72,6 +72,7 @@ def build_parser():
     g.add_argument("--resume", action="store_true", help="continue from <out>/last.npz")
     g.add_argument("--init-from", default=None, metavar="CKPT", help="fine-tune: load weights and tokenizer, fresh optimizer")
     g.add_argument("--freeze-layers", type=int, default=0, help="train only the top layers: the bottom N and the embedding stay fixed")
+    lora.add_arguments(g)
     g.add_argument("--sample-tokens", type=int, default=200, help="length of the sample printed at the end (0: none)")
     return p
 
@@ -221,6 +222,11 @@ def main(argv=None):
     start_step, best_val = 0, math.inf
     if ckpt is not None:
         model.load_params(ckpt.params)
+    trained, trained_grads = model.params, (lambda grads: grads)       # what the optimizer updates
+    if args.lora_rank is not None:      # LoRA: the base frozen, AdamW over the adapters' flat vector alone
+        adapter, base_hash = lora.start_training(args, model, ckpt)
+        optimizer = AdamW(adapter.params, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
+        trained, trained_grads = adapter.params, (lambda grads: grads.adapter)
     if args.resume:
         if ckpt.opt_state is None:
             raise TinyPalmError(f"--resume: {ckpt.path} holds weights only (no optimizer state); use --init-from instead")
@@ -233,6 +239,9 @@ def main(argv=None):
     train_args = {k: v for k, v in vars(args).items() if k not in ("resume", "init_from", "prepare")}
 
     def save(name, step):
+        if args.lora_rank is not None:
+            return lora.save_adapter(os.path.join(args.out, f"adapter_{name}"), model.adapter, base_hash, step,
+                                     {**train_args, "init_from": args.init_from})
         checkpoint.save(os.path.join(args.out, name), model, tokenizer, step, optimizer, train_args,
                         None if math.isinf(best_val) else best_val)
 
@@ -259,14 +268,14 @@ def main(argv=None):
             micro_loss, grads = model.loss_and_grads(x, y, args.dropout, dropout_seed, grads=grads)
             loss += micro_loss / args.grad_accum
         if args.grad_accum > 1:
-            grads.flat *= 1.0 / args.grad_accum
-        grad_norm = clip_grad_norm(grads, args.grad_clip)
+            trained_grads(grads).flat *= 1.0 / args.grad_accum
+        grad_norm = clip_grad_norm(trained_grads(grads), args.grad_clip)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            last = os.path.join(args.out, "last.npz")
+            last = os.path.join(args.out, "adapter_last.npz" if args.lora_rank is not None else "last.npz")
             kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
             raise TinyPalmError(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; stopped "
                                 f"without updating, {kept}; lower --lr, raise --warmup-steps or set --grad-clip")
-        optimizer.step(model.params, grads, lr)
+        optimizer.step(trained, trained_grads(grads), lr)
         step += 1
         running.append(loss)
 
@@ -299,7 +308,8 @@ def main(argv=None):
                 print(f"early stop: no improvement in {args.patience} evaluations")
                 break
         if stop.requested:
-            print(f"saved {os.path.join(args.out, 'last.npz')} at step {step}; continue with --resume")
+            print(f"saved {os.path.join(args.out, 'adapter_last.npz' if args.lora_rank is not None else 'last.npz')} "
+                  f"at step {step}" + ("" if args.lora_rank is not None else "; continue with --resume"))
             return
 
     print(f"done: {step} steps in {format_duration(time.time() - t_start)}; best val loss {best_val:.4f}; "

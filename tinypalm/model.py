@@ -119,6 +119,7 @@ class PaLM:
         self.layers = [Layer(cfg, self.params.stored, i) for i in range(cfg.n_layers)]
         self.rope_cos, self.rope_sin = ops.rope_tables(xp, cfg.max_seq_len, cfg.head_dim, cfg.rope_base, self.dtype)
         self._masks = {}
+        self.adapter = None                  # LoRA adapters (lora.py), run beside the fused projections when set
         self.load_params(init_params(cfg, seed))
 
     def load_params(self, arrays):
@@ -153,6 +154,7 @@ class PaLM:
 
         h, ln_cache = ops.layernorm_forward(x.reshape(B * T, D), layer.norm, cfg.norm_eps)   # (N, D)
         proj = ops.linear_forward(h, layer.w_in)                                             # (N, Q+2K+2F)
+        lora_in = self.adapter.in_forward(i, h, proj) if self.adapter else None             # proj += x A B (a/r)
         q = proj[:, :q_dim].reshape(B, T, H, Dh)
         k = proj[:, q_dim:q_dim + kv_dim].reshape(B, T, Hkv, Dh)
         v = proj[:, q_dim + kv_dim:q_dim + 2 * kv_dim].reshape(B, T, Hkv, Dh)
@@ -168,11 +170,12 @@ class PaLM:
 
         branches = xp.concatenate([attn.reshape(B * T, q_dim), hidden], axis=1)              # (N, Q+F)
         y = ops.linear_forward(branches, layer.w_out)                                       # (N, D)
+        lora_out = self.adapter.out_forward(i, branches, y) if self.adapter else None
         keep = None
         if dropout > 0.0:
             keep = ops.dropout_mask(xp, y.shape, dropout, dropout_seed)
             y = ops.dropout_forward(y, dropout, keep)
-        cache = (ln_cache, h, cos, sin, attn_cache, swiglu_cache, branches, keep, dropout)
+        cache = (ln_cache, h, cos, sin, attn_cache, swiglu_cache, branches, keep, dropout, lora_in, lora_out)
         return x + y.reshape(B, T, D), cache
 
     def _forward(self, tokens, kv_cache=None, dropout=0.0, dropout_seed=0):
@@ -216,17 +219,20 @@ class PaLM:
 
     # --- backward ---------------------------------------------------------------------------------------------
 
-    def _block_backward(self, dx, layer, d_layer, cache):
-        # dx (B, T, D): gradient at the block's output; accumulates into d_layer, returns the gradient at its input
+    def _block_backward(self, dx, layer, d_layer, cache, d_adapter=None):
+        # dx (B, T, D): gradient at the block's output; accumulates into d_layer (and d_adapter, the adapters'
+        # gradients, when the model has adapters), returns the gradient at its input
         cfg, ops = self.config, self.ops
         B, T, D = dx.shape
         q_dim, kv_dim = layer.q_dim, layer.kv_dim
-        ln_cache, h, cos, sin, attn_cache, swiglu_cache, branches, keep, dropout = cache
+        ln_cache, h, cos, sin, attn_cache, swiglu_cache, branches, keep, dropout, lora_in, lora_out = cache
 
         dy = dx.reshape(B * T, D)                                       # residual: x_out = x + y
         if keep is not None:
             dy = ops.dropout_backward(dy, dropout, keep)
         d_branches = ops.linear_backward(dy, branches, layer.w_out, d_layer.w_out)          # (N, Q+F)
+        if lora_out is not None:
+            self.adapter.out_backward(dy, d_branches, lora_out, d_adapter)
         d_attn, d_hidden = d_branches[:, :q_dim], d_branches[:, q_dim:]
         d_gate, d_up = ops.swiglu_backward(d_hidden, swiglu_cache)
         dq, dk, dv = ops.attention_backward(d_attn.reshape(B, T, cfg.n_heads, cfg.head_dim), attn_cache)
@@ -235,6 +241,8 @@ class PaLM:
         d_proj = self.xp.concatenate([dq.reshape(B * T, q_dim), dk.reshape(B * T, kv_dim),
                                       dv.reshape(B * T, kv_dim), d_gate, d_up], axis=1)     # (N, Q+2K+2F)
         dh = ops.linear_backward(d_proj, h, layer.w_in, d_layer.w_in)                       # (N, D)
+        if lora_in is not None:
+            self.adapter.in_backward(d_proj, dh, lora_in, d_adapter)
         dx_ln = ops.layernorm_backward(dh, layer.norm, d_layer.norm, ln_cache)
         return dx + dx_ln.reshape(B, T, D)
 
@@ -242,7 +250,8 @@ class PaLM:
         """Mean cross-entropy plus z-loss over all positions, and its gradient for every parameter.
 
         tokens, targets (B, T) int. Returns (loss as a float, grads: a Flat, canonical name -> gradient, with
-        `.flat`). Given `grads` (from an earlier call), the gradients are added to it: gradient accumulation."""
+        `.flat`). Given `grads` (from an earlier call), the gradients are added to it: gradient accumulation.
+        With adapters (model.adapter), their gradients are `grads.adapter`, a Flat like adapter.params."""
         xp, cfg, ops = self.xp, self.config, self.ops
         tokens, targets = self._tokens(tokens), self._tokens(targets)
         B, T = tokens.shape
@@ -250,12 +259,14 @@ class PaLM:
         loss, ce_cache = ops.cross_entropy_forward(xp, logits, targets.reshape(-1), cfg.z_loss)
 
         grads = self.grads_like() if grads is None else grads
+        if self.adapter is not None and getattr(grads, "adapter", None) is None:
+            grads.adapter = self.adapter.grads_like()
         d_embed, d_norm = grads.stored["embed"], grads.stored["norm"]
         d_layers = [Layer(cfg, grads.stored, i) for i in range(cfg.n_layers)]
         dlogits = ops.cross_entropy_backward(xp, ce_cache, cfg.z_loss)                      # (N, V)
         dh = ops.tied_logits_backward(dlogits, h, self.embed, d_embed)                      # (N, D)
         dx = ops.layernorm_backward(dh, self.norm, d_norm, ln_cache).reshape(B, T, cfg.d_model)
         for layer, d_layer, cache in reversed(list(zip(self.layers, d_layers, block_caches))):
-            dx = self._block_backward(dx, layer, d_layer, cache)
+            dx = self._block_backward(dx, layer, d_layer, cache, getattr(grads, "adapter", None))
         ops.embedding_backward(xp, d_embed, dx, tokens)
         return float(loss), grads

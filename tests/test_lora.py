@@ -1,0 +1,165 @@
+"""LoRA: the op pair and the whole model's adapter gradients against finite differences, step 0 equals the base,
+merging gives the same logits, and train.py / sample.py / merge end to end with their bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinypalm import Config, PaLM, checkpoint
+from tinypalm.lora import LoRA, TARGETS, lora_forward, lora_backward, params_hash
+from gradcheck import assert_grad_close, numerical_grad, rel_error
+from test_cli import TINY, assert_user_error, corpus, run  # noqa: F401  (corpus is a fixture)
+
+
+def run_module(module, *args, cwd, check=True):
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_lora_op_gradients():
+    rng = np.random.default_rng(0)
+    x, A, B = rng.standard_normal((5, 6)), rng.standard_normal((6, 3)), rng.standard_normal((3, 4))
+    d_delta, scale = rng.standard_normal((5, 4)), 0.7
+    f = lambda: (lora_forward(x, A, B, scale)[0] * d_delta).sum()
+    delta, cache = lora_forward(x, A, B, scale)
+    np.testing.assert_allclose(delta, scale * x @ A @ B)
+    dA, dB = np.zeros_like(A), np.zeros_like(B)
+    dx = lora_backward(d_delta, A, B, dA, dB, scale, cache)
+    assert_grad_close(dx, f, x)
+    assert_grad_close(dA, f, A)
+    assert_grad_close(dB, f, B)
+
+
+def small_model():
+    cfg = Config(vocab_size=13, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24, max_seq_len=8)
+    return PaLM(cfg, dtype="float64", seed=3)
+
+
+def batch(B=2, T=5):
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 13, (B, T)), rng.integers(0, 13, (B, T))
+
+
+def with_random_adapter(model, targets=TARGETS, rank=3):
+    adapter = LoRA(model.config, rank, alpha=5.0, targets=targets, dtype="float64", seed=2)
+    rng = np.random.default_rng(4)
+    adapter.params.flat[...] = rng.standard_normal(adapter.params.flat.size) * 0.3     # B non-zero as well
+    model.adapter = adapter
+    return adapter
+
+
+def test_model_adapter_gradients_all_seven_projections():
+    model = small_model()
+    adapter = with_random_adapter(model)
+    tokens, targets = batch()
+    loss, grads = model.loss_and_grads(tokens, targets, dropout=0.1, dropout_seed=5)
+    f = lambda: model.loss_and_grads(tokens, targets, dropout=0.1, dropout_seed=5)[0]
+    assert set(grads.adapter) == set(adapter.params) and len(adapter.params) == 2 * 2 * 7
+    rng = np.random.default_rng(0)
+    for name, p in adapter.params.items():          # a sample of every A and B, always more than a handful
+        idx = rng.choice(p.size, min(p.size, 12), replace=False)
+        numeric = numerical_grad(f, p, indices=idx).reshape(-1)[idx]
+        assert np.linalg.norm(numeric) > 0, name
+        analytic = grads.adapter[name].reshape(-1)[idx]
+        assert rel_error(analytic, numeric) < 1e-6, (name, rel_error(analytic, numeric))
+    # the base's gradients are still right with adapters in the path (a sample of each stored array)
+    for name in ("layers.0.w_in", "layers.1.w_out", "layers.0.norm", "embed"):
+        p = model.params.stored[name]
+        idx = rng.choice(p.size, 12, replace=False)
+        numeric = numerical_grad(f, p, indices=idx).reshape(-1)[idx]
+        assert rel_error(grads.stored[name].reshape(-1)[idx], numeric) < 1e-6, name
+
+
+def test_adapter_gradients_accumulate():
+    model = small_model()
+    with_random_adapter(model, targets=("wk", "w_down"))
+    tokens, targets = batch()
+    _, once = model.loss_and_grads(tokens, targets)
+    once = once.adapter.flat.copy()
+    _, grads = model.loss_and_grads(tokens, targets)
+    model.loss_and_grads(tokens, targets, grads=grads)
+    np.testing.assert_allclose(grads.adapter.flat, 2 * once, rtol=1e-12)
+
+
+def test_step_zero_is_the_base_and_merge_matches():
+    model = small_model()
+    tokens, _ = batch()
+    base_logits = model.forward(tokens)
+    model.adapter = LoRA(model.config, 4, targets=TARGETS, dtype="float64", seed=0)
+    assert np.all(model.adapter.params["layers.0.wq.B"] == 0) and np.any(model.adapter.params["layers.0.wq.A"] != 0)
+    np.testing.assert_array_equal(model.forward(tokens), base_logits)       # B = 0: exactly the base model
+    with_random_adapter(model)
+    adapted = model.forward(tokens)
+    assert np.abs(adapted - base_logits).max() > 1e-3
+    model.adapter.merge_into(model)
+    model.adapter = None
+    np.testing.assert_allclose(model.forward(tokens), adapted, rtol=1e-10, atol=1e-12)
+
+
+def test_hash_names_the_parameters():
+    a, b = small_model(), small_model()
+    assert params_hash(a.params) == params_hash(b.params) == params_hash(a.params_numpy())
+    b.params["layers.1.wv"][0, 0] += 1e-3
+    assert params_hash(a.params) != params_hash(b.params)
+
+
+@pytest.fixture(scope="module")
+def base(corpus, tmp_path_factory):  # noqa: F811
+    d = tmp_path_factory.mktemp("lora")
+    run("train.py", "--data", str(corpus), *TINY, "--max-steps", "10", "--out", "base", cwd=d)
+    return d
+
+
+def test_train_sample_merge_end_to_end(base, corpus):  # noqa: F811
+    d = base
+    r = run("train.py", "--init-from", "base/best.npz", "--data", str(corpus), *TINY, "--max-steps", "10",
+            "--lora-rank", "4", "--lora-targets", "wq,wv,w_down", "--out", "ft", "--lr", "1e-2", cwd=d)
+    ck = checkpoint.load(str(d / "base" / "best.npz"))
+    cfg = ck.config
+    D, q, kv, F, rank = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff, 4
+    expected = cfg.n_layers * rank * ((D + q) + (D + kv) + (F + D))          # A (in, r) and B (r, out) per target
+    assert f"{expected:,} trainable parameters" in r.stdout and "for full fine-tuning" in r.stdout
+    assert not (d / "ft" / "last.npz").exists() and (d / "ft" / "adapter_last.npz").exists()
+    assert os.path.getsize(d / "ft" / "adapter_best.npz") < os.path.getsize(d / "base" / "best.npz") / 4
+    # the base is untouched; the adapter moved
+    np.testing.assert_array_equal(checkpoint.load(str(d / "base" / "best.npz")).params["embed"], ck.params["embed"])
+    with np.load(d / "ft" / "adapter_last.npz", allow_pickle=False) as npz:
+        assert np.abs(npz["lora.layers.0.wq.B"]).max() > 0
+    s = run("sample.py", "--ckpt", "base/best.npz", "--adapter", "ft", "--temperature", "0", "--max-new-tokens", "20",
+            cwd=d)
+    run_module("tinypalm.lora", "merge", "--ckpt", "base/best.npz", "--adapter", "ft/adapter_last.npz",
+        "--out", "merged.npz", cwd=d)
+    assert_user_error(run_module("tinypalm.lora", "merge", "--ckpt", "base/best.npz", "--adapter", "ft",
+                          "--out", "merged.npz", cwd=d, check=False), "merged.npz exists", "--force")
+    # merged logits equal base + adapter
+    from tinypalm.lora import load_model
+    adapted, _, _ = load_model(str(d / "base" / "best.npz"), str(d / "ft" / "adapter_last.npz"), dtype="float64")
+    merged, _, _ = load_model(str(d / "merged.npz"), dtype="float64")
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 12))
+    np.testing.assert_allclose(merged.forward(tokens), adapted.forward(tokens), rtol=1e-5, atol=1e-5)
+    greedy = run("sample.py", "--ckpt", "merged.npz", "--temperature", "0", "--max-new-tokens", "20", cwd=d)
+    assert greedy.stdout == s.stdout
+
+
+def test_lora_bad_input(base, corpus):  # noqa: F811
+    d = base
+    common = ["--init-from", "base/best.npz", "--data", str(corpus), *TINY, "--max-steps", "2"]
+    assert_user_error(run("train.py", *common, "--lora-rank", "0", cwd=d, check=False), "--lora-rank 0", "from 1 to")
+    assert_user_error(run("train.py", *common, "--lora-rank", "17", cwd=d, check=False), "--lora-rank 17", "from 1 to 16")
+    assert_user_error(run("train.py", *common, "--lora-rank", "2", "--lora-targets", "wq,w_foo", cwd=d, check=False),
+                      "unknown projection w_foo", "wq,wk,wv")
+    assert_user_error(run("train.py", "--data", str(corpus), *TINY, "--lora-rank", "2", cwd=d, check=False),
+                      "--init-from")
+    # an adapter for another base: train a second base, then apply the first one's adapter to it
+    run("train.py", *common, "--lora-rank", "2", "--out", "ad", cwd=d)
+    run("train.py", "--data", str(corpus), *TINY, "--max-steps", "3", "--seed", "7", "--out", "other", cwd=d)
+    for cmd in (["sample.py", "--ckpt", "other", "--adapter", "ad"],
+                ["-m", "tinypalm.lora", "merge", "--ckpt", "other", "--adapter", "ad", "--out", "m.npz"]):
+        r = run_module(*cmd[1:], cwd=d, check=False) if cmd[0] == "-m" else run(*cmd, cwd=d, check=False)
+        assert_user_error(r, "trained on another base model")
+    assert not (d / "m.npz").exists()

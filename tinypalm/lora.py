@@ -1,0 +1,332 @@
+"""LoRA: low-rank adapters on a frozen pretrained model (Hu et al., 2021), and the adapter file.
+
+A projection y = x W gains a trainable low-rank path: y = x W + (alpha / r) x A B, with A (in, r) and B (r, out).
+A starts N(0, 1/in) (the paper's random Gaussian A, scaled like the model's own matrices) and B starts at zero,
+so at step 0 the adapted model is exactly the base model; only A and B are trained, so the optimizer keeps
+moments for them alone. alpha / r keeps the update's scale when r changes (the paper fixes alpha, varies r).
+
+tinypalm stores the seven projections fused (model.py): wq, wk, wv, w_gate, w_up are column slices of w_in,
+applied to the LayerNorm output h; wo and w_down are row slices of w_out, applied to the attention output and the
+SwiGLU output. An adapter on wk adds x A B to the wk columns of h @ w_in; one on w_down reads the SwiGLU columns
+of [attention | SwiGLU] and adds to the block's output.
+
+The adapter file is a .npz (numpy.load(path, allow_pickle=False) reads it):
+    meta            JSON: format, version, rank, alpha, targets, the base's config and content hash, step
+    lora.<name>     the matrices, e.g. lora.layers.0.wq.A (D, r), lora.layers.0.wq.B (r, H*Dh)
+The base is named by the sha256 of its parameters, so an adapter is never applied to a model it was not
+trained on. `python -m tinypalm.lora merge` folds the adapters into the base: W + (alpha / r) A B.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import zipfile
+
+import numpy
+
+from .backend import to_numpy
+from .errors import TinyPalmError
+from .flat import Layout
+
+TARGETS = ("wq", "wk", "wv", "w_gate", "w_up", "wo", "w_down")
+DEFAULT_TARGETS = ("wq", "wv")           # the paper's choice
+FORMAT, VERSION = "tinypalm-adapter", 1
+
+
+# --- the op pair ----------------------------------------------------------------------------------------------
+
+def lora_forward(x, A, B, scale):
+    # x (N, in), A (in, r), B (r, out) -> delta (N, out) = scale * (x @ A) @ B, added to x @ W by the caller
+    xa = x @ A                                                   # (N, r)
+    xa *= scale
+    return xa @ B, (x, xa)
+
+
+def lora_backward(d_delta, A, B, dA, dB, scale, cache):
+    # dA (in, r), dB (r, out) accumulate; returns dx (N, in), the adapter's share of the input gradient
+    x, xa = cache                                                # xa = scale * x @ A
+    dB += xa.T @ d_delta
+    d_xa = d_delta @ B.T                                         # (N, r), gradient at scale * x @ A
+    d_xa *= scale
+    dA += x.T @ d_xa
+    return d_xa @ A.T
+
+
+# --- where each projection sits in the fused matrices -----------------------------------------------------------
+
+def projection_slices(cfg):
+    """name -> (side, slice): "in" projections are column slices of h @ w_in, "out" ones row slices of w_out."""
+    q, k, F = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
+    return {"wq": ("in", slice(0, q)), "wk": ("in", slice(q, q + k)), "wv": ("in", slice(q + k, q + 2 * k)),
+            "w_gate": ("in", slice(q + 2 * k, q + 2 * k + F)), "w_up": ("in", slice(q + 2 * k + F, q + 2 * k + 2 * F)),
+            "wo": ("out", slice(0, q)), "w_down": ("out", slice(q, q + F))}
+
+
+def parse_targets(text):
+    """'wq,wv' -> ('wq', 'wv'), in the canonical order; unknown names are a user error."""
+    names = [t.strip() for t in text.split(",") if t.strip()] if isinstance(text, str) else list(text)
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown or not names:
+        raise TinyPalmError(f"--lora-targets {text!r}: {'unknown projection ' + ', '.join(unknown) if unknown else 'empty'}; "
+                            f"choose among {','.join(TARGETS)}")
+    return tuple(t for t in TARGETS if t in names)
+
+
+def check_rank(cfg, rank, targets):
+    """A rank from 1 to the narrowest side of the smallest adapted projection (beyond it, A B is not low rank)."""
+    slices = projection_slices(cfg)
+    limit = min(min(cfg.d_model, s.stop - s.start) for t in targets for _, s in [slices[t]])
+    if not 1 <= rank <= limit:
+        raise TinyPalmError(f"--lora-rank {rank}: must be from 1 to {limit} (the narrowest side of the adapted "
+                            f"projections {','.join(targets)}); pick a rank in that range, e.g. 8")
+
+
+class LoRA:
+    """Adapters for every layer's chosen projections: `params` and gradients are Flats (flat.py).
+
+    Names: layers.{i}.{target}.A (in, r) and .B (r, out). The model calls in_forward / out_forward where its
+    fused projections run and in_backward / out_backward in its backward (model.py)."""
+
+    def __init__(self, cfg, rank, alpha=None, targets=DEFAULT_TARGETS, xp=numpy, dtype="float32", seed=0):
+        self.config, self.xp = cfg, xp
+        self.targets = parse_targets(targets)
+        check_rank(cfg, rank, self.targets)
+        self.rank, self.alpha = int(rank), float(alpha if alpha is not None else 2 * rank)
+        self.scale = self.alpha / self.rank
+        self.slices = projection_slices(cfg)
+        shapes = {}
+        for i in range(cfg.n_layers):
+            for t in self.targets:
+                side, s = self.slices[t]
+                n_in, n_out = (cfg.d_model, s.stop - s.start) if side == "in" else (s.stop - s.start, cfg.d_model)
+                shapes[f"layers.{i}.{t}.A"], shapes[f"layers.{i}.{t}.B"] = (n_in, self.rank), (self.rank, n_out)
+        self.layout = Layout(shapes)
+        self.params = self.layout.zeros(xp, numpy.dtype(dtype))
+        rng = numpy.random.default_rng(seed)
+        for name, shape in shapes.items():
+            if name.endswith(".A"):
+                self.params[name][...] = xp.asarray(rng.standard_normal(shape) / math.sqrt(shape[0]))
+
+    @property
+    def n_params(self):
+        return self.layout.size
+
+    def grads_like(self):
+        return self.layout.zeros(self.xp, self.params.flat.dtype)
+
+    def _pairs(self, i, side):
+        return [(t, self.slices[t][1], self.params[f"layers.{i}.{t}.A"], self.params[f"layers.{i}.{t}.B"])
+                for t in self.targets if self.slices[t][0] == side]
+
+    # h (N, D) -> proj (N, Q+2K+2F) += each "in" adapter's delta in its columns
+    def in_forward(self, i, h, proj):
+        caches = []
+        for t, cols, A, B in self._pairs(i, "in"):
+            delta, cache = lora_forward(h, A, B, self.scale)
+            proj[:, cols] += delta
+            caches.append(cache)
+        return (i, caches)
+
+    # branches (N, Q+F) = [attention | SwiGLU] -> y (N, D) += each "out" adapter's delta, read from its rows' input
+    def out_forward(self, i, branches, y):
+        caches = []
+        for t, rows, A, B in self._pairs(i, "out"):
+            delta, cache = lora_forward(branches[:, rows], A, B, self.scale)
+            y += delta
+            caches.append(cache)
+        return (i, caches)
+
+    def in_backward(self, d_proj, dh, cache, d_adapter):
+        # dh (N, D) += the adapters' input gradients; d_adapter (a Flat like params) accumulates dA, dB
+        i, caches = cache
+        for (t, cols, A, B), c in zip(self._pairs(i, "in"), caches):
+            dh += lora_backward(d_proj[:, cols], A, B, d_adapter[f"layers.{i}.{t}.A"], d_adapter[f"layers.{i}.{t}.B"],
+                                self.scale, c)
+
+    def out_backward(self, dy, d_branches, cache, d_adapter):
+        i, caches = cache
+        for (t, rows, A, B), c in zip(self._pairs(i, "out"), caches):
+            d_branches[:, rows] += lora_backward(dy, A, B, d_adapter[f"layers.{i}.{t}.A"],
+                                                 d_adapter[f"layers.{i}.{t}.B"], self.scale, c)
+
+    def merge_into(self, model):
+        """Fold the adapters into the model's weights: W += (alpha / r) A B, in place."""
+        for i, layer in enumerate(model.layers):
+            for side in ("in", "out"):
+                for t, sl, A, B in self._pairs(i, side):
+                    delta = self.xp.asarray((A @ B) * self.scale, dtype=layer.w_in.dtype)
+                    if side == "in":
+                        layer.w_in[:, sl] += delta
+                    else:
+                        layer.w_out[sl] += delta
+
+    def describe(self, model):
+        """Trainable parameters and AdamW state (two moments) against full fine-tuning of the same model."""
+        itemsize = self.params.flat.dtype.itemsize
+        full = model.params.flat.size
+        return (f"LoRA rank {self.rank}, alpha {self.alpha:g} on {','.join(self.targets)}: {self.n_params:,} trainable "
+                f"parameters ({100 * self.n_params / full:.2f}% of {full:,}); AdamW state {format_bytes(2 * itemsize * self.n_params)} "
+                f"against {format_bytes(2 * model.params.flat.dtype.itemsize * full)} for full fine-tuning")
+
+
+def format_bytes(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+# --- the base's identity and the adapter file -------------------------------------------------------------------
+
+def params_hash(params):
+    """sha256 over the canonical names, shapes and float32 values of a model's parameters (host or device arrays).
+
+    float32 so that a checkpoint and the same weights loaded in float64 are the same base."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        a = numpy.ascontiguousarray(to_numpy(params[name]), dtype="<f4")
+        h.update(f"{name}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def save_adapter(path, adapter, base_hash, step=0, train_args=None, extra=None):
+    """Write atomically (temporary file, then rename), like checkpoints."""
+    meta = {"format": FORMAT, "version": VERSION, "rank": adapter.rank, "alpha": adapter.alpha,
+            "targets": list(adapter.targets), "config": adapter.config.to_dict(), "base_sha256": base_hash,
+            "step": int(step), "train_args": train_args or {}, **(extra or {})}
+    arrays = {"meta": numpy.array(json.dumps(meta))}
+    arrays.update({f"lora.{name}": to_numpy(p) for name, p in adapter.params.items()})
+    write_npz(path, arrays)
+
+
+def write_npz(path, arrays):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            numpy.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def resolve_adapter(path):
+    """An adapter file, or a LoRA run's --out directory (its adapter_best.npz, else adapter_last.npz)."""
+    if os.path.isdir(path):
+        for name in ("adapter_best.npz", "adapter_last.npz"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise TinyPalmError(f"--adapter {path}: directory holds no adapter_best.npz or adapter_last.npz; "
+                            "pass the --out of a LoRA run or an adapter file")
+    if not os.path.isfile(path):
+        raise TinyPalmError(f"--adapter {path}: no such file; pass an adapter written by train.py --lora-rank")
+    return path
+
+
+def load_adapter(path, base_params, cfg, xp=numpy, dtype="float32"):
+    """A LoRA from an adapter file, checked against the base's parameters (by content hash) and config."""
+    path = resolve_adapter(path)
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            meta = json.loads(str(npz["meta"])) if "meta" in npz.files else {}
+            if meta.get("format") != FORMAT:
+                raise TinyPalmError(f"--adapter {path}: not a tinypalm adapter; pass a file written by train.py --lora-rank")
+            if meta.get("version") != VERSION:
+                raise TinyPalmError(f"--adapter {path}: adapter format version {meta.get('version')} is not supported "
+                                    f"(this tinypalm reads version {VERSION})")
+            if meta["config"] != cfg.to_dict() or meta["base_sha256"] != params_hash(base_params):
+                raise TinyPalmError(f"--adapter {path} was trained on another base model (sha256 "
+                                    f"{meta['base_sha256'][:12]}...); pass the checkpoint it was trained from with --ckpt")
+            adapter = LoRA(cfg, meta["rank"], meta["alpha"], meta["targets"], xp=xp, dtype=dtype)
+            for name, p in adapter.params.items():
+                if f"lora.{name}" not in npz.files or npz[f"lora.{name}"].shape != p.shape:
+                    raise TinyPalmError(f"--adapter {path}: entry {name} is missing or misshapen; the file is damaged")
+                p[...] = xp.asarray(npz[f"lora.{name}"])
+    except TinyPalmError:
+        raise
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise TinyPalmError(f"--adapter {path}: cannot read the adapter, the file is truncated or corrupt "
+                            f"({type(e).__name__}); use another one") from None
+    adapter.meta = meta
+    return adapter
+
+
+def load_model(ckpt, adapter=None, backend="numpy", dtype=None):
+    """(model, tokenizer, checkpoint) from a checkpoint path, with an adapter file applied if given.
+
+    The one way programs load a model to run: sample.py, the classifier and evaluation use it."""
+    from . import checkpoint
+    from .model import PaLM
+    from .tokenizer import tokenizer_from_dict
+    ck = checkpoint.load(ckpt)
+    model = PaLM(ck.config, backend=backend, dtype=dtype or ck.meta.get("dtype", "float32"))
+    model.load_params(ck.params)
+    if adapter is not None:
+        model.adapter = load_adapter(adapter, ck.params, ck.config, model.xp, model.dtype)
+    return model, tokenizer_from_dict(ck.tokenizer_dict), ck
+
+
+# --- training hook (train.py --lora-rank) ------------------------------------------------------------------------
+
+def add_arguments(group):
+    group.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                       help="with --init-from: train LoRA adapters of rank R, the base frozen")
+    group.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator: delta = (alpha/R) x A B (default 2R)")
+    group.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
+                       help=f"projections to adapt, among {','.join(TARGETS)} (default {','.join(DEFAULT_TARGETS)})")
+
+
+def start_training(args, model, ckpt):
+    """For train.py --lora-rank: attach a fresh adapter to the model (its base frozen) and print its cost.
+
+    Returns (the adapter, its base hash). The optimizer then takes adapter.params and grads.adapter."""
+    if args.resume:
+        raise TinyPalmError("--resume does not continue a LoRA run yet; start it again with --init-from and --lora-rank")
+    if ckpt is None:
+        raise TinyPalmError("--lora-rank adapts a trained model: pass --init-from CKPT")
+    if args.freeze_layers:
+        raise TinyPalmError("--lora-rank freezes the whole base already; drop --freeze-layers")
+    model.adapter = LoRA(model.config, args.lora_rank, args.lora_alpha, args.lora_targets, xp=model.xp,
+                         dtype=model.dtype, seed=args.seed)
+    print(model.adapter.describe(model))
+    return model.adapter, params_hash(ckpt.params)
+
+
+# --- merge ------------------------------------------------------------------------------------------------------
+
+def merge_main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tinypalm.lora merge",
+                                description="Fold LoRA adapters into their base: a plain checkpoint with W + (alpha/r) A B.")
+    p.add_argument("--ckpt", required=True, help="the base checkpoint the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="adapter file (or the LoRA run's --out directory)")
+    p.add_argument("--out", required=True, help="the merged checkpoint to write (.npz)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    args = p.parse_args(argv)
+    from . import checkpoint
+    if os.path.exists(args.out) and not args.force:
+        raise TinyPalmError(f"--out {args.out} exists; choose another name or pass --force to overwrite it")
+    model, tokenizer, ck = load_model(args.ckpt, args.adapter)
+    model.adapter.merge_into(model)
+    n = model.adapter.n_params
+    model.adapter = None
+    checkpoint.save(args.out, model, tokenizer, ck.step, train_args={**ck.train_args, "merged_adapter": args.adapter})
+    print(f"wrote {args.out}: {ck.path} with {n:,} adapter parameters folded in")
+
+
+def main(argv=None):
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "merge":
+        raise TinyPalmError("usage: python -m tinypalm.lora merge --ckpt BASE --adapter ADAPTER --out MERGED.npz")
+    merge_main(argv[1:])
+
+
+if __name__ == "__main__":
+    from .cli import run_cli
+    run_cli(main)
