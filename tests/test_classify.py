@@ -1,0 +1,252 @@
+"""Classification: the head's backward and the whole path's gradients against finite differences, data reading and
+its bad input, the split, the metrics, few-shot scoring, and the program end to end in every mode."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinypalm import Config, PaLM, checkpoint
+from tinypalm.classify import (classifier_head_forward, classifier_head_backward, pooling_weights, hidden_forward,
+                               hidden_backward, read_examples, split_examples, report, label_log_likelihoods,
+                               fewshot_prompt, Classifier)
+from tinypalm.lora import LoRA
+from tinypalm.tokenizer import ByteTokenizer
+from gradcheck import assert_grad_close, numerical_grad, rel_error
+from test_cli import TINY, assert_user_error, corpus, run  # noqa: F401  (corpus is a fixture)
+
+
+def classify(*args, cwd, check=True):
+    result = subprocess.run([sys.executable, "-m", "tinypalm.classify", *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.parametrize("pool", ["mean", "last"])
+def test_head_gradients(pool):
+    rng = np.random.default_rng(0)
+    h, w, b = rng.standard_normal((3, 5, 4)), rng.standard_normal((4, 3)), rng.standard_normal(3)
+    weights = pooling_weights(np, np.array([5, 2, 3]), 5, pool, np.float64)
+    assert np.allclose(weights.sum(axis=1), 1) and np.all(weights[1, 2:] == 0)     # padding gets no weight
+    dlogits = rng.standard_normal((3, 3))
+    f = lambda: (classifier_head_forward(h, weights, w, b)[0] * dlogits).sum()
+    logits, cache = classifier_head_forward(h, weights, w, b)
+    if pool == "mean":
+        np.testing.assert_allclose(logits[1], h[1, :2].mean(axis=0) @ w + b)
+    else:
+        np.testing.assert_allclose(logits[2], h[2, 2] @ w + b)
+    dw, db = np.zeros_like(w), np.zeros_like(b)
+    dh = classifier_head_backward(dlogits, w, dw, db, cache)
+    assert_grad_close(dh, f, h)
+    assert_grad_close(dw, f, w)
+    assert_grad_close(db, f, b)
+
+
+def small_classifier(adapter=False, pool="mean"):
+    cfg = Config(vocab_size=256, d_model=16, n_layers=3, n_heads=4, n_kv_heads=1, d_ff=24, max_seq_len=12)
+    model = PaLM(cfg, dtype="float64", seed=1)
+    if adapter:
+        model.adapter = LoRA(cfg, 2, targets=("wv", "w_up", "wo"), dtype="float64", seed=0)
+        model.adapter.params.flat[...] = np.random.default_rng(2).standard_normal(model.adapter.n_params) * 0.2
+    clf = Classifier(model, ByteTokenizer(), ["x", "y", "z"], pool=pool, max_tokens=12)
+    clf.head.flat[...] = np.random.default_rng(3).standard_normal(clf.head.flat.size) * 0.3
+    return clf
+
+
+def classifier_loss_and_grads(clf, texts, y, lowest=0):
+    model, xp = clf.model, clf.model.xp
+    tokens, pool = clf.batch(clf.encode(texts))
+    h, caches = hidden_forward(model, tokens)
+    logits, head_cache = classifier_head_forward(h, pool, clf.head["w"], clf.head["b"])
+    loss, ce_cache = model.ops.cross_entropy_forward(xp, logits, y, 0.0)
+    grads, head_grads = model.grads_like(), clf.head.zeros_like()
+    if model.adapter is not None:
+        grads.adapter = model.adapter.grads_like()
+    dh = classifier_head_backward(model.ops.cross_entropy_backward(xp, ce_cache, 0.0), clf.head["w"],
+                                  head_grads["w"], head_grads["b"], head_cache)
+    hidden_backward(model, dh, caches, tokens, grads, lowest)
+    return float(loss), grads, head_grads
+
+
+TEXTS, Y = ["ab ab", "hello there world", "x"], np.array([0, 2, 1])
+
+
+@pytest.mark.parametrize("pool", ["mean", "last"])
+def test_whole_path_gradients(pool):
+    """Head, every model array and LoRA adapters, through padded batches, against finite differences."""
+    clf = small_classifier(adapter=True, pool=pool)
+    loss, grads, head_grads = classifier_loss_and_grads(clf, TEXTS, Y)
+    f = lambda: classifier_loss_and_grads(clf, TEXTS, Y)[0]
+    rng = np.random.default_rng(0)
+    checks = [(clf.head[k], head_grads[k]) for k in ("w", "b")]
+    checks += [(clf.model.params.stored[n], grads.stored[n]) for n in ("embed", "layers.0.w_in", "layers.1.w_out",
+                                                                       "layers.2.norm", "norm")]
+    checks += [(clf.model.adapter.params[n], grads.adapter[n]) for n in ("layers.0.wv.A", "layers.2.wo.B", "layers.1.w_up.B")]
+    for p, g in checks:
+        idx = rng.choice(p.size, min(p.size, 10), replace=False)
+        if p is clf.model.embed:                        # rows of bytes that occur in the texts
+            idx = np.array([ord("a") * 16 + j for j in range(8)] + [ord("x") * 16 + 3])
+        numeric = numerical_grad(f, p, indices=idx).reshape(-1)[idx]
+        assert np.linalg.norm(numeric) > 0
+        assert rel_error(g.reshape(-1)[idx], numeric) < 1e-6
+
+
+def test_top_layers_backward_stops_early_and_padding_is_invisible():
+    clf = small_classifier()
+    _, grads, _ = classifier_loss_and_grads(clf, TEXTS, Y, lowest=2)
+    assert np.all(grads.stored["layers.1.w_in"] == 0) and np.all(grads.stored["embed"] == 0)
+    assert np.any(grads.stored["layers.2.w_in"] != 0)
+    alone = clf.logits(clf.encode(["x"]))
+    padded = clf.logits(clf.encode(["x", "a much longer text"]))[:1]
+    np.testing.assert_allclose(alone, padded, rtol=1e-12)
+
+
+def test_label_log_likelihoods_match_the_loss():
+    cfg = Config(vocab_size=256, d_model=16, n_layers=2, n_heads=4, max_seq_len=16, z_loss=0.0)
+    model = PaLM(cfg, dtype="float64", seed=0)
+    prompt, cont = [5, 9, 40], [[7, 8, 200, 3], [1]]
+    scores = label_log_likelihoods(model, prompt, cont, score="sum")
+    tokens = np.array([prompt + cont[0]])
+    # the loss over the positions that predict the continuation, as the model computes it
+    full = model.forward(tokens[:, :-1])[0]
+    log_probs = full - np.log(np.exp(full).sum(axis=-1, keepdims=True))
+    assert scores[0] == pytest.approx(sum(log_probs[2 + j, cont[0][j]] for j in range(4)), rel=1e-10)
+    assert scores[1] == pytest.approx(float(log_probs[2, 1]), rel=1e-10)
+    assert label_log_likelihoods(model, prompt, cont, score="mean")[0] == pytest.approx(scores[0] / 4)
+
+
+def test_fewshot_prompt():
+    t = ByteTokenizer()
+    ids = fewshot_prompt(t, [("one  two\nthree", "num"), ("alpha", "greek")], "query text here", per_text=8)
+    assert t.decode(ids) == "Text: one two \nLabel: num\n\nText: alpha\nLabel: greek\n\nText: query te\nLabel:"
+
+
+def test_split_is_stratified_seeded_and_disjoint():
+    examples = [(f"t{i}", "a") for i in range(10)] + [(f"u{i}", "b") for i in range(5)] + [("lonely", "c")]
+    train, test = split_examples(examples, 0.2, seed=1)
+    assert sorted(train + test) == sorted(examples) and not set(train) & set(test)
+    assert sorted(label for _, label in test) == ["a", "a", "b"]          # 20% of each label; c stays in train
+    assert split_examples(examples, 0.2, seed=1) == (train, test)
+    assert split_examples(examples, 0.2, seed=2) != (train, test)
+
+
+def test_report():
+    r = report(["a", "b", "c"], ["a", "a", "b", "b", "c"], ["a", "b", "b", "b", "a"])
+    assert r["accuracy"] == pytest.approx(3 / 5)
+    assert r["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    a, b, c = (r["per_class"][k] for k in "abc")
+    assert (a["precision"], a["recall"]) == (pytest.approx(1 / 2), pytest.approx(1 / 2))
+    assert (b["precision"], b["recall"], b["f1"]) == (pytest.approx(2 / 3), 1.0, pytest.approx(0.8))
+    assert (c["precision"], c["recall"], c["f1"], c["support"]) == (0.0, 0.0, 0.0, 1)
+
+
+def test_read_csv_and_jsonl(tmp_path):
+    (tmp_path / "d.csv").write_text('body,cls\n"a, quoted\ntext",x\nplain,y\n', encoding="utf-8")
+    assert read_examples(str(tmp_path / "d.csv"), "body", "cls") == [("a, quoted\ntext", "x"), ("plain", "y")]
+    (tmp_path / "d.jsonl").write_text('{"text": "hi", "label": 3}\n\n{"text": "yo", "label": "b"}\n', encoding="utf-8")
+    assert read_examples(str(tmp_path / "d.jsonl")) == [("hi", "3"), ("yo", "b")]
+
+
+# --- end to end -------------------------------------------------------------------------------------------------
+
+def task_rows(n, seed):
+    """An easy two-label task: texts of digits against texts of letters."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        if i % 2:
+            rows.append((" ".join("".join(rng.choice(list("0123456789"), 4)) for _ in range(4)), "digits"))
+        else:
+            rows.append((" ".join("".join(rng.choice(list("abcdefghij"), 4)) for _ in range(4)), "letters"))
+    return rows
+
+
+def write_csv(path, rows, header="text,label"):
+    import csv
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header.split(","))
+        w.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def work(corpus, tmp_path_factory):  # noqa: F811
+    d = tmp_path_factory.mktemp("classify")
+    run("train.py", "--data", str(corpus), *TINY, "--max-steps", "5", "--out", "base", cwd=d)
+    write_csv(d / "task.csv", task_rows(60, 0))
+    return d
+
+
+@pytest.fixture(scope="module")
+def head(work):
+    r = classify("train", "--data", "task.csv", "--ckpt", "base", "--mode", "head", "--lr", "3e-2", "--epochs", "8",
+                 "--out", "head.npz", "--json", cwd=work)
+    assert "mode head: 130 trainable parameters" in r.stdout            # (64 + 1) x 2
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_train_eval_predict_fewshot(work, head):
+    d, trained = work, head
+    assert trained["n"] == 12 and trained["accuracy"] >= 0.9, trained
+    assert sum(map(sum, trained["confusion"])) == 12
+    again = json.loads(classify("eval", "--model", "head.npz", "--json", cwd=d).stdout)
+    assert again["accuracy"] == trained["accuracy"] and again["confusion"] == trained["confusion"]
+    text = classify("eval", "--model", "head.npz", cwd=d).stdout
+    assert "accuracy" in text and "precision  recall" in text and "confusion matrix" in text
+    (d / "inputs.txt").write_text("1234 5678 9012\nabcd efgh\n\n0000\n", encoding="utf-8")
+    p = classify("predict", "--model", "head.npz", "--input", "inputs.txt", cwd=d)
+    assert p.stdout.splitlines()[:2] == ["digits", "letters"] and len(p.stdout.splitlines()) == 4
+    f = json.loads(classify("fewshot", "--data", "task.csv", "--ckpt", "base", "--shots", "1", "--json", cwd=d).stdout)
+    assert f["n"] == 12 and 0 <= f["accuracy"] <= 1 and f["trainable_params"] == 0
+    assert sum(map(sum, f["confusion"])) == 12
+    # the tiny model's 64 positions hold one demonstration and the query, not three
+    assert_user_error(classify("fewshot", "--data", "task.csv", "--ckpt", "base", "--shots", "3", cwd=d, check=False),
+                      "--shots 3", "use fewer shots")
+
+
+@pytest.mark.parametrize("mode", ["top", "lora", "full"])
+def test_modes_save_and_reload(work, mode):
+    d = work
+    r = classify("train", "--data", "task.csv", "--ckpt", "base", "--mode", mode, "--lr", "1e-3", "--epochs", "1",
+                 "--out", f"{mode}.npz", "--json", "--lora-rank", "2", cwd=d)
+    trained = json.loads(r.stdout.strip().splitlines()[-1])
+    again = json.loads(classify("eval", "--model", f"{mode}.npz", "--json", cwd=d).stdout)
+    assert again["accuracy"] == trained["accuracy"] and again["confusion"] == trained["confusion"]
+    size = os.path.getsize(d / f"{mode}.npz")
+    param_bytes = sum(p.nbytes for p in checkpoint.load(str(d / "base")).params.values())
+    # the file holds what training changed: the top layer of two, the adapters, or everything
+    assert {"top": 0.3 < size / param_bytes < 0.6, "lora": size / param_bytes < 0.1, "full": size > param_bytes}[mode]
+
+
+def test_bad_input(work, head, tmp_path):
+    d = work
+    common = ["--ckpt", str(d / "base"), "--out", "x.npz"]
+    (tmp_path / "cols.csv").write_text("sentence,label\nhi,a\n", encoding="utf-8")
+    assert_user_error(classify("train", "--data", "cols.csv", *common, cwd=tmp_path, check=False),
+                      "no column 'text'", "--text-field")
+    (tmp_path / "empty.csv").write_text("", encoding="utf-8")
+    assert_user_error(classify("train", "--data", "empty.csv", *common, cwd=tmp_path, check=False), "empty")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b"\n', encoding="utf-8")
+    assert_user_error(classify("fewshot", "--data", "bad.jsonl", "--ckpt", str(d / "base"), cwd=tmp_path, check=False),
+                      "line 2", "not JSON")
+    (tmp_path / "missing.jsonl").write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n', encoding="utf-8")
+    assert_user_error(classify("train", "--data", "missing.jsonl", *common, cwd=tmp_path, check=False),
+                      "line 2", "no field 'label'")
+    write_csv(tmp_path / "test.csv", [("1234", "digits"), ("zz", "emoji")])
+    assert_user_error(classify("train", "--data", str(d / "task.csv"), "--test-data", "test.csv", *common,
+                               cwd=tmp_path, check=False), "'emoji'", "only in the test split")
+    assert_user_error(classify("eval", "--model", str(d / "head.npz"), "--data", "test.csv", cwd=tmp_path, check=False),
+                      "'emoji'", "only in the evaluation data")
+    run("train.py", "--data", str(d / "task.csv"), *TINY, "--max-steps", "2", "--seed", "5", "--out", "other", cwd=tmp_path)
+    assert_user_error(classify("eval", "--model", str(d / "head.npz"), "--ckpt", "other", cwd=tmp_path, check=False),
+                      "trained on another base model", "--ckpt")
+    assert_user_error(classify("train", "--data", str(d / "task.csv"), *common, "--mode", "lora", "--lora-rank", "0",
+                               cwd=tmp_path, check=False), "--lora-rank 0")
+    assert_user_error(classify("train", "--data", str(d / "task.csv"), *common, "--mode", "lora", "--lora-targets",
+                               "wq,wz", cwd=tmp_path, check=False), "unknown projection wz")
+    assert not (tmp_path / "x.npz").exists()
