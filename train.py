@@ -5,6 +5,7 @@
     python train.py --data big.txt --prepare big.tok # tokenise once into a memory-mapped token file
     python train.py --resume                         # continue out/last.npz exactly where it stopped
     python train.py --init-from out/best.npz --data new.txt --out finetuned   # fine-tune
+    python train.py --init-from out/best.npz --data new.txt --out lora --lora-rank 8   # LoRA adapters only
 
 Writes to --out: last.npz (every evaluation, and on Ctrl-C), best.npz (best validation loss so far),
 metrics.jsonl (one JSON record per log line and evaluation) and loss.svg (the loss curves).

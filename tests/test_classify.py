@@ -201,7 +201,8 @@ def test_train_eval_predict_fewshot(work, head):
     (d / "inputs.txt").write_text("1234 5678 9012\nabcd efgh\n\n0000\n", encoding="utf-8")
     p = classify("predict", "--model", "head.npz", "--input", "inputs.txt", cwd=d)
     assert p.stdout.splitlines()[:2] == ["digits", "letters"] and len(p.stdout.splitlines()) == 4
-    f = json.loads(classify("fewshot", "--data", "task.csv", "--ckpt", "base", "--shots", "1", "--json", cwd=d).stdout)
+    f = json.loads(classify("fewshot", "--data", "task.csv", "--ckpt", "base", "--shots", "1", "--score", "pmi",
+                            "--json", cwd=d).stdout)
     assert f["n"] == 12 and 0 <= f["accuracy"] <= 1 and f["trainable_params"] == 0
     assert sum(map(sum, f["confusion"])) == 12
     # the tiny model's 64 positions hold one demonstration and the query, not three

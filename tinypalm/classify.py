@@ -518,11 +518,15 @@ def fewshot(args):
         raise TinyPalmError(f"--shots {args.shots}: the model's context ({model.config.max_seq_len} tokens) leaves "
                             f"{max(per_text, 0)} tokens per text; use fewer shots")
     t0, predicted = time.time(), []
+    # pmi: each label's log-likelihood after the bare "Label:", the model's prior for it, is subtracted
+    prior = label_log_likelihoods(model, [int(i) for i in tokenizer.encode("Label:")], continuations, "sum") \
+        if args.score == "pmi" else numpy.zeros(len(labels))
     for j, (text, _) in enumerate(test_set):
         rng = numpy.random.default_rng([args.seed, j])
         demos = [train_set[i] for i in rng.choice(len(train_set), min(args.shots, len(train_set)), replace=False)]
         prompt = fewshot_prompt(tokenizer, demos, text, per_text)[-(budget):]
-        scores = label_log_likelihoods(model, prompt, continuations, args.score)
+        scores = numpy.array(label_log_likelihoods(model, prompt, continuations, "mean" if args.score == "mean" else "sum"))
+        scores -= prior
         predicted.append(labels[int(numpy.argmax(scores))])
         if not args.json and (j + 1) % 20 == 0:
             print(f"\r{j + 1}/{len(test_set)} scored, {time.time() - t0:.0f}s", end="", file=sys.stderr, flush=True)
@@ -655,8 +659,9 @@ def build_parser():
     q.add_argument("--ckpt", required=True)
     q.add_argument("--adapter", default=None, help="LoRA adapter trained on --ckpt")
     q.add_argument("--shots", type=int, default=3, help="demonstrations per prompt, drawn from the training split")
-    q.add_argument("--score", default="mean", choices=["mean", "sum"],
-                   help="a label's log-likelihood per token (default; fair to long labels) or in total")
+    q.add_argument("--score", default="mean", choices=["mean", "sum", "pmi"],
+                   help="a label's log-likelihood per token (default; fair to long labels), in total, or in total "
+                        "less its log-likelihood after a bare 'Label:' (pmi: corrects the model's preference for some labels)")
     q.set_defaults(func=fewshot)
 
     q = sub.add_parser("make-example", help="write the example task: pydoc topics paragraphs labelled by chapter")

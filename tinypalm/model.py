@@ -154,7 +154,8 @@ class PaLM:
 
         h, ln_cache = ops.layernorm_forward(x.reshape(B * T, D), layer.norm, cfg.norm_eps)   # (N, D)
         proj = ops.linear_forward(h, layer.w_in)                                             # (N, Q+2K+2F)
-        lora_in = self.adapter.in_forward(i, h, proj) if self.adapter else None             # proj += x A B (a/r)
+        # with LoRA adapters (lora.py): proj += (a/r) h A B in each adapted projection's columns
+        lora_in = self.adapter.in_forward(i, h, proj) if self.adapter is not None else None
         q = proj[:, :q_dim].reshape(B, T, H, Dh)
         k = proj[:, q_dim:q_dim + kv_dim].reshape(B, T, Hkv, Dh)
         v = proj[:, q_dim + kv_dim:q_dim + 2 * kv_dim].reshape(B, T, Hkv, Dh)
@@ -170,7 +171,7 @@ class PaLM:
 
         branches = xp.concatenate([attn.reshape(B * T, q_dim), hidden], axis=1)              # (N, Q+F)
         y = ops.linear_forward(branches, layer.w_out)                                       # (N, D)
-        lora_out = self.adapter.out_forward(i, branches, y) if self.adapter else None
+        lora_out = self.adapter.out_forward(i, branches, y) if self.adapter is not None else None
         keep = None
         if dropout > 0.0:
             keep = ops.dropout_mask(xp, y.shape, dropout, dropout_seed)
