@@ -204,6 +204,7 @@ def main(argv=None):
         raise TinyPalmError(f"{'--resume' if args.resume else '--init-from'}: the model's shape comes from the "
                             f"checkpoint; drop {', '.join(changed)}")
     check_args(args)
+    lora.check_flags(args, given)
     np.seterr(over="ignore", invalid="ignore")      # a diverging run is caught below, by its loss and gradient norm
 
     if args.prepare:

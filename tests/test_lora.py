@@ -155,6 +155,8 @@ def test_lora_bad_input(base, corpus):  # noqa: F811
                       "unknown projection w_foo", "wq,wk,wv")
     assert_user_error(run("train.py", "--data", str(corpus), *TINY, "--lora-rank", "2", cwd=d, check=False),
                       "--init-from")
+    assert_user_error(run("train.py", *common, "--lora-alpha", "4", cwd=d, check=False),
+                      "--lora-alpha without --lora-rank")
     # an adapter for another base: train a second base, then apply the first one's adapter to it
     run("train.py", *common, "--lora-rank", "2", "--out", "ad", cwd=d)
     run("train.py", "--data", str(corpus), *TINY, "--max-steps", "3", "--seed", "7", "--out", "other", cwd=d)

@@ -282,6 +282,16 @@ def add_arguments(group):
                        help=f"projections to adapt, among {','.join(TARGETS)} (default {','.join(DEFAULT_TARGETS)})")
 
 
+def check_flags(args, given):
+    """LoRA's other flags mean nothing without --lora-rank: say so rather than train the whole model."""
+    stray = [f"--{n.replace('_', '-')}" for n in ("lora_alpha", "lora_targets") if n in given]
+    if args.lora_rank is None and stray:
+        raise TinyPalmError(f"{', '.join(stray)} without --lora-rank: add --lora-rank R to train LoRA adapters, "
+                            "or drop them")
+    if args.lora_rank is not None:
+        parse_targets(args.lora_targets)
+
+
 def start_training(args, model, ckpt):
     """For train.py --lora-rank: attach a fresh adapter to the model (its base frozen) and print its cost.
 
