@@ -152,15 +152,17 @@ class LoRA:
                                                  d_adapter[f"layers.{i}.{t}.B"], self.scale, c)
 
     def merge_into(self, model):
-        """Fold the adapters into the model's weights: W += (alpha / r) A B, in place."""
-        for i, layer in enumerate(model.layers):
+        """Fold the adapters into the model's parameters: W += (alpha / r) A B, in place."""
+        stored = model.params.stored
+        for i in range(self.config.n_layers):
+            w_in, w_out = stored[f"layers.{i}.w_in"], stored[f"layers.{i}.w_out"]
             for side in ("in", "out"):
                 for t, sl, A, B in self._pairs(i, side):
-                    delta = self.xp.asarray((A @ B) * self.scale, dtype=layer.w_in.dtype)
+                    delta = self.xp.asarray((A @ B) * self.scale, dtype=w_in.dtype)
                     if side == "in":
-                        layer.w_in[:, sl] += delta
+                        w_in[:, sl] += delta
                     else:
-                        layer.w_out[sl] += delta
+                        w_out[sl] += delta
 
     def describe(self, model):
         """Trainable parameters and AdamW state (two moments) against full fine-tuning of the same model."""
