@@ -25,6 +25,7 @@ from tinypalm import checkpoint, data
 from tinypalm.cli import HelpFormatter, run_cli, format_duration
 from tinypalm.config import PRESETS
 from tinypalm.generate import stream
+from tinypalm.model import layer_storage_names
 from tinypalm.optim import AdamW, clip_grad_norm, lr_at
 from tinypalm.plot import read_metrics, write_loss_svg
 from tinypalm.run import Progress, SaveSchedule, StopRequest, check_memory, prepare_out_dir
@@ -221,9 +222,9 @@ def frozen_params(args, model):
     n_layers = model.config.n_layers
     if args.freeze_layers > n_layers:
         raise TinyPalmError(f"--freeze-layers {args.freeze_layers}: the model has {n_layers} layers; freeze fewer")
-    frozen = ["embed"] + [n for n in model.params if n.startswith("layers.") and int(n.split(".")[1]) < args.freeze_layers]
-    n_frozen = sum(int(model.params[n].size) for n in frozen)
-    n_all = sum(int(p.size) for p in model.params.values())
+    frozen = ["embed"] + [n for i in range(args.freeze_layers) for n in layer_storage_names(i)]
+    spans = model.params.layout.spans
+    n_frozen, n_all = sum(spans[n][1] - spans[n][0] for n in frozen), model.params.layout.size
     first, last = args.freeze_layers, n_layers - 1
     top = "" if first > last else f"layer {first} and " if first == last else f"layers {first}-{last} and "
     bottom = "layer 0" if args.freeze_layers == 1 else f"layers 0-{args.freeze_layers - 1}"
@@ -320,19 +321,13 @@ def main(argv=None):
     while step < args.max_steps:
         lr = lr_at(step, args.lr, lr_floor(args), args.warmup_steps, decay_steps)
         loss, grads = 0.0, None
-        for micro in range(args.grad_accum):
+        for micro in range(args.grad_accum):           # the micro-batches' gradients add up in one buffer
             x, y = data.get_batch(train_tokens, args.batch_size, args.seq_len, args.seed, step * args.grad_accum + micro)
             dropout_seed = (args.seed * 1_000_003 + step * args.grad_accum + micro) & 0x7FFFFFFF
-            micro_loss, micro_grads = model.loss_and_grads(x, y, args.dropout, dropout_seed)
+            micro_loss, grads = model.loss_and_grads(x, y, args.dropout, dropout_seed, grads=grads)
             loss += micro_loss / args.grad_accum
-            if grads is None:
-                grads = micro_grads
-            else:
-                for name in grads:
-                    grads[name] += micro_grads[name]
         if args.grad_accum > 1:
-            for g in grads.values():
-                g *= 1.0 / args.grad_accum
+            grads.flat *= 1.0 / args.grad_accum
         grad_norm = clip_grad_norm(grads, args.grad_clip)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             kept = f"the last good checkpoint is {last_path}" if os.path.exists(last_path) else "no checkpoint was written yet"
