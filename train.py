@@ -6,8 +6,9 @@
     python train.py --resume                         # continue out/last.npz exactly where it stopped
     python train.py --init-from out/best.npz --data new.txt --out finetuned   # fine-tune
 
-Writes to --out: last.npz (every evaluation, and on Ctrl-C), best.npz (best validation loss so far),
-metrics.jsonl (one JSON record per log line and evaluation) and loss.svg (the loss curves).
+Writes to --out: last.npz (every evaluation, every --save-every-s seconds, and on Ctrl-C), best.npz (best
+validation loss so far), metrics.jsonl (one JSON record per log line and evaluation) and loss.svg (the loss
+curves). A new run refuses an --out that holds a trained run, unless --overwrite is given.
 """
 
 import argparse
@@ -119,6 +120,9 @@ def check_args(args):
                             "learning rate decays to; lower it, or leave it out for --lr / 10")
     if args.resume and args.init_from:
         raise TinyPalmError("--resume and --init-from exclude each other: resume continues a run, init-from starts a new one")
+    if args.resume and args.overwrite:
+        raise TinyPalmError("--resume and --overwrite exclude each other: resume continues the run in --out, "
+                            "overwrite replaces it with a new one")
     Config.preset(args.preset)            # an unknown preset is refused before any data is read
 
 
@@ -252,10 +256,10 @@ def main(argv=None):
     if ckpt is not None and changed:
         raise TinyPalmError(f"{'--resume' if args.resume else '--init-from'}: the model's shape comes from the "
                             f"checkpoint; drop {', '.join(changed)}")
+    check_args(args)
     if args.resume and ckpt.step >= args.max_steps:
         raise TinyPalmError(f"--resume: {ckpt.path} is already at step {ckpt.step} of --max-steps {args.max_steps}, "
                             f"nothing is left to train; raise --max-steps (e.g. --max-steps {2 * ckpt.step}) to go on")
-    check_args(args)
     if ckpt is not None:
         check_tokenizer_flags(args, given, ckpt.tokenizer_dict, ckpt.path)
     elif "vocab_size" in given and args.tokenizer != "bpe":

@@ -243,6 +243,7 @@ def test_a_new_run_never_replaces_a_trained_one_unasked(corpus, tmp_path):
     assert "--overwrite: replacing the run in out" in r.stdout
     assert checkpoint.load(str(tmp_path / "out" / "best.npz")).step == 2
     assert [rec["step"] for rec in read_log(tmp_path / "out" / "metrics.jsonl", "val")] == [2]   # a fresh log
+    assert_user_error(run("train.py", "--resume", "--overwrite", cwd=tmp_path, check=False), "exclude each other")
     r = run("train.py", "--resume", cwd=tmp_path, check=False)           # a finished run: say how to go on
     assert_user_error(r, "already at step 2 of --max-steps 2", "raise --max-steps")
 
