@@ -29,7 +29,7 @@ from tinypalm.generate import stream
 from tinypalm.model import layer_storage_names
 from tinypalm.optim import AdamW, clip_grad_norm, lr_at
 from tinypalm.plot import read_metrics, write_loss_svg
-from tinypalm.run import Progress, SaveSchedule, StopRequest, check_memory, prepare_out_dir
+from tinypalm.run import Progress, SaveSchedule, StopRequest, check_memory, prepare_out_dir, remove_old_run
 from tinypalm.tokenizer import ByteTokenizer, BPETokenizer, tokenizer_from_dict
 
 SHAPE_FLAGS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len", "rope_base",
@@ -237,7 +237,10 @@ def frozen_params(args, model):
     return frozen
 
 
-def main(argv=None):
+def parse_run(argv):
+    """(args, flags given on the command line, checkpoint or None), checked before any data is read.
+
+    A resumed run takes its saved training arguments, except the flags given again on the command line."""
     parser = build_parser()
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
@@ -265,6 +268,11 @@ def main(argv=None):
     elif "vocab_size" in given and args.tokenizer != "bpe":
         raise TinyPalmError(f"--vocab-size {args.vocab_size} is the size of a BPE vocabulary: add --tokenizer bpe, "
                             "or drop --vocab-size for the 256-token byte tokenizer")
+    return args, given, ckpt
+
+
+def main(argv=None):
+    args, given, ckpt = parse_run(argv)
     np.seterr(over="ignore", invalid="ignore")      # a diverging run is caught below, by its loss and gradient norm
 
     if args.prepare:
@@ -290,10 +298,7 @@ def main(argv=None):
             raise TinyPalmError(f"--resume: {ckpt.path} holds weights only (no optimizer state); use --init-from instead")
         optimizer.load_state_dict(ckpt.opt_state, model.xp)
         start_step, best_val = ckpt.step, ckpt.best_val_loss if ckpt.best_val_loss is not None else math.inf
-    if any(path.endswith(".npz") for path in replaced):
-        print(f"--overwrite: replacing the run in {args.out} ({', '.join(os.path.basename(p) for p in replaced)})")
-    for path in replaced:
-        os.remove(path)
+    remove_old_run(replaced, args.out)           # only now, with the new run ready to start
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     last_path = os.path.join(args.out, "last.npz")
@@ -372,7 +377,7 @@ def main(argv=None):
             save("last.npz", step)
         t_log += time.time() - t_pause          # evaluating and saving are not training throughput
         if stop.requested:
-            print(f"stopped: saved {last_path} at step {step}; continue with --resume")
+            print(f"stopped: saved {last_path} at step {step}; continue with --resume --out {shlex.quote(args.out)}")
             raise SystemExit(130)               # interrupted, so `train.py && sample.py` does not go on
 
     stop.release()                              # all saved: from here a Ctrl-C stops at once, with status 130

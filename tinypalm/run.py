@@ -31,6 +31,14 @@ def prepare_out_dir(out, resume, overwrite):
     return [os.path.join(out, name) for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
 
 
+def remove_old_run(paths, out):
+    """--overwrite: delete the old run's files (the list prepare_out_dir returned)."""
+    if any(path.endswith(".npz") for path in paths):
+        print(f"--overwrite: replacing the run in {out} ({', '.join(os.path.basename(p) for p in paths)})")
+    for path in paths:
+        os.remove(path)
+
+
 class StopRequest:
     """The first Ctrl-C asks the loop to save and stop after the current step; a second one stops at once."""
 
