@@ -211,6 +211,12 @@ def test_sample_bad_checkpoints(corpus, tmp_path):
     arrays["meta"] = np.array(str(arrays["meta"]).replace('"version": 1', '"version": 7'))
     np.savez(tmp_path / "future.npz", **arrays)
     assert_user_error(run("sample.py", "--ckpt", "future.npz", cwd=tmp_path, check=False), "version 7")
+    with np.load(tmp_path / "out" / "last.npz") as npz:
+        arrays = dict(npz)
+    arrays["param.layers.0.wq"][0, :] = np.nan                         # what a diverged run could leave
+    np.savez(tmp_path / "nan.npz", **arrays)
+    assert_user_error(run("sample.py", "--ckpt", "nan.npz", cwd=tmp_path, check=False),
+                      "nan.npz", "layers.0.wq holds NaN", "earlier checkpoint")
     assert_user_error(run("sample.py", "--ckpt", "out", "--prompt-file", "nope.txt", cwd=tmp_path, check=False),
                       "nope.txt")
 
@@ -274,12 +280,12 @@ def train_until(tmp_path, line_start, *args):
 
 
 def test_timed_saves_between_evaluations_survive_kill_9(corpus, tmp_path):
-    proc = train_until(tmp_path, "step 40/", "--data", str(corpus), *TINY, "--max-steps", "100000",
-                       "--eval-every", "100000", "--log-every", "1", "--save-every-s", "0.01")
+    proc = train_until(tmp_path, "step 20/", "--data", str(corpus), *TINY, "--max-steps", "100000",
+                       "--eval-every", "100000", "--log-every", "1", "--save-every-s", "0.001")
     proc.kill()
     proc.communicate(timeout=60)
     ck = checkpoint.load(str(tmp_path / "out" / "last.npz"))
-    assert 1 <= ck.step <= 40 and ck.opt_state is not None              # saved with no evaluation at all
+    assert 1 <= ck.step <= 20 and ck.opt_state is not None              # saved with no evaluation at all
     assert not (tmp_path / "out" / "best.npz").exists()
     assert read_log(tmp_path / "out" / "metrics.jsonl", "val") == []
 
@@ -323,16 +329,6 @@ def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(corpus, tmp_pat
                       "the previous out/last.npz is intact")
     assert checkpoint.load(str(tmp_path / "out" / "last.npz")).step == 5
     assert sorted(os.listdir(tmp_path / "out")) == ["best.npz", "last.npz", "loss.svg", "metrics.jsonl"]
-
-
-def test_sampling_from_nan_weights_is_one_line(corpus, tmp_path):
-    run("train.py", "--data", str(corpus), *TINY, "--max-steps", "1", cwd=tmp_path)
-    with np.load(tmp_path / "out" / "last.npz") as npz:
-        arrays = dict(npz)
-    arrays["param.layers.0.wq"][0, :] = np.nan
-    np.savez(tmp_path / "nan.npz", **arrays)
-    r = run("sample.py", "--ckpt", "nan.npz", cwd=tmp_path, check=False)
-    assert_user_error(r, "nan.npz", "layers.0.wq holds NaN", "earlier checkpoint")
 
 
 @pytest.mark.parametrize("args,words", [
