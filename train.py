@@ -259,6 +259,9 @@ def parse_run(argv):
     if ckpt is not None and changed:
         raise TinyPalmError(f"{'--resume' if args.resume else '--init-from'}: the model's shape comes from the "
                             f"checkpoint; drop {', '.join(changed)}")
+    if args.resume and "min_lr" not in given and args.min_lr is not None and args.min_lr > args.lr:
+        raise TinyPalmError(f"--lr {args.lr} is below the --min-lr {args.min_lr} this run was started with; "
+                            "pass a --min-lr at most --lr as well")
     check_args(args)
     if args.resume and ckpt.step >= args.max_steps:
         raise TinyPalmError(f"--resume: {ckpt.path} is already at step {ckpt.step} of --max-steps {args.max_steps}, "

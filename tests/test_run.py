@@ -13,16 +13,21 @@ import pytest
 from tinypalm import Config, PaLM, TinyPalmError, checkpoint, run
 from tinypalm.bench import build_parser as bench_parser
 from tinypalm.generate import generate
-from tinypalm.optim import lr_at
+from tinypalm.optim import AdamW, lr_at
+from tinypalm.tokenizer import ByteTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def script_parser(name):
+def script(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.build_parser()
+    return module
+
+
+def script_parser(name):
+    return script(name).build_parser()
 
 
 @pytest.mark.parametrize("max_lr,min_lr,warmup,total", [(1e-4, 1e-5, 3, 20), (2e-3, 2e-3, 0, 10), (1e-4, 0.0, 50, 10),
@@ -37,6 +42,17 @@ def test_lr_never_exceeds_max_lr_and_ends_at_the_floor(max_lr, min_lr, warmup, t
 def test_lr_floor_above_the_peak_is_refused():
     with pytest.raises(ValueError, match="min_lr"):
         lr_at(0, 1e-4, 2e-4, 10, 100)
+
+
+def test_resuming_with_an_lr_below_the_runs_own_floor_is_refused(tmp_path):
+    model = PaLM(Config.preset("tiny"), seed=0)
+    train_args = {"lr": 2e-3, "min_lr": 2e-4, "max_steps": 10}
+    checkpoint.save(str(tmp_path / "last.npz"), model, ByteTokenizer(), 5, AdamW(model.params), train_args)
+    train = script("train")
+    with pytest.raises(TinyPalmError, match="--lr 0.0001 is below the --min-lr 0.0002 this run was started with"):
+        train.parse_run(["--resume", "--out", str(tmp_path), "--lr", "1e-4"])
+    args, _, ckpt = train.parse_run(["--resume", "--out", str(tmp_path), "--lr", "1e-4", "--min-lr", "1e-5"])
+    assert (args.lr, args.min_lr, ckpt.step) == (1e-4, 1e-5, 5)
 
 
 class FakeClock:
