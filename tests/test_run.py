@@ -148,3 +148,21 @@ def test_every_flag_has_help_and_shows_its_default(parser):
         action = next((a for a in p._actions if flag in a.option_strings), None)
         if action is not None:
             assert f"(default: {action.default})" in " ".join(text.split()), flag
+
+
+def test_run_cli_turns_os_errors_and_ctrl_c_into_exit_statuses(capsys):
+    from tinypalm.cli import run_cli
+
+    def full_disk():
+        raise OSError(28, "No space left on device", "out/metrics.jsonl")
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit:
+        run_cli(full_disk)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == ("error: out/metrics.jsonl: No space left on device; free some disk space or "
+                                       "check the permissions\n")
+    with pytest.raises(SystemExit) as exit:
+        run_cli(ctrl_c)
+    assert exit.value.code == 130
