@@ -263,7 +263,7 @@ def test_a_killed_save_leaves_nothing_behind_at_the_next_start(corpus, tmp_path)
     live = tmp_path / "out" / f"best.npz.tmp{os.getpid()}"     # a live process's: it may be saving right now
     live.write_bytes(b"\0")
     r = run("train.py", "--resume", "--max-steps", "3", cwd=tmp_path)
-    assert f"removed {os.path.join('out', stale.name)} (3.0 MB)" in r.stdout
+    assert f"removed {os.path.join('out', stale.name)} (3.0 MB)" in r.stderr
     assert not stale.exists() and live.exists()
     assert checkpoint.load(str(tmp_path / "out" / "last.npz")).step == 3
 

@@ -3,6 +3,7 @@ the time-left estimate, and whether the model fits in memory at all."""
 
 import os
 import signal
+import sys
 import time
 
 from . import checkpoint
@@ -20,7 +21,7 @@ def prepare_out_dir(out, resume, overwrite):
     Returns the files of the old run that a new run with --overwrite replaces (deleted only once training starts)."""
     for path, size in checkpoint.remove_stale_temporaries(out):
         print(f"note: removed {path} ({size / 2**20:.1f} MB), left by a save that was killed; "
-              "the checkpoints themselves are intact")
+              "the checkpoints themselves are intact", file=sys.stderr)
     if resume:
         return []
     found = [name for name in ("best.npz", "last.npz") if os.path.isfile(os.path.join(out, name))]
