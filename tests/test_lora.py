@@ -159,6 +159,8 @@ def test_lora_bad_input(base, corpus):  # noqa: F811
                       "--lora-alpha without --lora-rank")
     # an adapter for another base: train a second base, then apply the first one's adapter to it
     run("train.py", *common, "--lora-rank", "2", "--out", "ad", cwd=d)
+    assert_user_error(run("train.py", *common, "--lora-rank", "2", "--out", "ad", cwd=d, check=False),
+                      "already holds a LoRA run", "--overwrite")
     run("train.py", "--data", str(corpus), *TINY, "--max-steps", "3", "--seed", "7", "--out", "other", cwd=d)
     for cmd in (["sample.py", "--ckpt", "other", "--adapter", "ad"],
                 ["-m", "tinypalm.lora", "merge", "--ckpt", "other", "--adapter", "ad", "--out", "m.npz"]):

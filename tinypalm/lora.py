@@ -255,7 +255,7 @@ def load_adapter(path, base_params, cfg, xp=numpy, dtype="float32"):
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise TinyPalmError(f"--adapter {path}: cannot read the adapter, the file is truncated or corrupt "
                             f"({type(e).__name__}); use another one") from None
-    adapter.meta = meta
+    adapter.meta, adapter.path = meta, path
     return adapter
 
 
@@ -306,6 +306,10 @@ def start_training(args, model, ckpt):
         raise TinyPalmError("--lora-rank freezes the whole base already; drop --freeze-layers")
     model.adapter = LoRA(model.config, args.lora_rank, args.lora_alpha, args.lora_targets, xp=model.xp,
                          dtype=model.dtype, seed=args.seed)
+    existing = [n for n in ("adapter_best.npz", "adapter_last.npz") if os.path.isfile(os.path.join(args.out, n))]
+    if existing and not args.overwrite:
+        raise TinyPalmError(f"--out {args.out} already holds a LoRA run ({', '.join(existing)}); pick another --out, "
+                            "or pass --overwrite to replace it")
     print(model.adapter.describe(model))
     return model.adapter, params_hash(ckpt.params)
 
