@@ -20,9 +20,10 @@ import time
 import numpy as np
 
 from tinypalm import Config, PaLM, TinyPalmError
-from tinypalm import checkpoint, data
+from tinypalm import checkpoint, data, instruct
 from tinypalm.cli import run_cli, format_duration
 from tinypalm.config import PRESETS
+from tinypalm.evaluate import evaluate_batches, token_byte_lengths
 from tinypalm.generate import generate
 from tinypalm.model import layer_storage_names
 from tinypalm.optim import AdamW, clip_grad_norm, lr_at
@@ -162,10 +163,22 @@ def load_tokens(args, tokenizer_dict):
     return tokens, tokenizer
 
 
-def evaluate(model, tokens, args):
-    """Mean loss over the fixed validation batches (the same ones at every evaluation)."""
-    batches = data.eval_batches(tokens, args.batch_size, args.seq_len, args.eval_steps)
-    return float(np.mean([model.loss(x, y) for x, y in batches]))
+def load_pairs(args, tokenizer_dict):
+    """(instruction examples, tokenizer) from a JSONL file of prompt/response pairs."""
+    pairs = instruct.read_pairs(args.data)
+    tokenizer = make_tokenizer(args, instruct.corpus_bytes(pairs), tokenizer_dict)
+    examples = instruct.PairsData(pairs, tokenizer, args.data)
+    print(f"data: {args.data}, {len(pairs):,} prompt/response examples ({examples.n_train:,} train, "
+          f"{examples.n_val:,} val), {sum(len(ids) for ids, _ in examples.examples):,} {tokenizer.kind} tokens")
+    if examples.n_cut(args.seq_len):
+        print(f"note: {examples.n_cut(args.seq_len):,} examples are longer than --seq-len {args.seq_len}; "
+              "their prompts lose their start (raise --seq-len to keep them whole)")
+    return examples, tokenizer
+
+
+def evaluate(model, batches, byte_lengths, args):
+    """(cross-entropy per counted token without the z-loss, bits per byte) over the fixed validation batches."""
+    return evaluate_batches(model, batches.val_batches(args.batch_size, args.seq_len, args.eval_steps), byte_lengths)
 
 
 class StopRequest:
@@ -204,11 +217,19 @@ def main(argv=None):
     check_args(args)
     np.seterr(over="ignore", invalid="ignore")      # a diverging run is caught below, by its loss and gradient norm
 
+    is_pairs = bool(args.data) and instruct.is_pairs_file(args.data)
+    if args.prepare and is_pairs:
+        raise TinyPalmError(f"--prepare tokenises text; {args.data} holds prompt/response pairs: train on it directly")
     if args.prepare:
         return prepare(args, ckpt.tokenizer_dict if ckpt else None)
-    tokens, tokenizer = load_tokens(args, ckpt.tokenizer_dict if ckpt else None)
-    train_tokens, val_tokens = data.split_train_val(tokens)
-    data.check_length(len(train_tokens), len(val_tokens), args.seq_len)
+    if is_pairs:                # instruction tuning: one example per row, the loss on the responses
+        batches, tokenizer = load_pairs(args, ckpt.tokenizer_dict if ckpt else None)
+    else:
+        tokens, tokenizer = load_tokens(args, ckpt.tokenizer_dict if ckpt else None)
+        train_tokens, val_tokens = data.split_train_val(tokens)
+        data.check_length(len(train_tokens), len(val_tokens), args.seq_len)
+        batches = data.StreamBatches(train_tokens, val_tokens)
+    byte_lengths = token_byte_lengths(tokenizer)
 
     cfg = model_config(args, tokenizer.vocab_size, ckpt.config if ckpt else None)
     model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=args.seed)
@@ -254,9 +275,9 @@ def main(argv=None):
         lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
         loss, grads = 0.0, None
         for micro in range(args.grad_accum):           # the micro-batches' gradients add up in one buffer
-            x, y = data.get_batch(train_tokens, args.batch_size, args.seq_len, args.seed, step * args.grad_accum + micro)
+            x, y, mask = batches.train_batch(args.batch_size, args.seq_len, args.seed, step * args.grad_accum + micro)
             dropout_seed = (args.seed * 1_000_003 + step * args.grad_accum + micro) & 0x7FFFFFFF
-            micro_loss, grads = model.loss_and_grads(x, y, args.dropout, dropout_seed, grads=grads)
+            micro_loss, grads = model.loss_and_grads(x, y, args.dropout, dropout_seed, grads=grads, loss_mask=mask)
             loss += micro_loss / args.grad_accum
         if args.grad_accum > 1:
             grads.flat *= 1.0 / args.grad_accum
@@ -283,12 +304,13 @@ def main(argv=None):
         final = step == args.max_steps or stop.requested
         if step % args.eval_every == 0 or final:
             t_eval = time.time()
-            val = evaluate(model, val_tokens, args)
+            val, val_bpb = evaluate(model, batches, byte_lengths, args)
             improved = val < best_val
             best_val = min(best_val, val)
             evals_without_gain = 0 if improved else evals_without_gain + 1
-            print(f"step {step}: val loss {val:.4f}" + (" (best)" if improved else f" (best {best_val:.4f})"), flush=True)
-            log({"split": "val", "step": step, "loss": val})
+            print(f"step {step}: val loss {val:.4f}, {val_bpb:.3f} bits/byte"
+                  + (" (best)" if improved else f" (best {best_val:.4f})"), flush=True)
+            log({"split": "val", "step": step, "loss": val, "bits_per_byte": val_bpb})
             save("last.npz", step)
             if improved:
                 save("best.npz", step)

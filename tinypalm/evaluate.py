@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from . import data, ops
+from . import data
 from .backend import DTYPES
 from .cli import format_duration, run_cli
 from .errors import TinyPalmError
@@ -47,9 +47,19 @@ def nll_sum(model, x, y, loss_mask=None):
     y = xp.asarray(y).reshape(-1)
     mask = xp.ones(y.shape, dtype=xp.int32) if loss_mask is None else xp.asarray(loss_mask).reshape(-1)
     logits = model.forward(x)
-    mean, _ = ops.masked_cross_entropy_forward(xp, logits.reshape(y.shape[0], -1), y, mask, 0.0)
+    mean, _ = model.ops.masked_cross_entropy_forward(xp, logits.reshape(y.shape[0], -1), y, mask, 0.0)
     count = int(mask.sum())
     return float(mean) * count, count
+
+
+def evaluate_batches(model, batches, byte_lengths):
+    """(loss, bits per byte) over batches of (x, y, loss_mask or None): nats per counted target, no z-loss."""
+    nats, count, n_bytes = 0.0, 0, 0
+    for x, y, mask in batches:
+        batch_nats, batch_count = nll_sum(model, x, y, mask)
+        nats, count = nats + batch_nats, count + batch_count
+        n_bytes += int(byte_lengths[y if mask is None else y[mask == 1]].sum())
+    return nats / max(count, 1), nats / math.log(2) / n_bytes if n_bytes else math.nan
 
 
 def windows(n_tokens, seq_len, stride):
