@@ -201,20 +201,30 @@ def test_sample_stops_at_stop_strings(text_model):
 # ---- bad JSONL ----
 
 @pytest.mark.parametrize("content,words", [
-    ('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', ["line 2", '"response"']),
-    ('{"prompt": "a", "response": "b"}\n\n{"response": "b"}\n', ["line 3", '"prompt"']),
-    ('{"prompt": "a", "response": "b"}\n{prompt: "c", "response": "d"}\n', ["line 2", "not JSON"]),
+    ('{"prompt": "a", "response": "b"}\n\n{"prompt": "c"}\n', ["line 3", 'no "response" field']),
     ('{"prompt": "a", "response": "b"}\nthis is not json\n', ["line 2", "not JSON"]),
-    ('["a", "b"]\n', ["line 1", "not an object"]),
-    ('{"prompt": "a", "response": 3}\n', ["line 1", '"response" is not a string']),
     ("", ["no examples", "empty"]),
-    ("\n  \n", ["no examples"]),
-    ('{"prompt": "a", "response": "b"}\n', ["1 example", "at least 2"]),
 ])
-def test_bad_jsonl(tmp_path, content, words):
+def test_bad_jsonl_is_one_error_line(tmp_path, content, words):
     (tmp_path / "bad.jsonl").write_text(content)
     r = run("train.py", "--data", "bad.jsonl", *TINY, "--max-steps", "1", cwd=tmp_path, check=False)
     assert_user_error(r, "bad.jsonl", *words)
+
+
+@pytest.mark.parametrize("content,words", [
+    ('{"prompt": "a", "response": "b"}\n{"response": "b"}\n', ["line 2", 'no "prompt" field']),
+    ('{"prompt": "a", "response": "b"}\n{prompt: "c", "response": "d"}\n', ["line 2", "not JSON"]),
+    ('["a", "b"]\n', ["line 1", "a JSON list, not an object"]),
+    ('{"prompt": "a", "response": 3}\n', ["line 1", '"response" is not a string']),
+    ("\n  \n", ["no examples"]),
+    ('{"prompt": "a", "response": "b"}\n', ["1 example", "at least 2"]),
+])
+def test_bad_jsonl_messages(tmp_path, content, words):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(TinyPalmError) as e:
+        PairsData.load(str(tmp_path / "bad.jsonl"), ByteTokenizer())
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
 
 
 def test_bad_jsonl_not_utf8(tmp_path):
