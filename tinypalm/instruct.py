@@ -99,8 +99,9 @@ class PairsData:
 
     def __init__(self, pairs, tokenizer, path="the data"):
         if tokenizer.eot_id is None:
-            raise TinyPalmError("instruction tuning needs an end-of-text token, and this checkpoint's tokenizer was saved "
-                                "by a tinypalm without one; pretrain a new base model (python train.py) and start from it")
+            raise TinyPalmError("prompt/response examples end with an end-of-text token, and this checkpoint's tokenizer "
+                                "has none (a tinypalm without it saved it); pretrain a new base model (python train.py) "
+                                "and start from that")
         self.tokenizer, self.eot = tokenizer, tokenizer.eot_id
         self.examples = []                 # (ids: prompt + response + end-of-text, number of prompt tokens)
         for prompt, response in pairs:
