@@ -124,12 +124,14 @@ def compare(args, cfg, model, step):
         for _ in range(args.steps):
             for name, fn in steps.items():
                 times[name] += time_steps(fn, model.xp, 1)
-        return {name: statistics.median(t) for name, t in times.items()}
+        return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
-    def report(label, medians):
-        line = f"{label:>10s}: " + ", ".join(f"{name} {t * 1e3:.1f} ms" for name, t in medians.items())
-        if "torch" in medians:
-            line += f"; tinypalm / torch = {medians['tinypalm'] / medians['torch']:.2f}"
+    def report(label, timed):
+        line = f"{label:>10s}: " + ", ".join(f"{name} median {t * 1e3:.1f} ms (min {t_min * 1e3:.1f})"
+                                            for name, (t, t_min) in timed.items())
+        if "torch" in timed:
+            line += (f"; tinypalm / torch: median {timed['tinypalm'][0] / timed['torch'][0]:.2f}, "
+                     f"min {timed['tinypalm'][1] / timed['torch'][1]:.2f}")
         print(line)
 
     idle = measure()
@@ -143,7 +145,7 @@ def compare(args, cfg, model, step):
                 proc.terminate()
                 proc.wait()
         report(f"{args.load} busy", loaded)
-        print("  loaded / idle: " + ", ".join(f"{name} {loaded[name] / idle[name]:.2f}x" for name in steps))
+        print("  loaded / idle (medians): " + ", ".join(f"{name} {loaded[name][0] / idle[name][0]:.2f}x" for name in steps))
 
 
 def main(argv=None):

@@ -26,7 +26,7 @@ from . import ops
 HANDLED = (np.dtype(np.float32), np.dtype(np.float64))
 ELEMENTWISE_CHUNK_BYTES = 1 << 17         # one array's share of a chunk: several of them stay in the L2 cache
 GEMM_CHUNK_FLOPS = 16_000_000             # at least this much multiply-add work per matmul chunk (~0.3 ms)
-GEMM_MAX_CHUNKS = 16
+GEMM_MIN_CHUNKS = 4
 
 
 # --- the pool -------------------------------------------------------------------------------------------------
@@ -112,10 +112,12 @@ def row_chunks(n_rows, row_bytes, scale=1):
 
 
 def gemm_chunks(n, flops_per_unit):
-    """Slices cutting the n rows (or columns) of a matmul's output into up to GEMM_MAX_CHUNKS pieces of at least
-    GEMM_CHUNK_FLOPS work each: enough pieces that a thread that loses its core does not hold the others up.
-    The cut depends on the shape alone, never on the thread count, so results are the same on every machine."""
-    pieces = max(1, min(GEMM_MAX_CHUNKS, int(n * flops_per_unit // GEMM_CHUNK_FLOPS), n))
+    """Slices cutting the n rows (or columns) of a matmul's output into pieces of at least GEMM_CHUNK_FLOPS work,
+    2 per thread and at least GEMM_MIN_CHUNKS (measured: beyond 4, the repeated packing of the shared operand
+    costs more than the finer balance gains). The cut depends on the thread count only above
+    GEMM_MIN_CHUNKS / 2 threads, so 1 and 2 threads give bit-identical results."""
+    most = max(GEMM_MIN_CHUNKS, 2 * pool.n_threads)
+    pieces = max(1, min(most, int(n * flops_per_unit // GEMM_CHUNK_FLOPS), n))
     bounds = [round(i * n / pieces) for i in range(pieces + 1)]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
@@ -365,17 +367,19 @@ def attention_backward(dout, cache):
 # --- SwiGLU ---------------------------------------------------------------------------------------------------
 
 def swiglu_forward(xp, gate, up):
-    # gate, up (N, F) -> hidden (N, F), cache (gate, up, sig, silu) as in ops.py; sig = (1 + tanh(a/2)) / 2
+    # gate, up (N, F) -> hidden (N, F), cache (gate, up, sig, silu) as in ops.py. sig = 1 / (1 + exp(-a)):
+    # numpy's exp is faster than its tanh, and exp(-a) = inf (a < -88 in float32) gives sig = 0 exactly
     if not ours(gate, up) or gate.ndim != 2:
         return ops.swiglu_forward(xp, gate, up)
     N, F = gate.shape
     sig, silu, hidden = np.empty((N, F), gate.dtype), np.empty((N, F), gate.dtype), np.empty((N, F), gate.dtype)
 
     def chunk(r):
-        s = np.multiply(gate[r], 0.5, out=sig[r])
-        np.tanh(s, out=s)
+        s = np.negative(gate[r], out=sig[r])
+        with np.errstate(over="ignore"):
+            np.exp(s, out=s)
         s += 1.0
-        s *= 0.5
+        np.reciprocal(s, out=s)
         np.multiply(gate[r], s, out=silu[r])
         np.multiply(silu[r], up[r], out=hidden[r])
     pool.run(chunk, row_chunks(N, F * gate.itemsize))
