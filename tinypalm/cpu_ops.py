@@ -24,7 +24,7 @@ import numpy as np
 from . import ops
 
 HANDLED = (np.dtype(np.float32), np.dtype(np.float64))
-ELEMENTWISE_CHUNK_BYTES = 1 << 17         # one array's share of a chunk: several of them stay in the L2 cache
+ELEMENTWISE_CHUNK_BYTES = 1 << 20         # one array's share of a chunk; larger: fewer GIL hand-overs between threads
 GEMM_CHUNK_FLOPS = 16_000_000             # at least this much multiply-add work per matmul chunk (~0.3 ms)
 GEMM_MIN_CHUNKS = 4
 
