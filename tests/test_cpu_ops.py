@@ -3,6 +3,8 @@
 The chunk sizes are shrunk and the pool given 3 threads, so that even these small shapes are cut into many
 chunks run concurrently (the machine may have fewer cores: the threads then just take turns)."""
 
+import threading
+import time
 import types
 import warnings
 
@@ -229,6 +231,27 @@ def test_pool_runs_every_task_once_and_reraises():
         pool.run(fail, list(range(20)))
     pool.run(seen.append, [100])                                       # still usable afterwards
     assert seen[-1] == 100
+
+
+def test_cancelled_job_waits_for_tasks_under_way():
+    # what ChunkPool.run does when Ctrl-C reaches the caller: no task starts afterwards, and none is still
+    # running when it returns
+    started, running, ran = threading.Event(), [], []
+
+    def slow(task):
+        running.append(task)
+        started.set()
+        time.sleep(0.02)
+        ran.append(task)
+        running.remove(task)
+    job = cpu_ops._Job(slow, list(range(50)))
+    worker = threading.Thread(target=job.work)
+    worker.start()
+    started.wait()
+    job.cancel()
+    assert running == [] and 1 <= len(ran) < 50
+    worker.join()
+    assert len(ran) < 50
 
 
 def test_adamw_in_pieces_matches_the_formula():

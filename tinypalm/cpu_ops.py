@@ -6,8 +6,9 @@ another program holds a core, every small matmul waits for the descheduled threa
 matmuls made training 20x slower). Here BLAS runs single-threaded, and a small pool of persistent threads
 (`ChunkPool`) takes an operation cut into row chunks and hands the chunks out one at a time: a thread that
 loses its core just takes fewer chunks. numpy and BLAS release the GIL while they compute, so the threads
-really run in parallel. A chunk also fits in the cache, so the several passes an element-wise op makes over
-it cost one trip to memory.
+really run in parallel. A chunk stays in the cache while an element-wise op makes its several passes over it,
+so they cost one trip to memory. The pool has one thread per core the process may use; TINYPALM_NUM_THREADS=n
+sets it (1: everything on the calling thread).
 
 Each function has exactly the signature and the cache format of its ops.py twin (so a twin's backward also
 accepts the plain forward's cache) and is tested against it (tests/test_cpu_ops.py). Inputs these twins do
@@ -27,6 +28,7 @@ HANDLED = (np.dtype(np.float32), np.dtype(np.float64))
 ELEMENTWISE_CHUNK_BYTES = 1 << 20         # one array's share of a chunk; larger: fewer GIL hand-overs between threads
 GEMM_CHUNK_FLOPS = 16_000_000             # at least this much multiply-add work per matmul chunk (~0.3 ms)
 GEMM_MIN_CHUNKS = 4
+GEMM_MAX_CHUNK_FLOPS = 160_000_000        # at most ~3 ms of one core's work per piece
 
 
 # --- the pool -------------------------------------------------------------------------------------------------
@@ -38,7 +40,7 @@ class _Job:
         self.left = len(tasks)
         self.lock = threading.Lock()
         self.done = threading.Event()
-        self.error = None
+        self.error, self.cancelled = None, False
 
     def work(self):
         while True:
@@ -46,7 +48,8 @@ class _Job:
             if i >= len(self.tasks):
                 return
             try:
-                self.fn(self.tasks[i])
+                if not self.cancelled:
+                    self.fn(self.tasks[i])
             except BaseException as e:           # re-raised by the caller's thread
                 self.error = self.error or e
             with self.lock:
@@ -54,13 +57,25 @@ class _Job:
                 if self.left == 0:
                     self.done.set()
 
+    def cancel(self):
+        """The caller was interrupted: skip the tasks nobody has started and wait for those under way."""
+        self.cancelled = True
+        self.work()
+        self.done.wait()
+
 
 class ChunkPool:
     """`run(fn, tasks)` calls fn(task) for every task on n_threads threads (the caller's and n_threads - 1
-    daemon workers), handing tasks out dynamically, and returns when all are done."""
+    daemon workers), handing tasks out dynamically, and returns when all are done (also when interrupted:
+    no worker writes into the caller's arrays after run returns or raises)."""
 
     def __init__(self, n_threads):
         self.n_threads = n_threads
+        self._reset()
+        if hasattr(os, "register_at_fork"):      # a forked child has none of the parent's threads
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self):
         self._job, self._cond, self._workers = None, threading.Condition(), []
 
     def _worker(self):
@@ -86,8 +101,12 @@ class ChunkPool:
         with self._cond:
             self._job = job
             self._cond.notify_all()
-        job.work()
-        job.done.wait()
+        try:
+            job.work()
+            job.done.wait()
+        except BaseException:
+            job.cancel()
+            raise
         if job.error is not None:
             raise job.error
 
@@ -112,12 +131,14 @@ def row_chunks(n_rows, row_bytes, scale=1):
 
 
 def gemm_chunks(n, flops_per_unit):
-    """Slices cutting the n rows (or columns) of a matmul's output into pieces of at least GEMM_CHUNK_FLOPS work,
-    2 per thread and at least GEMM_MIN_CHUNKS (measured: beyond 4, the repeated packing of the shared operand
-    costs more than the finer balance gains). The cut depends on the thread count only above
-    GEMM_MIN_CHUNKS / 2 threads, so 1 and 2 threads give bit-identical results."""
-    most = max(GEMM_MIN_CHUNKS, 2 * pool.n_threads)
-    pieces = max(1, min(most, int(n * flops_per_unit // GEMM_CHUNK_FLOPS), n))
+    """Slices cutting the n rows (or columns) of a matmul's output into pieces of GEMM_CHUNK_FLOPS work or more:
+    2 per thread and at least GEMM_MIN_CHUNKS (beyond that, the repeated packing of the shared operand costs
+    more than a finer balance gains), and more for a large matmul, so that no piece exceeds GEMM_MAX_CHUNK_FLOPS
+    (a thread that loses its core mid-piece holds the others up for the rest of that piece). The cut depends on
+    the thread count only above GEMM_MIN_CHUNKS / 2 threads: 1 and 2 threads give bit-identical results."""
+    total = n * flops_per_unit
+    most = max(GEMM_MIN_CHUNKS, 2 * pool.n_threads, math.ceil(total / GEMM_MAX_CHUNK_FLOPS))
+    pieces = max(1, min(most, int(total // GEMM_CHUNK_FLOPS), n))
     bounds = [round(i * n / pieces) for i in range(pieces + 1)]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
