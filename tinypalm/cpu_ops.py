@@ -251,7 +251,7 @@ def linear_backward(dy, x, w, dw):
 
 def tied_logits_forward(h, embed):
     # h (N, D), embed (V, D) -> logits (N, V) = h @ embed^T / sqrt(D)
-    if not ours(h, embed):
+    if not ours(h, embed) or h.ndim != 2:
         return ops.tied_logits_forward(h, embed)
     N, D = h.shape
     logits = np.empty((N, embed.shape[0]), h.dtype)
@@ -266,7 +266,7 @@ def tied_logits_forward(h, embed):
 
 def tied_logits_backward(dlogits, h, embed, d_embed):
     # d_embed (V, D) accumulates dlogits^T h / sqrt(D); returns dh = dlogits embed / sqrt(D)
-    if not ours(dlogits, h, embed, d_embed):
+    if not ours(dlogits, h, embed, d_embed) or h.ndim != 2:
         return ops.tied_logits_backward(dlogits, h, embed, d_embed)
     N, V = dlogits.shape
     scale = 1.0 / math.sqrt(embed.shape[1])
