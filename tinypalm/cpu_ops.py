@@ -19,10 +19,12 @@ import itertools
 import math
 import os
 import threading
+import time
 
 import numpy as np
 
 from . import ops
+from .errors import TinyPalmError
 
 HANDLED = (np.dtype(np.float32), np.dtype(np.float64))
 ELEMENTWISE_CHUNK_BYTES = 1 << 20         # one array's share of a chunk; larger: fewer GIL hand-overs between threads
@@ -40,28 +42,36 @@ class _Job:
         self.left = len(tasks)
         self.lock = threading.Lock()
         self.done = threading.Event()
-        self.error, self.cancelled = None, False
+        self.error, self.cancelled, self.active = None, False, 0
 
-    def work(self):
+    def work(self, worker=False):
         while True:
             i = next(self.next)
             if i >= len(self.tasks):
                 return
+            if worker:
+                with self.lock:
+                    self.active += 1
             try:
                 if not self.cancelled:
                     self.fn(self.tasks[i])
             except BaseException as e:           # re-raised by the caller's thread
                 self.error = self.error or e
-            with self.lock:
-                self.left -= 1
-                if self.left == 0:
-                    self.done.set()
+            finally:
+                with self.lock:
+                    self.left -= 1
+                    self.active -= worker
+                    if self.left == 0:
+                        self.done.set()
 
     def cancel(self):
-        """The caller was interrupted: skip the tasks nobody has started and wait for those under way."""
+        """The caller was interrupted: start no more tasks, and wait for the workers' tasks under way."""
         self.cancelled = True
-        self.work()
-        self.done.wait()
+        while True:
+            with self.lock:
+                if self.active == 0:
+                    return
+            time.sleep(0.001)
 
 
 class ChunkPool:
@@ -85,7 +95,7 @@ class ChunkPool:
                 while self._job is seen or self._job is None:
                     self._cond.wait()
                 seen = job = self._job
-            job.work()
+            job.work(worker=True)
 
     def run(self, fn, tasks):
         if self.n_threads == 1 or len(tasks) == 1:
@@ -114,7 +124,9 @@ class ChunkPool:
 def default_threads():
     env = os.environ.get("TINYPALM_NUM_THREADS")
     if env:
-        return max(1, int(env))
+        if not env.isdigit() or int(env) < 1:
+            raise TinyPalmError(f"TINYPALM_NUM_THREADS={env!r}: give a positive whole number of threads")
+        return int(env)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:                       # macOS, Windows
