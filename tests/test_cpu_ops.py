@@ -281,3 +281,14 @@ def test_adamw_in_pieces_matches_the_formula():
         p = p - lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.95 ** t)) + 1e-8)
     np.testing.assert_allclose(params.flat, p, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(opt.v.flat, v, rtol=1e-12)
+
+
+def test_bench_vs_torch_without_torch_is_one_error_line():
+    # PyTorch is never a dependency: without it, --vs-torch says how to get it, in one line
+    import subprocess
+    import sys
+    from test_cli import assert_user_error
+    code = ("import sys; sys.modules['torch'] = None; from tinypalm import bench; from tinypalm.cli import run_cli; "
+            "run_cli(lambda: bench.main(['--vs-torch', '--steps', '1', '--warmup', '0']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert_user_error(result, "--vs-torch", "pip install torch==2.13.0")

@@ -20,7 +20,9 @@ from collections import defaultdict
 
 import numpy
 
+from .cli import run_cli
 from .config import Config
+from .errors import TinyPalmError
 from .model import PaLM
 from .optim import AdamW, clip_grad_norm
 
@@ -107,8 +109,8 @@ def compare(args, cfg, model, step):
     step by step so that both see the same machine), idle and, with --load N, while N busy processes run."""
     steps = {"tinypalm": step}
     if args.vs_torch:
-        from .bench_torch import make_torch_step
-        import torch
+        from .bench_torch import import_torch, make_torch_step
+        torch = import_torch()
         weights = {name: numpy.array(a) for name, a in model.params.stored.items()}
         steps["torch"] = make_torch_step(cfg, args.batch_size, args.seq_len, args.dtype, weights=weights)
     print(f"tinypalm bench: {args.dtype}, {cfg.n_params() / 1e6:.2f}M parameters (d_model {cfg.d_model}, "
@@ -170,6 +172,8 @@ def main(argv=None):
     xp = model.xp
 
     if args.vs_torch or args.load:
+        if args.load < 0:
+            raise TinyPalmError(f"--load {args.load}: give the number of busy processes to run, 0 or more")
         return compare(args, cfg, model, step)
 
     time_steps(step, xp, args.warmup)
@@ -197,4 +201,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
