@@ -106,7 +106,8 @@ def busy_processes(n):
 
 def compare(args, cfg, model, step):
     """Median step times of tinypalm (and with --vs-torch, of the same step in PyTorch, the two alternating
-    step by step so that both see the same machine), idle and, with --load N, while N busy processes run."""
+    step by step so that both see the same machine), as the machine is and, with --load N, while N busy
+    processes run."""
     steps = {"tinypalm": step}
     if args.vs_torch:
         from .bench_torch import import_torch, make_torch_step
@@ -137,7 +138,7 @@ def compare(args, cfg, model, step):
         print(line)
 
     idle = measure()
-    report("idle", idle)
+    report("no load", idle)
     if args.load:
         busy = busy_processes(args.load)
         try:
@@ -147,7 +148,7 @@ def compare(args, cfg, model, step):
                 proc.terminate()
                 proc.wait()
         report(f"{args.load} busy", loaded)
-        print("  loaded / idle (medians): " + ", ".join(f"{name} {loaded[name][0] / idle[name][0]:.2f}x" for name in steps))
+        print("  with load / without (medians): " + ", ".join(f"{name} {loaded[name][0] / idle[name][0]:.2f}x" for name in steps))
 
 
 def main(argv=None):
