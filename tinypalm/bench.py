@@ -4,7 +4,7 @@
                                                   # 1 kv head, vocab 256, batch 12 x 64, float32
     python -m tinypalm.bench --preset small --batch-size 8 --seq-len 256
     python -m tinypalm.bench --vs-torch           # the same step in PyTorch eager, timed alternately with ours
-    python -m tinypalm.bench --load 2             # idle, then with 2 busy processes running: the slowdown
+    python -m tinypalm.bench --load 2             # without load, then with 2 busy processes running: the slowdown
 
 The step time is the median of --steps timed steps after --warmup untimed ones. The breakdown comes from
 separate steps in which every function of tinypalm.ops is timed (the device synchronised around each call on
@@ -20,11 +20,12 @@ from collections import defaultdict
 
 import numpy
 
-from .cli import run_cli
-from .config import Config
+from .cli import HelpFormatter, run_cli
+from .config import PRESETS, Config
 from .errors import TinyPalmError
 from .model import PaLM
 from .optim import AdamW, clip_grad_norm
+from .run import check_memory
 
 BENCH_SHAPE = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=1)
 MATMUL_OPS = {"linear_forward", "linear_backward", "tied_logits_forward", "tied_logits_backward"}
@@ -151,30 +152,41 @@ def compare(args, cfg, model, step):
         print("  with load / without (medians): " + ", ".join(f"{name} {loaded[name][0] / idle[name][0]:.2f}x" for name in steps))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
-    p.add_argument("--preset", default=None, help="a Config preset (default: the reference CPU benchmark shape)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--batch-size", type=int, default=12)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m tinypalm.bench", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
+    p.add_argument("--preset", default=None,
+                   help=f"time a Config preset ({', '.join(PRESETS)}) instead (default: the reference CPU benchmark shape)")
+    p.add_argument("--dtype", default="float32", help="floating-point type of the model")
+    p.add_argument("--batch-size", type=int, default=12, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=30, help="timed steps (the figure is their median)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--vs-torch", action="store_true", help="also time the same step in PyTorch eager (needs torch)")
     p.add_argument("--load", type=int, default=0, metavar="N",
-                   help="time the step idle, then again while N busy-looping processes run (N = cores: a busy machine)")
-    args = p.parse_args(argv)
+                   help="time the step, then again while N busy-looping processes run (N = cores: a busy machine)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    for name in ("batch_size", "seq_len", "steps"):
+        if getattr(args, name) < 1:
+            raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise TinyPalmError(f"--warmup must not be negative, got {args.warmup}")
+    if args.load < 0:
+        raise TinyPalmError(f"--load {args.load}: give the number of busy processes to run, 0 or more")
 
     shape = Config.preset(args.preset).to_dict() if args.preset else dict(BENCH_SHAPE)
     shape["max_seq_len"] = max(shape.get("max_seq_len", 0), args.seq_len)
     cfg = Config(**shape)
+    check_memory(cfg, args.backend, args.batch_size, args.seq_len, 8 if args.dtype == "float64" else 4,
+                 f"--preset {args.preset}" if args.preset else "the benchmark model")
     model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=0)
     step = make_step(model, args.batch_size, args.seq_len)
     xp = model.xp
-
     if args.vs_torch or args.load:
-        if args.load < 0:
-            raise TinyPalmError(f"--load {args.load}: give the number of busy processes to run, 0 or more")
         return compare(args, cfg, model, step)
 
     time_steps(step, xp, args.warmup)
