@@ -3,6 +3,7 @@
 Everything else receives `xp` (numpy or cupy) and calls only functions both libraries share.
 """
 
+import functools
 import types
 
 import numpy
@@ -71,25 +72,22 @@ def map_ranges(a, ranges, fn):
     cpu_ops.pool.run(lambda piece: fn(*piece), pieces)
 
 
-_blas_set_num_threads = []
-
-
 def set_blas_threads(n):
     """Set the thread count of numpy's bundled OpenBLAS (scipy-openblas) for the whole process; returns n, or
     None when numpy uses a BLAS we cannot reach this way (then nothing changes).
 
     One thread: tinypalm's own pool (cpu_ops.py) splits the work, and OpenBLAS's threads, which spin at a
     barrier after every matmul, would wait on each other whenever another program holds a core."""
-    if not _blas_set_num_threads:
-        _blas_set_num_threads.append(_find_blas_set_num_threads())
-    fn = _blas_set_num_threads[0]
+    fn = _blas_set_num_threads()
     if fn is None:
         return None
     fn(n)
     return n
 
 
-def _find_blas_set_num_threads():
+@functools.lru_cache(maxsize=None)
+def _blas_set_num_threads():
+    """OpenBLAS's set_num_threads from the library numpy's wheel bundles (numpy.libs/ or numpy/.dylibs/)."""
     import ctypes
     import glob
     import os
