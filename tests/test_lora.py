@@ -1,6 +1,7 @@
 """LoRA: the op pair and the whole model's adapter gradients against finite differences, step 0 equals the base,
 merging gives the same logits, and train.py / sample.py / merge end to end with their bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -137,13 +138,20 @@ def test_train_sample_merge_end_to_end(base, corpus):  # noqa: F811
     assert_user_error(run_module("tinypalm.lora", "merge", "--ckpt", "base/best.npz", "--adapter", "ft",
                           "--out", "merged.npz", cwd=d, check=False), "merged.npz exists", "--force")
     # merged logits equal base + adapter
-    from tinypalm.lora import load_model
+    from tinypalm.loading import load_model
     adapted, _, _ = load_model(str(d / "base" / "best.npz"), str(d / "ft" / "adapter_last.npz"), dtype="float64")
     merged, _, _ = load_model(str(d / "merged.npz"), dtype="float64")
     tokens = np.random.default_rng(0).integers(0, 256, (2, 12))
     np.testing.assert_allclose(merged.forward(tokens), adapted.forward(tokens), rtol=1e-5, atol=1e-5)
     greedy = run("sample.py", "--ckpt", "merged.npz", "--temperature", "0", "--max-new-tokens", "20", cwd=d)
     assert greedy.stdout == s.stdout
+    # the evaluation program: base plus adapter scores as the merged checkpoint does, and not as the base
+    scores = {}
+    for name, flags in {"base": ["--ckpt", "base/best.npz"], "merged": ["--ckpt", "merged.npz"],
+                        "adapted": ["--ckpt", "base/best.npz", "--adapter", "ft/adapter_last.npz"]}.items():
+        scores[name] = json.loads(run_module("tinypalm.evaluate", *flags, "--data", str(corpus), "--split", "val",
+                                             "--json", cwd=d).stdout)["loss"]
+    assert scores["adapted"] == pytest.approx(scores["merged"], abs=1e-4) and abs(scores["adapted"] - scores["base"]) > 1e-3
 
 
 def test_lora_bad_input(base, corpus):  # noqa: F811
@@ -162,7 +170,7 @@ def test_lora_bad_input(base, corpus):  # noqa: F811
     assert_user_error(run("train.py", *common, "--lora-rank", "2", "--out", "ad", cwd=d, check=False),
                       "already holds a LoRA run", "--overwrite")
     run("train.py", "--data", str(corpus), *TINY, "--max-steps", "3", "--seed", "7", "--out", "other", cwd=d)
-    for cmd in (["sample.py", "--ckpt", "other", "--adapter", "ad"],
+    for cmd in (["sample.py", "--ckpt", "other", "--adapter", "ad"], ["-m", "tinypalm.evaluate", "--ckpt", "other", "--adapter", "ad"],
                 ["-m", "tinypalm.lora", "merge", "--ckpt", "other", "--adapter", "ad", "--out", "m.npz"]):
         r = run_module(*cmd[1:], cwd=d, check=False) if cmd[0] == "-m" else run(*cmd, cwd=d, check=False)
         assert_user_error(r, "trained on another base model")

@@ -39,7 +39,8 @@ import numpy
 from .backend import to_numpy
 from .errors import TinyPalmError
 from .flat import flatten
-from .lora import LoRA, TARGETS, DEFAULT_TARGETS, load_model, params_hash, write_npz, format_bytes
+from .loading import load_model
+from .lora import LoRA, TARGETS, DEFAULT_TARGETS, params_hash, write_npz, format_bytes
 from .model import LAYER_PARAMS, Layer, layer_storage_names
 from .optim import AdamW, update_runs
 

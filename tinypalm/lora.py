@@ -259,21 +259,6 @@ def load_adapter(path, base_params, cfg, xp=numpy, dtype="float32"):
     return adapter
 
 
-def load_model(ckpt, adapter=None, backend="numpy", dtype=None):
-    """(model, tokenizer, checkpoint) from a checkpoint path, with an adapter file applied if given.
-
-    The one way programs load a model to run: sample.py, the classifier and evaluation use it."""
-    from . import checkpoint
-    from .model import PaLM
-    from .tokenizer import tokenizer_from_dict
-    ck = checkpoint.load(ckpt)
-    model = PaLM(ck.config, backend=backend, dtype=dtype or ck.meta.get("dtype", "float32"))
-    model.load_params(ck.params)
-    if adapter is not None:
-        model.adapter = load_adapter(adapter, ck.params, ck.config, model.xp, model.dtype)
-    return model, tokenizer_from_dict(ck.tokenizer_dict), ck
-
-
 # --- training hook (train.py --lora-rank) ------------------------------------------------------------------------
 
 def add_arguments(group):
@@ -325,6 +310,7 @@ def merge_main(argv=None):
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = p.parse_args(argv)
     from . import checkpoint
+    from .loading import load_model
     if os.path.exists(args.out) and not args.force:
         raise TinyPalmError(f"--out {args.out} exists; choose another name or pass --force to overwrite it")
     model, tokenizer, ck = load_model(args.ckpt, args.adapter)
