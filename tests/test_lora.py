@@ -149,8 +149,10 @@ def test_train_sample_merge_end_to_end(base, corpus):  # noqa: F811
     scores = {}
     for name, flags in {"base": ["--ckpt", "base/best.npz"], "merged": ["--ckpt", "merged.npz"],
                         "adapted": ["--ckpt", "base/best.npz", "--adapter", "ft/adapter_last.npz"]}.items():
-        scores[name] = json.loads(run_module("tinypalm.evaluate", *flags, "--data", str(corpus), "--split", "val",
-                                             "--json", cwd=d).stdout)["loss"]
+        result = json.loads(run_module("tinypalm.evaluate", *flags, "--data", str(corpus), "--split", "val", "--json",
+                                       cwd=d).stdout)
+        assert (result["adapter"] is not None) == (name == "adapted")
+        scores[name] = result["loss"]
     assert scores["adapted"] == pytest.approx(scores["merged"], abs=1e-4) and abs(scores["adapted"] - scores["base"]) > 1e-3
 
 

@@ -176,7 +176,8 @@ def main(argv=None):
     if not 1 <= stride <= seq_len:
         raise TinyPalmError(f"--stride {stride}: must be between 1 and --seq-len {seq_len}")
     byte_lengths = token_byte_lengths(tokenizer)
-    head = {"checkpoint": ckpt.path, "step": ckpt.step, "data": args.data or "default corpus", "split": args.split}
+    head = {"checkpoint": ckpt.path, "step": ckpt.step, "data": args.data or "default corpus", "split": args.split,
+            "adapter": model.adapter.path if model.adapter is not None else None}
 
     t0 = time.time()
     if args.data and is_pairs_file(args.data):
@@ -207,7 +208,8 @@ def main(argv=None):
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{ckpt.path} (step {ckpt.step}) on {source}")
+    adapter = f" with the adapter {model.adapter.path}" if model.adapter is not None else ""
+    print(f"{ckpt.path} (step {ckpt.step}){adapter} on {source}")
     shape = (f"windows of {seq_len}, stride {stride}" if "stride" in result
              else f"responses of {result['examples']:,} examples")
     print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | bits per byte "
