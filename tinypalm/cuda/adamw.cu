@@ -14,11 +14,12 @@ __global__ void sqrt_to_float(const double* sum_sq, float* norm) {
 
 // AdamW, as optim.AdamW: m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; p *= 1 - lr wd where decay[i];
 // p -= step_size * m / (sqrt(v / v_correction) + eps), step_size = lr / (1 - b1^t), v_correction = 1 - b2^t.
-// Optional (null pointer: off): decay (n,) bytes, 1 where weight decay applies; update (n,) bytes, 0 where frozen;
+// Optional (null pointer: off): decay (n,) bytes, 1 where weight decay applies; frozen (n,) bytes, 1 where the
+// parameter is frozen (left as it is);
 // grad_norm, a device scalar: g is scaled by max_norm / (norm + 1e-6) when norm > max_norm (global-norm clipping
 // without reading the norm on the host); p_compute, the bf16 compute copy of p, rewritten in the same pass.
 __global__ void adamw_flat(float* p, const float* g, float* m, float* v, const unsigned char* decay,
-                           const unsigned char* update, __nv_bfloat16* p_compute, const float* grad_norm, long long n,
+                           const unsigned char* frozen, __nv_bfloat16* p_compute, const float* grad_norm, long long n,
                            float lr, float beta1, float beta2, float eps, float weight_decay, float step_size,
                            float v_correction, float max_norm) {
     float scale = 1.f;
@@ -27,7 +28,7 @@ __global__ void adamw_flat(float* p, const float* g, float* m, float* v, const u
         if (norm > max_norm) scale = max_norm / (norm + 1e-6f);
     }
     FOR_EACH(i, n) {
-        if (update != nullptr && !update[i]) continue;
+        if (frozen != nullptr && frozen[i]) continue;
         float gi = g[i] * scale;
         float mi = beta1 * m[i] + (1.f - beta1) * gi;
         float vi = beta2 * v[i] + (1.f - beta2) * (gi * gi);
