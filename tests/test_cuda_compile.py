@@ -197,3 +197,12 @@ def test_kernels_match_their_twins_on_a_gpu():
     from tinypalm import gpucheck
     failures = [r for r in gpucheck.check_kernels() if not r.ok]
     assert not failures, "\n".join(map(str, failures))
+
+
+@pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU; gpucheck runs there instead of refusing")
+def test_gpucheck_without_a_gpu_says_so_in_one_line():
+    import subprocess
+    import sys
+    from test_cli import assert_user_error
+    r = subprocess.run([sys.executable, "-m", "tinypalm.gpucheck"], capture_output=True, text=True, timeout=120)
+    assert_user_error(r, "gpucheck needs", "GPU")

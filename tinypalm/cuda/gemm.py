@@ -82,53 +82,54 @@ def _layout(a):
     return matrix_layout(a.shape, a.strides, a.itemsize)
 
 
+def _cupy():
+    import cupy
+    return cupy
+
+
 def gemm(a, b, transa=False, transb=False, alpha=1.0, beta=0.0, out=None, out_dtype=None):
     """Row-major out = alpha * op(a) @ op(b) + beta * out on the GPU, op(x) = x^T (last two axes) when trans*.
 
     a (..., M, K) or (..., K, M), b (..., K, N) or (..., N, K), same leading axes (or none for a shared operand);
     a and b of one dtype (float32 or bfloat16), accumulated in float32. out (..., M, N): given (beta = 1
     accumulates into it), or new, of out_dtype (default a's dtype). No host synchronisation."""
-    import cupy
-    from cupy_backends.cuda.api import runtime
-    from cupy_backends.cuda.libs import cublas
     from .source import ctype
-
+    cp = _cupy()
     if a.dtype != b.dtype or ctype(a.dtype) is None:
         raise TypeError(f"gemm: a and b must share a float32 or bfloat16 dtype, got {a.dtype} and {b.dtype}")
-    la, lb = _layout(a), _layout(b)
-    if la is None:
-        a = cupy.ascontiguousarray(a)
-        la = _layout(a)
-    if lb is None:
-        b = cupy.ascontiguousarray(b)
-        lb = _layout(b)
+    a, b = readable(a), readable(b)
     M = a.shape[-1] if transa else a.shape[-2]
     N = b.shape[-2] if transb else b.shape[-1]
     lead = a.shape[:-2] if math.prod(a.shape[:-2]) >= math.prod(b.shape[:-2]) else b.shape[:-2]
     if out is None:
-        out = cupy.empty(lead + (M, N), dtype=out_dtype or a.dtype)
+        out = cp.empty(lead + (M, N), dtype=out_dtype or a.dtype)
     lc = _layout(out)
     if lc is None or ctype(out.dtype) is None:
         raise ValueError("gemm: out must be a float32 or bfloat16 array with contiguous rows")
-    args = gemm_args(la, lb, lc, transa, transb)
+    args = gemm_args(_layout(a), _layout(b), lc, transa, transb)
+    _cublas_gemm(args, alpha, beta, b, a, out)
+    return out
+
+
+def _cublas_gemm(args, alpha, beta, first, second, out):
+    # cublasGemmStridedBatchedEx on CuPy's handle and current stream; alpha and beta as host float32 scalars
+    from cupy_backends.cuda.api import runtime
+    from cupy_backends.cuda.libs import cublas
+    cp = _cupy()
     cuda_type = {"float32": runtime.CUDA_R_32F, "bfloat16": runtime.CUDA_R_16BF}
     op = {"N": cublas.CUBLAS_OP_N, "T": cublas.CUBLAS_OP_T}
-    fast_tf32 = a.dtype.name == "float32" and os.environ.get("CUPY_TF32", "0") == "1"
+    fast_tf32 = first.dtype.name == "float32" and os.environ.get("CUPY_TF32", "0") == "1"
     compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if fast_tf32 else cublas.CUBLAS_COMPUTE_32F
-    alpha_host, beta_host = numpy.array(alpha, numpy.float32), numpy.array(beta, numpy.float32)  # host scalars
+    alpha_host, beta_host = numpy.array(alpha, numpy.float32), numpy.array(beta, numpy.float32)
     cublas.gemmStridedBatchedEx(
-        cupy.cuda.device.get_cublas_handle(), op[args["op_first"]], op[args["op_second"]],
+        cp.cuda.device.get_cublas_handle(), op[args["op_first"]], op[args["op_second"]],
         args["m"], args["n"], args["k"], alpha_host.ctypes.data,
-        b.data.ptr, cuda_type[b.dtype.name], args["ld_first"], args["stride_first"],
-        a.data.ptr, cuda_type[a.dtype.name], args["ld_second"], args["stride_second"],
+        first.data.ptr, cuda_type[first.dtype.name], args["ld_first"], args["stride_first"],
+        second.data.ptr, cuda_type[second.dtype.name], args["ld_second"], args["stride_second"],
         beta_host.ctypes.data, out.data.ptr, cuda_type[out.dtype.name], args["ldc"], args["stride_c"],
         args["batch"], compute, cublas.CUBLAS_GEMM_DEFAULT)
-    return out
 
 
 def readable(a):
     """a itself when cuBLAS can read it in place, else a C-contiguous copy."""
-    if _layout(a) is not None:
-        return a
-    import cupy
-    return cupy.ascontiguousarray(a)
+    return a if _layout(a) is not None else _cupy().ascontiguousarray(a)

@@ -423,7 +423,6 @@ def adamw_flat(p, g, m, v, decay, lr, beta1, beta2, eps, weight_decay, t, frozen
     grad_norm: a 0-d device array (global_grad_norm(g)); with max_norm > 0 the update uses g scaled by
     max_norm / (norm + 1e-6) when norm > max_norm, i.e. clipping without reading the norm on the host (g itself is
     not modified). No host synchronisation."""
-    cp = _cupy()
     n = p.size
     step_size, v_correction = lr / (1.0 - beta1 ** t), 1.0 - beta2 ** t
     flat_f32 = all(a.dtype == numpy.float32 and a.flags.c_contiguous and a.size == n for a in (p, g, m, v))
