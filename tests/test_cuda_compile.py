@@ -5,6 +5,7 @@ What needs a GPU (each kernel against its ops.py twin, the model on cupy against
 the last test here runs its kernel comparisons when a GPU is present."""
 
 import inspect
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from tinypalm import ops
 from tinypalm.cuda import ops as cuda_ops
+from tinypalm.cuda import gemm as gemm_module
 from tinypalm.cuda import source
 from tinypalm.cuda.gemm import gemm_args, matrix_layout
 
@@ -58,44 +60,40 @@ def test_overrides_have_exactly_the_signatures_of_the_ops_they_replace():
 
 # --- the GEMM argument mapping, run through a column-major cuBLAS written in numpy -----------------------------
 
-def fake_gemm_strided_batched(args, alpha, beta, buf_first, off_first, buf_second, off_second, buf_c, off_c):
-    """cublasGemmStridedBatchedEx's definition, column-major: C_i = alpha op(A_i) op(B_i) + beta C_i, where the
-    first operand A lives in buf_first and the second, B, in buf_second (flat arrays; offsets in elements)."""
-    s = buf_c.itemsize
+def memory(a, n, start=0):
+    """The n elements a kernel (or cuBLAS) can address from a's first element, as a writeable 1-D view from start."""
+    return as_strided(a, shape=(n,), strides=(a.itemsize,), writeable=True)[start:]
 
-    def colmajor(buf, off, rows, cols, ld):
-        return as_strided(buf[off:], shape=(rows, cols), strides=(s, ld * s), writeable=True)
+
+def fake_cublas_gemm(args, alpha, beta, first, second, out):
+    """cublasGemmStridedBatchedEx's definition, column-major, on the memory the operands' pointers address:
+    C_i = alpha op(A_i) op(B_i) + beta C_i with A = first, B = second; C is not read when beta is 0."""
+    assert first.dtype == second.dtype and out.dtype in (np.float32, first.dtype)
+
+    def colmajor(x, off, rows, cols, ld):
+        return as_strided(memory(x, off + 1, off), shape=(rows, cols), strides=(x.itemsize, ld * x.itemsize),
+                          writeable=True)
 
     m, n, k = args["m"], args["n"], args["k"]
     for i in range(args["batch"]):
         shape_a = (m, k) if args["op_first"] == "N" else (k, m)
         shape_b = (k, n) if args["op_second"] == "N" else (n, k)
-        A = colmajor(buf_first, off_first + i * args["stride_first"], *shape_a, args["ld_first"])
-        B = colmajor(buf_second, off_second + i * args["stride_second"], *shape_b, args["ld_second"])
-        C = colmajor(buf_c, off_c + i * args["stride_c"], m, n, args["ldc"])
-        opA = A if args["op_first"] == "N" else A.T
-        opB = B if args["op_second"] == "N" else B.T
-        C[...] = alpha * (opA @ opB) + beta * C
-
-
-def view_in_buffer(rng, shape, make_view):
-    """(flat buffer, view): make_view turns a fresh random array into the operand; the view lives in the buffer."""
-    base = rng.standard_normal(shape)
-    view = make_view(base)
-    offset = (view.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // base.itemsize
-    return base.reshape(-1), view, offset
+        A = colmajor(first, i * args["stride_first"], *shape_a, args["ld_first"]).astype(np.float64)
+        B = colmajor(second, i * args["stride_second"], *shape_b, args["ld_second"]).astype(np.float64)
+        C = colmajor(out, i * args["stride_c"], m, n, args["ldc"])
+        product = alpha * ((A if args["op_first"] == "N" else A.T) @ (B if args["op_second"] == "N" else B.T))
+        C[...] = product + beta * C.astype(np.float64) if beta else product
 
 
 def cpu_gemm(a_spec, b_spec, c_spec, transa, transb, alpha, beta, rng):
-    buf_a, a, off_a = view_in_buffer(rng, *a_spec)
-    buf_b, b, off_b = view_in_buffer(rng, *b_spec)
-    buf_c, c, off_c = view_in_buffer(rng, *c_spec)
+    (a_shape, a_view), (b_shape, b_view), (c_shape, c_view) = a_spec, b_spec, c_spec
+    a, b = a_view(rng.standard_normal(a_shape)), b_view(rng.standard_normal(b_shape))
+    c = c_view(rng.standard_normal(c_shape))
     expected = alpha * np.matmul(np.swapaxes(a, -1, -2) if transa else a,
                                  np.swapaxes(b, -1, -2) if transb else b) + beta * c
     la, lb, lc = (matrix_layout(x.shape, x.strides, x.itemsize) for x in (a, b, c))
     assert None not in (la, lb, lc)
-    args = gemm_args(la, lb, lc, transa, transb)
-    fake_gemm_strided_batched(args, alpha, beta, buf_b, off_b, buf_a, off_a, buf_c, off_c)   # b first, as gemm does
+    fake_cublas_gemm(gemm_args(la, lb, lc, transa, transb), alpha, beta, b, a, c)     # b first, as gemm does
     np.testing.assert_allclose(c, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -180,6 +178,255 @@ def test_dropout_key_and_formula_match_the_twin(seed):
         h = i * np.uint32(0x9E3779B1) + np.uint32(key)
         keep = np.array([cuda_ops.mix32(int(x)) for x in h]) >= threshold
         np.testing.assert_array_equal(keep.reshape(shape), ops.dropout_mask(np, shape, rate, seed))
+
+
+# --- the Python around the kernels, with each kernel emulated in numpy ------------------------------------------
+# No CPU runs CUDA C, but everything around a kernel can run: tinypalm.gpucheck's comparisons with the twins go
+# through tinypalm.cuda.ops with numpy playing cupy, cuBLAS played by fake_cublas_gemm, and each kernel played
+# by a numpy transcription of its .cu source that reads memory the way the kernel does (from the pointers it is
+# given, with the strides and counts it is given). Every launch is checked against the kernel's C signature:
+# argument count, scalar widths (CuPy packs a scalar by its numpy type) and pointer element types, and the
+# instance launched must be one the module compiles. What this cannot catch is an error in the C itself.
+
+C_TYPES = {"float": "float32", "__nv_bfloat16": "bfloat16", "long long": "int64", "int": "int32",
+           "unsigned int": "uint32", "bool": "bool", "unsigned char": "uint8", "double": "float64"}
+
+
+def kernel_signatures():
+    """kernel name -> (template parameter names, [(C base type, is_pointer)]) from the .cu sources."""
+    sigs = {}
+    for name in source.KERNELS:
+        text = source.kernel_source(name)
+        for m in re.finditer(r"(?:template\s*<([^>]*)>\s*)?__global__\s+void\s+(\w+)\s*\(([^)]*)\)", text):
+            tparams = [p.split()[-1] for p in m.group(1).split(",")] if m.group(1) else []
+            params = []
+            for p in m.group(3).split(","):
+                p = " ".join(p.replace("const ", "").split())
+                pointer = "*" in p
+                base = p.split("*")[0].strip() if pointer else p.rsplit(" ", 1)[0]
+                params.append((base, pointer))
+            sigs[m.group(2)] = (tparams, params)
+    return sigs
+
+
+SIGNATURES = kernel_signatures()
+
+
+def _f64(a):
+    return np.asarray(a).astype(np.float64)
+
+
+def _mix32(h):
+    h = h.astype(np.uint32)
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def emu_layernorm_forward(grid, block, x, gain, y, mean, rstd, D, eps):
+    N = grid[0]
+    X, G = _f64(memory(x, N * D)).reshape(N, D), _f64(memory(gain, D))
+    mu = X.mean(1)
+    rs = 1 / np.sqrt(((X - mu[:, None]) ** 2).mean(1) + eps)
+    memory(y, N * D)[:] = ((X - mu[:, None]) * rs[:, None] * G).reshape(-1)
+    memory(mean, N)[:], memory(rstd, N)[:] = mu, rs
+
+
+def emu_layernorm_backward_dx(grid, block, dy, x, gain, mean, rstd, dx, D):
+    N = grid[0]
+    X, DY, G = _f64(memory(x, N * D)).reshape(N, D), _f64(memory(dy, N * D)).reshape(N, D), _f64(memory(gain, D))
+    mu, rs = _f64(memory(mean, N))[:, None], _f64(memory(rstd, N))[:, None]
+    g, xhat = DY * G, (X - mu) * rs
+    memory(dx, N * D)[:] = ((g - g.mean(1, keepdims=True) - xhat * (g * xhat).mean(1, keepdims=True)) * rs).reshape(-1)
+
+
+def emu_layernorm_backward_dgain(grid, block, dy, x, mean, rstd, d_gain, N, D, rows_per_chunk):
+    assert grid[0] * block[0] >= D and grid[1] * rows_per_chunk >= N          # every column and row is covered
+    X, DY = _f64(memory(x, N * D)).reshape(N, D), _f64(memory(dy, N * D)).reshape(N, D)
+    xhat = (X - _f64(memory(mean, N))[:, None]) * _f64(memory(rstd, N))[:, None]
+    memory(d_gain, D)[:] += (DY * xhat).sum(0)
+
+
+def emu_rope(grid, block, x, cos, sin, out, n_pairs, T, n_heads, Dh, ld_x, backward):
+    h = Dh // 2
+    i = np.arange(n_pairs)
+    j, vec = i % h, i // h
+    token, head = vec // n_heads, vec % n_heads
+    t = token % T
+    X = _f64(memory(x, (token.max()) * ld_x + n_heads * Dh))
+    C, S = _f64(memory(cos, T * Dh)), _f64(memory(sin, T * Dh))
+    a, b = X[token * ld_x + head * Dh + j], X[token * ld_x + head * Dh + j + h]
+    c1, c2, s1, s2 = C[t * Dh + j], C[t * Dh + j + h], S[t * Dh + j], S[t * Dh + j + h]
+    O = memory(out, n_pairs * 2)
+    if backward:
+        O[vec * Dh + j], O[vec * Dh + j + h] = a * c1 + b * s2, b * c2 - a * s1
+    else:
+        O[vec * Dh + j], O[vec * Dh + j + h] = a * c1 - b * s1, b * c2 + a * s2
+
+
+def _strided_rows(a, n, F, ld):
+    i = np.arange(n)
+    r, c = i // F, i % F
+    return _f64(memory(a, (n // F - 1) * ld + F))[r * ld + c]
+
+
+def emu_swiglu_forward(grid, block, gate, up, hidden, n, F, ld_gate, ld_up):
+    g, u = _strided_rows(gate, n, F, ld_gate), _strided_rows(up, n, F, ld_up)
+    memory(hidden, n)[:] = g / (1 + np.exp(-g)) * u
+
+
+def emu_swiglu_backward(grid, block, dhidden, gate, up, d_gate, d_up, n, F, ld_dh, ld_gate, ld_up):
+    dh, g, u = (_strided_rows(a, n, F, ld) for a, ld in ((dhidden, ld_dh), (gate, ld_gate), (up, ld_up)))
+    sig = 1 / (1 + np.exp(-g))
+    memory(d_up, n)[:] = dh * g * sig
+    memory(d_gate, n)[:] = dh * u * sig * (1 + g * (1 - sig))
+
+
+def emu_causal_softmax_forward(grid, block, scores, probs, S, GT, Tq, first_pos):
+    R = grid[0]
+    sc = _f64(memory(scores, R * S)).reshape(R, S)
+    last = np.minimum(S - 1, first_pos + (np.arange(R) % GT) % Tq)
+    visible = np.arange(S)[None, :] <= last[:, None]
+    m = np.where(visible, sc, -np.inf).max(1, keepdims=True)
+    e = np.where(visible, np.exp(np.where(visible, sc - m, 0)), 0)
+    memory(probs, R * S)[:] = (e / e.sum(1, keepdims=True)).reshape(-1)
+
+
+def emu_causal_softmax_backward(grid, block, dprobs, probs, dscores, S):
+    R = grid[0]
+    dp, p = _f64(memory(dprobs, R * S)).reshape(R, S), _f64(memory(probs, R * S)).reshape(R, S)
+    memory(dscores, R * S)[:] = (p * (dp - (p * dp).sum(1, keepdims=True))).reshape(-1)
+
+
+def emu_cross_entropy_forward(grid, block, logits, targets, log_z, row_loss, V, z_loss):
+    N = grid[0]
+    L, t = _f64(memory(logits, N * V)).reshape(N, V), memory(targets, N)
+    m = L.max(1)
+    lz = np.log(np.exp(L - m[:, None]).sum(1)) + m
+    memory(log_z, N)[:], memory(row_loss, N)[:] = lz, lz - L[np.arange(N), t] + z_loss * lz * lz
+
+
+def emu_cross_entropy_backward(grid, block, logits, targets, log_z, dlogits, V, z_loss, inv_n):
+    N = grid[0]
+    L, t, lz = _f64(memory(logits, N * V)).reshape(N, V), memory(targets, N), _f64(memory(log_z, N))[:, None]
+    d = np.exp(L - lz) * (1 + 2 * np.float64(z_loss) * lz) * inv_n
+    d[np.arange(N), t] -= inv_n
+    memory(dlogits, N * V)[:] = d.reshape(-1)
+
+
+def emu_embedding_backward(grid, block, d_embed, dx, tokens, n, D):
+    tok = memory(tokens, n // D)
+    i = np.arange(n)
+    np.add.at(memory(d_embed, (tok.max() + 1) * D), tok[i // D] * D + i % D, _f64(memory(dx, n)))
+
+
+def emu_dropout_mask(grid, block, keep, n, key, threshold):
+    h = np.arange(n, dtype=np.uint32) * np.uint32(0x9E3779B1) + np.uint32(key)
+    memory(keep, n)[:] = _mix32(h) >= threshold
+
+
+def emu_dropout_apply(grid, block, x, keep, y, n, scale):
+    memory(y, n)[:] = np.where(memory(keep, n), _f64(memory(x, n)) * scale, 0.0)
+
+
+def emu_sum_squares(grid, block, g, n, sum_sq):
+    memory(sum_sq, 1)[0] += (_f64(memory(g, n)) ** 2).sum()
+
+
+def emu_sqrt_to_float(grid, block, sum_sq, norm):
+    memory(norm, 1)[0] = np.sqrt(memory(sum_sq, 1)[0])
+
+
+def emu_adamw_flat(grid, block, p, g, m, v, decay, frozen, p_compute, grad_norm, n, lr, beta1, beta2, eps,
+                   weight_decay, step_size, v_correction, max_norm):
+    scale = 1.0
+    if grad_norm is not None and max_norm > 0 and memory(grad_norm, 1)[0] > max_norm:
+        scale = max_norm / (np.float64(memory(grad_norm, 1)[0]) + 1e-6)
+    live = np.ones(n, bool) if frozen is None else memory(frozen, n) == 0
+    gi = _f64(memory(g, n)) * scale
+    new_m = beta1 * _f64(memory(m, n)) + (1 - beta1) * gi
+    new_v = beta2 * _f64(memory(v, n)) + (1 - beta2) * gi * gi
+    new_p = _f64(memory(p, n))
+    if decay is not None:
+        new_p = np.where(memory(decay, n) != 0, new_p * (1 - lr * weight_decay), new_p)
+    new_p -= step_size * new_m / (np.sqrt(new_v / v_correction) + eps)
+    for buf, new in ((m, new_m), (v, new_v), (p, new_p)) + (((p_compute, new_p),) if p_compute is not None else ()):
+        memory(buf, n)[live] = new[live]
+
+
+class EmulatedKernels:
+    """Plays source.kernel(name, instance): checks each launch against the C signature, then emulates it."""
+
+    def __init__(self):
+        self.launched = set()
+
+    def kernel(self, name, instance):
+        assert instance in source.KERNELS[name], f"{instance} is launched but {name}.cu does not compile it"
+        kernel_name = instance.split("<")[0]
+        tparams, params = SIGNATURES[kernel_name]
+        targs = [a.strip() for a in instance[len(kernel_name) + 1:-1].split(",")] if "<" in instance else []
+        bind = dict(zip(tparams, targs))
+
+        def launch(grid, block, args):
+            assert isinstance(grid, tuple) and isinstance(block, tuple) and all(g >= 1 for g in grid + block)
+            assert len(args) == len(params), (instance, len(args), len(params))
+            emulated = []
+            for k, (arg, (base, pointer)) in enumerate(zip(args, params)):
+                want = C_TYPES[bind.get(base, base)]
+                if pointer:
+                    if isinstance(arg, np.uint64):                       # a null pointer
+                        assert arg == 0, (instance, k)
+                        emulated.append(None)
+                        continue
+                    assert isinstance(arg, np.ndarray), (instance, k, type(arg))
+                    assert arg.dtype.name == want, (instance, k, arg.dtype, want)
+                else:
+                    assert type(arg) is np.dtype(want).type, (instance, k, type(arg), want)
+                emulated.append(arg)
+            self.launched.add(instance)
+            globals()[f"emu_{kernel_name}"](grid, block, *emulated)
+        return launch
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    kernels = EmulatedKernels()
+    monkeypatch.setattr(cuda_ops, "_cupy", lambda: np)
+    monkeypatch.setattr(cuda_ops, "kernel", kernels.kernel)
+    monkeypatch.setattr(gemm_module, "_cupy", lambda: np)
+    monkeypatch.setattr(gemm_module, "_cublas_gemm", fake_cublas_gemm)
+    return kernels
+
+
+def test_every_kernel_signature_is_read():
+    names = {instance.split("<")[0] for instances in source.KERNELS.values() for instance in instances}
+    assert names == set(SIGNATURES)
+    assert all(f"emu_{name}" in globals() for name in names)
+
+
+def test_gpucheck_kernel_comparisons_pass_with_emulated_kernels(emulated):
+    from tinypalm.gpucheck import KernelChecks
+    results = KernelChecks(np, seed=1, max_size=3e6).run()
+    results = [r for r in results if r.name != "bfloat16"]        # ml_dtypes may be missing here; not on a GPU
+    failures = [str(r) for r in results if not r.ok]
+    assert not failures, "\n".join(failures)
+    assert len(results) >= 60
+    launched = {instance.split("<")[0] for instance in emulated.launched}
+    assert launched == set(SIGNATURES)                             # every kernel ran
+
+
+def test_a_wrong_argument_width_is_caught(emulated):
+    launch = emulated.kernel("embedding", "embedding_backward<float>")
+    d_embed, dx, tokens = np.zeros((5, 4), np.float32), np.ones((3, 4), np.float32), np.array([0, 1, 1])
+    with pytest.raises(AssertionError):
+        launch((1,), (256,), (d_embed, dx, tokens, np.int32(12), np.int32(4)))       # n is long long
+    with pytest.raises(AssertionError):
+        launch((1,), (256,), (d_embed, dx, tokens.astype(np.int32), np.int64(12), np.int32(4)))   # tokens int64
+    launch((1,), (256,), (d_embed, dx, tokens, np.int64(12), np.int32(4)))
+    np.testing.assert_array_equal(d_embed, [[1] * 4, [2] * 4, [0] * 4, [0] * 4, [0] * 4])
 
 
 # --- on a GPU: every kernel against its twin --------------------------------------------------------------------

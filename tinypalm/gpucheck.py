@@ -74,9 +74,12 @@ def require_gpu():
 # --- 1. kernels against their twins ---------------------------------------------------------------------------
 
 class KernelChecks:
-    def __init__(self, cupy, seed=0):
+    """Each kernel-backed function of tinypalm.cuda.ops against its ops.py twin. `cupy` is the array module to
+    run them with; max_size leaves out the shapes whose product of dimensions exceeds it."""
+
+    def __init__(self, cupy, seed=0, max_size=None):
         from .cuda import ops as cuda_ops
-        self.cp, self.k, self.rng = cupy, cuda_ops, numpy.random.default_rng(seed)
+        self.cp, self.k, self.rng, self.max_size = cupy, cuda_ops, numpy.random.default_rng(seed), max_size
         self.results = []
         self.dtypes = [numpy.dtype(numpy.float32)]
         try:
@@ -85,6 +88,9 @@ class KernelChecks:
         except ImportError:
             self.results.append(Check("kernels", "bfloat16", "ml_dtypes is not installed: no bf16 checks",
                                       float("nan"), 0, False))
+
+    def sizes(self, shapes):
+        return [s for s in shapes if self.max_size is None or math.prod(s) <= self.max_size]
 
     def dev(self, x, dtype):
         """(device array of dtype, the same values as host float64): the twin sees exactly the kernel's inputs."""
@@ -121,7 +127,7 @@ class KernelChecks:
         return self.results
 
     def layernorm(self, dtype):
-        for N, D in [(7, 32), (64, 768), (300, 1000)]:
+        for N, D in self.sizes([(7, 32), (64, 768), (300, 1000)]):
             gain_dtypes = [dtype] + ([numpy.dtype(numpy.float32)] if dtype.name == "bfloat16" else [])
             for gain_dtype in gain_dtypes:
                 x, x64 = self.dev(self.randn(N, D, scale=3.0) + 1.0, dtype)
@@ -138,7 +144,7 @@ class KernelChecks:
                 self.compare("layernorm_backward d_gain", detail, d_gain, d_gain64, dtype)
 
     def linear(self, dtype):
-        for N, n_in, n_out, width in [(5, 7, 3, 3), (64, 128, 96, 96), (256, 768, 512, 700)]:
+        for N, n_in, n_out, width in self.sizes([(5, 7, 3, 3), (64, 128, 96, 96), (256, 768, 512, 700)]):
             # dy a column slice (row stride > columns), dw accumulating onto what it held
             x, x64 = self.dev(self.randn(N, n_in), dtype)
             w, w64 = self.dev(self.randn(n_in, n_out), dtype)
@@ -152,7 +158,7 @@ class KernelChecks:
             self.compare("linear_backward dw (float32)", detail, dw, dw64, dtype)
 
     def rope(self, dtype):
-        for B, T, nh, Dh, pos in [(2, 5, 3, 8, 0), (4, 64, 12, 64, 0), (1, 3, 1, 16, 29)]:
+        for B, T, nh, Dh, pos in self.sizes([(2, 5, 3, 8, 0), (4, 64, 12, 64, 0), (1, 3, 1, 16, 29)]):
             cos_all, sin_all = ops.rope_tables(numpy, pos + T, Dh, 10000.0, numpy.float64)
             for table_dtype in {dtype.name: dtype, "float32": numpy.dtype(numpy.float32)}.values():
                 cos, cos64 = self.dev(cos_all[pos:pos + T, None, :], table_dtype)
@@ -168,8 +174,8 @@ class KernelChecks:
                              ops.rope_backward(d64, cos64, sin64), dtype)
 
     def attention(self, dtype):
-        for B, T, S, H, Hkv, Dh in [(2, 5, 5, 4, 1, 8), (2, 16, 16, 4, 2, 16), (1, 3, 10, 4, 1, 8),
-                                    (2, 128, 128, 12, 1, 64), (1, 1, 40, 4, 4, 32)]:
+        for B, T, S, H, Hkv, Dh in self.sizes([(2, 5, 5, 4, 1, 8), (2, 16, 16, 4, 2, 16), (1, 3, 10, 4, 1, 8),
+                                               (2, 128, 128, 12, 1, 64), (1, 1, 40, 4, 4, 32)]):
             G = H // Hkv
             q, q64 = self.dev(self.randn(B, T, H, Dh), dtype)
             # k contiguous, v a slice of a projection (how the model passes them during training)
@@ -189,7 +195,7 @@ class KernelChecks:
                 self.compare(f"attention_backward {name}", detail, g, g64, dtype)
 
     def swiglu(self, dtype):
-        for N, F in [(7, 37), (256, 3072)]:
+        for N, F in self.sizes([(7, 37), (256, 3072)]):
             proj, proj64 = self.dev(self.randn(N, 2 * F + 5, scale=2.0), dtype)
             gate, gate64 = proj[:, 5:5 + F], proj64[:, 5:5 + F]
             up, up64 = proj[:, 5 + F:], proj64[:, 5 + F:]
@@ -215,7 +221,7 @@ class KernelChecks:
                          ops.dropout_backward(x64, rate, keep64), dtype)
 
     def tied_logits(self, dtype):
-        for N, D, V in [(6, 16, 50), (256, 768, 32768)]:
+        for N, D, V in self.sizes([(6, 16, 50), (256, 768, 32768)]):
             h, h64 = self.dev(self.randn(N, D), dtype)
             embed, embed64 = self.dev(self.randn(V, D), dtype)
             dlogits, dlogits64 = self.dev(self.randn(N, V), dtype)
@@ -229,7 +235,7 @@ class KernelChecks:
             self.compare("tied_logits_backward d_embed", detail, d_embed, d_embed64, dtype)
 
     def cross_entropy(self, dtype):
-        for N, V in [(5, 11), (64, 1000), (512, 32768)]:
+        for N, V in self.sizes([(5, 11), (64, 1000), (512, 32768)]):
             logits, logits64 = self.dev(self.randn(N, V, scale=3.0), dtype)
             targets = self.rng.integers(0, V, N)
             loss, cache = self.k.cross_entropy_forward(self.cp, logits, self.cp.asarray(targets), 1e-4)
@@ -240,7 +246,7 @@ class KernelChecks:
                          ops.cross_entropy_backward(numpy, cache64, 1e-4), dtype)
 
     def embedding(self, dtype):
-        for B, T, V, D in [(2, 7, 5, 16), (8, 256, 300, 768)]:
+        for B, T, V, D in self.sizes([(2, 7, 5, 16), (8, 256, 300, 768)]):
             tokens = self.rng.integers(0, V, (B, T))                 # few distinct tokens: many repeats
             dx, dx64 = self.dev(self.randn(B, T, D), dtype)
             d_embed, d_embed64 = self.dev(self.randn(V, D), numpy.float32)
@@ -268,7 +274,7 @@ class KernelChecks:
         decay = [(0, 30_000), (50_000, n)]
         frozen_host = numpy.zeros(n, bool)
         frozen_host[10_000:20_000] = True
-        p_compute = self.cp.empty(n, self.dtypes[-1]) if len(self.dtypes) > 1 else None
+        p_compute = p.astype(self.dtypes[-1]) if len(self.dtypes) > 1 else None   # as the model keeps it
         lr, b1, b2, eps, wd, max_norm = 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.5 * float(numpy.linalg.norm(g64))
         p_start = p64.copy()
         for t in (1, 2):

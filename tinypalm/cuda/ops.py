@@ -419,7 +419,8 @@ def adamw_flat(p, g, m, v, decay, lr, beta1, beta2, eps, weight_decay, t, frozen
 
     decay, frozen: None, a device mask (n,) of bool/uint8, or a sequence of (start, stop) ranges: weight decay
     applies where decay is set; frozen elements are left untouched (p, m and v). t is the step number, from 1.
-    p_compute: the bf16 compute copy of p (n,), rewritten from the updated p in the same pass.
+    p_compute: the bf16 compute copy of p (n,), rewritten from the updated p in the same pass (frozen elements
+    keep theirs).
     grad_norm: a 0-d device array (global_grad_norm(g)); with max_norm > 0 the update uses g scaled by
     max_norm / (norm + 1e-6) when norm > max_norm, i.e. clipping without reading the norm on the host (g itself is
     not modified). No host synchronisation."""
