@@ -96,7 +96,8 @@ def compile_cubin(name, arch):
         for expr in KERNELS[name]:
             nvrtc.addNameExpression(prog, expr)
         try:
-            nvrtc.compileProgram(prog, (f"-arch={arch}",) + compile_options())
+            # -ftz=true: CuPy adds it to every kernel it compiles
+            nvrtc.compileProgram(prog, (f"-arch={arch}", "-ftz=true") + compile_options())
         except nvrtc.NVRTCError as e:
             raise RuntimeError(f"{name}.cu for {arch}: {e}\n{nvrtc.getProgramLog(prog)}") from None
         lowered = {expr: nvrtc.getLoweredName(prog, expr) for expr in KERNELS[name]}
