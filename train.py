@@ -24,6 +24,7 @@ from tinypalm import checkpoint, data
 from tinypalm.cli import run_cli, format_duration
 from tinypalm.config import PRESETS
 from tinypalm.generate import generate
+from tinypalm.model import layer_storage_names
 from tinypalm.optim import AdamW, clip_grad_norm, lr_at
 from tinypalm.plot import read_metrics, write_loss_svg
 from tinypalm.tokenizer import ByteTokenizer, BPETokenizer, tokenizer_from_dict
@@ -215,7 +216,7 @@ def main(argv=None):
     if args.freeze_layers:
         if not 0 < args.freeze_layers <= cfg.n_layers:
             raise TinyPalmError(f"--freeze-layers {args.freeze_layers}: the model has {cfg.n_layers} layers")
-        frozen = ["embed"] + [n for n in model.params if n.startswith("layers.") and int(n.split(".")[1]) < args.freeze_layers]
+        frozen = ["embed"] + [n for i in range(args.freeze_layers) for n in layer_storage_names(i)]
     optimizer = AdamW(model.params, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, frozen=frozen)
     start_step, best_val = 0, math.inf
     if ckpt is not None:
@@ -252,19 +253,13 @@ def main(argv=None):
     while step < args.max_steps:
         lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
         loss, grads = 0.0, None
-        for micro in range(args.grad_accum):
+        for micro in range(args.grad_accum):           # the micro-batches' gradients add up in one buffer
             x, y = data.get_batch(train_tokens, args.batch_size, args.seq_len, args.seed, step * args.grad_accum + micro)
             dropout_seed = (args.seed * 1_000_003 + step * args.grad_accum + micro) & 0x7FFFFFFF
-            micro_loss, micro_grads = model.loss_and_grads(x, y, args.dropout, dropout_seed)
+            micro_loss, grads = model.loss_and_grads(x, y, args.dropout, dropout_seed, grads=grads)
             loss += micro_loss / args.grad_accum
-            if grads is None:
-                grads = micro_grads
-            else:
-                for name in grads:
-                    grads[name] += micro_grads[name]
         if args.grad_accum > 1:
-            for g in grads.values():
-                g *= 1.0 / args.grad_accum
+            grads.flat *= 1.0 / args.grad_accum
         grad_norm = clip_grad_norm(grads, args.grad_clip)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             last = os.path.join(args.out, "last.npz")

@@ -179,3 +179,24 @@ def test_overfits_one_batch():
         loss, grads = model.loss_and_grads(tokens, targets)
         opt.step(model.params, grads, lr=3e-3)
     assert first > 4.0 and loss < 0.1 * first, (first, loss)
+
+
+def test_all_parameters_live_in_one_flat_vector():
+    model = small_model()
+    flat = model.params.flat
+    assert flat.ndim == 1 and flat.size == model.config.n_params()
+    for name, p in model.params.items():
+        assert np.shares_memory(p, flat), name
+    flat[:] = 0.5
+    assert (model.params["layers.1.w_up"] == 0.5).all() and (model.layers[0].w_out == 0.5).all()
+
+
+def test_gradients_accumulate_into_a_given_buffer():
+    model = small_model()
+    (t1, y1), (t2, y2) = batch(model, T=6, seed=1), batch(model, T=6, seed=2)
+    _, g1 = model.loss_and_grads(t1, y1)
+    _, g2 = model.loss_and_grads(t2, y2)
+    _, both = model.loss_and_grads(t1, y1)
+    _, both = model.loss_and_grads(t2, y2, grads=both)
+    np.testing.assert_allclose(both.flat, g1.flat + g2.flat, rtol=1e-12, atol=1e-14)
+    assert np.shares_memory(both["layers.0.wq"], both.flat)

@@ -3,8 +3,11 @@
 Everything else receives `xp` (numpy or cupy) and calls only functions both libraries share.
 """
 
+import types
+
 import numpy
 
+from . import ops
 from .errors import TinyPalmError
 
 DTYPES = ("float64", "float32")
@@ -25,6 +28,20 @@ def get_xp(backend):
         raise TinyPalmError("--backend cupy: CuPy is installed but no CUDA GPU is visible; "
                             "check `nvidia-smi` and CUDA_VISIBLE_DEVICES, or use --backend numpy")
     return cupy
+
+
+def get_ops(backend):
+    """The op functions a model on this backend calls: ops.py's, with the backend's faster twins laid over them.
+
+    Each twin has exactly the signature of the ops.py function it replaces and is tested against it."""
+    plain = {name: getattr(ops, name) for name in dir(ops) if not name.startswith("_")
+             and callable(getattr(ops, name)) and getattr(getattr(ops, name), "__module__", None) == ops.__name__}
+    return types.SimpleNamespace(**plain, **op_overrides(backend))
+
+
+def op_overrides(backend):
+    """Faster twins of ops.py functions on this backend: name -> function (none yet)."""
+    return {}
 
 
 def cuda_overrides():

@@ -16,7 +16,6 @@ from collections import defaultdict
 
 import numpy
 
-from . import ops
 from .config import Config
 from .model import PaLM
 from .optim import AdamW, clip_grad_norm
@@ -60,14 +59,14 @@ def time_steps(step, xp, n):
     return times
 
 
-def profile_ops(step, xp, n):
-    """Seconds per step inside each ops function, and the step's total, from n instrumented steps.
+def profile_ops(step, model, n):
+    """Seconds per step inside each op function the model calls, and the step's total, from n instrumented steps.
 
     Only outermost calls count (softmax runs inside attention and is counted there)."""
+    xp, ops = model.xp, model.ops
     spent = defaultdict(float)
     depth = [0]
-    originals = {name: getattr(ops, name) for name in dir(ops)
-                 if name.endswith(("_forward", "_backward")) and callable(getattr(ops, name))}
+    originals = {name: getattr(ops, name) for name in vars(ops) if name.endswith(("_forward", "_backward"))}
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
@@ -125,7 +124,7 @@ def main(argv=None):
     if xp is not numpy:
         print(f"peak GPU memory (pool): {xp.get_default_memory_pool().total_bytes() / 2**30:.2f} GiB")
 
-    per_op, total = profile_ops(step, xp, max(3, args.steps // 3))
+    per_op, total = profile_ops(step, model, max(3, args.steps // 3))
     matmul = sum(t for name, t in per_op.items() if name in MATMUL_OPS)
     attention = sum(t for name, t in per_op.items() if name.startswith("attention"))
     print(f"where the time goes (instrumented step: {total * 1e3:.1f} ms):")

@@ -7,15 +7,22 @@ and its two output projections as another:
 `model.params` maps the canonical names (`layers.0.wq`, ...) to views into those matrices, so optimizers,
 checkpoints and tests see the canonical names and shapes; `model.grads_like()` gives gradients in the same form.
 Update parameters in place (`p -= ...`, `p[...] = ...`) so the views stay tied to the storage.
+
+All stored arrays lie back to back in one flat vector, `model.params.flat` (see flat.py), in the order
+embed, then each layer's norm, w_in, w_out, then the final norm; gradients (`grads.flat`) are laid out the same
+way, so the optimizer and gradient clipping each make one pass over one vector.
+
+The op functions come from `model.ops` (backend.get_ops): the plain functions of ops.py, or on a backend that
+has them, faster twins with the same signatures.
 """
 
 import math
 
 import numpy
 
-from . import ops
-from .backend import get_xp, check_dtype, to_numpy
+from .backend import get_xp, get_ops, check_dtype, to_numpy
 from .config import Config
+from .flat import Layout
 
 LAYER_PARAMS = ("norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
@@ -48,15 +55,28 @@ def init_params(cfg, seed):
     return params
 
 
-class Layer:
-    """One block's storage: norm (D,), w_in (D, Q + 2K + 2F), w_out (Q + F, D), and the canonical views."""
+def storage_shapes(cfg):
+    """The arrays actually stored, in flat-vector order: embed, each layer's norm, w_in and w_out, the final norm."""
+    D, F, q_dim, kv_dim = cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"embed": (cfg.vocab_size, D)}
+    for i in range(cfg.n_layers):
+        shapes.update({f"layers.{i}.norm": (D,), f"layers.{i}.w_in": (D, q_dim + 2 * kv_dim + 2 * F),
+                       f"layers.{i}.w_out": (q_dim + F, D)})
+    shapes["norm"] = (D,)
+    return shapes
 
-    def __init__(self, xp, cfg, dtype):
-        D, F = cfg.d_model, cfg.d_ff
+
+def layer_storage_names(i):
+    return [f"layers.{i}.norm", f"layers.{i}.w_in", f"layers.{i}.w_out"]
+
+
+class Layer:
+    """One block's stored arrays, norm (D,), w_in (D, Q + 2K + 2F), w_out (Q + F, D), and the canonical views."""
+
+    def __init__(self, cfg, stored, i):
+        F = cfg.d_ff
         self.q_dim, self.kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.norm = xp.zeros(D, dtype=dtype)
-        self.w_in = xp.zeros((D, self.q_dim + 2 * self.kv_dim + 2 * F), dtype=dtype)
-        self.w_out = xp.zeros((self.q_dim + F, D), dtype=dtype)
+        self.norm, self.w_in, self.w_out = (stored[name] for name in layer_storage_names(i))
         q, k, v = self.q_dim, self.kv_dim, self.kv_dim
         self.views = {"norm": self.norm,
                       "wq": self.w_in[:, :q], "wk": self.w_in[:, q:q + k], "wv": self.w_in[:, q + k:q + k + v],
@@ -74,27 +94,32 @@ class KVCache:
         self.length = 0
 
 
+def canonical_views(cfg):
+    """stored arrays (by storage name) -> dict of canonical views, in param_shapes order."""
+    def named(stored):
+        views = {"embed": stored["embed"]}
+        for i in range(cfg.n_layers):
+            layer = Layer(cfg, stored, i)
+            views.update({f"layers.{i}.{k}": layer.views[k] for k in LAYER_PARAMS})
+        views["norm"] = stored["norm"]
+        return views
+    return named
+
+
 class PaLM:
     def __init__(self, config, backend="numpy", dtype="float32", seed=0):
         assert isinstance(config, Config)
         self.config = cfg = config
         self.xp = xp = get_xp(backend)
+        self.ops = ops = get_ops(backend)
         self.backend, self.dtype = backend, check_dtype(dtype)
-        self.embed = xp.zeros((cfg.vocab_size, cfg.d_model), dtype=self.dtype)
-        self.norm = xp.zeros(cfg.d_model, dtype=self.dtype)
-        self.layers = [Layer(xp, cfg, self.dtype) for _ in range(cfg.n_layers)]
-        self.params = self._named(self.embed, self.norm, self.layers)
+        self.layout = Layout(storage_shapes(cfg), named=canonical_views(cfg))
+        self.params = self.layout.zeros(xp, self.dtype)                    # a Flat: canonical views, .flat
+        self.embed, self.norm = self.params.stored["embed"], self.params.stored["norm"]
+        self.layers = [Layer(cfg, self.params.stored, i) for i in range(cfg.n_layers)]
         self.rope_cos, self.rope_sin = ops.rope_tables(xp, cfg.max_seq_len, cfg.head_dim, cfg.rope_base, self.dtype)
         self._masks = {}
         self.load_params(init_params(cfg, seed))
-
-    @staticmethod
-    def _named(embed, norm, layers):
-        named = {"embed": embed}
-        for i, layer in enumerate(layers):
-            named.update({f"layers.{i}.{k}": layer.views[k] for k in LAYER_PARAMS})
-        named["norm"] = norm
-        return named
 
     def load_params(self, arrays):
         """Copy host or device arrays, by canonical name, into the model's storage."""
@@ -105,11 +130,8 @@ class PaLM:
         return {name: to_numpy(p) for name, p in self.params.items()}
 
     def grads_like(self):
-        """Zeroed gradient storage shaped like the model: (d_embed, d_norm, d_layers, named views)."""
-        xp = self.xp
-        d_embed, d_norm = xp.zeros_like(self.embed), xp.zeros_like(self.norm)
-        d_layers = [Layer(xp, self.config, self.dtype) for _ in self.layers]
-        return d_embed, d_norm, d_layers, self._named(d_embed, d_norm, d_layers)
+        """Zeroed gradients laid out like the parameters: a Flat with the canonical names and `.flat`."""
+        return self.layout.zeros(self.xp, self.dtype)
 
     # --- forward ----------------------------------------------------------------------------------------------
 
@@ -119,12 +141,12 @@ class PaLM:
             if len(self._masks) > 64:
                 self._masks.clear()
             groups = self.config.n_heads // self.config.n_kv_heads
-            self._masks[key] = ops.causal_mask(self.xp, n_queries, n_keys, first_pos, groups, self.dtype)
+            self._masks[key] = self.ops.causal_mask(self.xp, n_queries, n_keys, first_pos, groups, self.dtype)
         return self._masks[key]
 
     def _block_forward(self, x, layer, pos, kv_cache=None, i=0, dropout=0.0, dropout_seed=0):
         # x (B, T, D) -> x + Attn(LN(x)) + MLP(LN(x)), one parallel block
-        cfg, xp = self.config, self.xp
+        cfg, xp, ops = self.config, self.xp, self.ops
         B, T, D = x.shape
         H, Hkv, Dh, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
         q_dim, kv_dim = layer.q_dim, layer.kv_dim
@@ -155,7 +177,7 @@ class PaLM:
 
     def _forward(self, tokens, kv_cache=None, dropout=0.0, dropout_seed=0):
         # tokens (B, T) int -> logits (N, V) and everything the backward needs
-        cfg = self.config
+        cfg, ops = self.config, self.ops
         B, T = tokens.shape
         pos = kv_cache.length if kv_cache is not None else 0
         if pos + T > cfg.max_seq_len:
@@ -186,7 +208,7 @@ class PaLM:
     def loss(self, tokens, targets):
         """The training loss without the backward pass (for evaluation)."""
         logits, _ = self._forward(self._tokens(tokens))
-        loss, _ = ops.cross_entropy_forward(self.xp, logits, self._tokens(targets).reshape(-1), self.config.z_loss)
+        loss, _ = self.ops.cross_entropy_forward(self.xp, logits, self._tokens(targets).reshape(-1), self.config.z_loss)
         return float(loss)
 
     def new_kv_cache(self, batch_size):
@@ -196,7 +218,7 @@ class PaLM:
 
     def _block_backward(self, dx, layer, d_layer, cache):
         # dx (B, T, D): gradient at the block's output; accumulates into d_layer, returns the gradient at its input
-        cfg = self.config
+        cfg, ops = self.config, self.ops
         B, T, D = dx.shape
         q_dim, kv_dim = layer.q_dim, layer.kv_dim
         ln_cache, h, cos, sin, attn_cache, swiglu_cache, branches, keep, dropout = cache
@@ -216,17 +238,20 @@ class PaLM:
         dx_ln = ops.layernorm_backward(dh, layer.norm, d_layer.norm, ln_cache)
         return dx + dx_ln.reshape(B, T, D)
 
-    def loss_and_grads(self, tokens, targets, dropout=0.0, dropout_seed=0):
+    def loss_and_grads(self, tokens, targets, dropout=0.0, dropout_seed=0, grads=None):
         """Mean cross-entropy plus z-loss over all positions, and its gradient for every parameter.
 
-        tokens, targets (B, T) int. Returns (loss as a float, dict: canonical name -> gradient)."""
-        xp, cfg = self.xp, self.config
+        tokens, targets (B, T) int. Returns (loss as a float, grads: a Flat, canonical name -> gradient, with
+        `.flat`). Given `grads` (from an earlier call), the gradients are added to it: gradient accumulation."""
+        xp, cfg, ops = self.xp, self.config, self.ops
         tokens, targets = self._tokens(tokens), self._tokens(targets)
         B, T = tokens.shape
         logits, (block_caches, ln_cache, h) = self._forward(tokens, None, dropout, dropout_seed)
         loss, ce_cache = ops.cross_entropy_forward(xp, logits, targets.reshape(-1), cfg.z_loss)
 
-        d_embed, d_norm, d_layers, grads = self.grads_like()
+        grads = self.grads_like() if grads is None else grads
+        d_embed, d_norm = grads.stored["embed"], grads.stored["norm"]
+        d_layers = [Layer(cfg, grads.stored, i) for i in range(cfg.n_layers)]
         dlogits = ops.cross_entropy_backward(xp, ce_cache, cfg.z_loss)                      # (N, V)
         dh = ops.tied_logits_backward(dlogits, h, self.embed, d_embed)                      # (N, D)
         dx = ops.layernorm_backward(dh, self.norm, d_norm, ln_cache).reshape(B, T, cfg.d_model)

@@ -1,4 +1,8 @@
-"""AdamW, global-norm gradient clipping, and the learning-rate schedule."""
+"""AdamW, global-norm gradient clipping, and the learning-rate schedule.
+
+Parameters, gradients and both AdamW moments are flat vectors with one layout (flat.py), so a step is a few
+vectorised passes over contiguous memory: one per run of neighbouring arrays that share a weight-decay setting.
+"""
 
 import math
 
@@ -12,57 +16,81 @@ def decays(name):
     return name.startswith("layers.") and not name.endswith(".norm")
 
 
+def update_runs(layout, frozen=(), decays=decays):
+    """[(start, stop, decayed)]: the stretches of the flat vector that AdamW updates, neighbours merged.
+
+    Runs are taken over the stored arrays (the model's fused matrices), not the canonical views inside them."""
+    unknown = set(frozen) - set(layout.spans)
+    if unknown:
+        raise ValueError(f"cannot freeze {sorted(unknown)}: not stored arrays of this layout")
+    runs = []
+    for name, (a, b) in layout.spans.items():
+        if name in frozen:
+            continue
+        if runs and runs[-1][1] == a and runs[-1][2] == decays(name):
+            runs[-1] = (runs[-1][0], b, runs[-1][2])
+        else:
+            runs.append((a, b, decays(name)))
+    return runs
+
+
 class AdamW:
     """Adam with bias-corrected moments and decoupled weight decay (Loshchilov & Hutter).
 
-    p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p), for the parameters where `decays(name)`.
-    `frozen` names are left untouched (no update, no decay)."""
+    p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p), the decay only where `decays(name)`.
+    `params` is a Flat (model.params); `frozen` names stored arrays that are left untouched (no update, no decay).
+    The moments `m`, `v` are Flats laid out like the parameters."""
 
     def __init__(self, params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, frozen=()):
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
         self.frozen = set(frozen)
+        self.runs = update_runs(params.layout, self.frozen)
         self.t = 0
-        self.m = {name: p * 0 for name, p in params.items() if name not in self.frozen}
-        self.v = {name: p * 0 for name, p in params.items() if name not in self.frozen}
+        self.m, self.v = params.zeros_like(), params.zeros_like()
 
     def step(self, params, grads, lr):
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         m_correction, v_correction = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
-        for name, m in self.m.items():
-            p, g, v = params[name], grads[name], self.v[name]
+        for a, b, decayed in self.runs:
+            p, g = params.flat[a:b], grads.flat[a:b]
+            m, v = self.m.flat[a:b], self.v.flat[a:b]
             m *= b1
             m += (1.0 - b1) * g                               # first moment
             v *= b2
             v += (1.0 - b2) * (g * g)                         # second moment
-            if self.weight_decay and decays(name):
+            if self.weight_decay and decayed:
                 p *= 1.0 - lr * self.weight_decay             # decoupled: not part of the gradient
             denom = (v / v_correction) ** 0.5
             denom += self.eps
             p -= (lr / m_correction) * m / denom
 
     def state_dict(self):
-        """Arrays only, so a checkpoint can hold them: 'step' and 'm.<name>', 'v.<name>'."""
+        """Arrays only, so a checkpoint can hold them: 'step' and 'm.<name>', 'v.<name>' by canonical name."""
         state = {"step": self.t}
         state.update({f"m.{name}": m for name, m in self.m.items()})
         state.update({f"v.{name}": v for name, v in self.v.items()})
         return state
 
     def load_state_dict(self, state, xp):
+        """Names missing from `state` (frozen in the run that saved it) start from zero."""
         self.t = int(state["step"])
-        for name in self.m:
-            self.m[name][...] = xp.asarray(state[f"m.{name}"])
-            self.v[name][...] = xp.asarray(state[f"v.{name}"])
+        for moments, key in ((self.m, "m"), (self.v, "v")):
+            moments.flat[...] = 0
+            for name, array in moments.items():
+                if f"{key}.{name}" in state:
+                    array[...] = xp.asarray(state[f"{key}.{name}"])
 
 
 def clip_grad_norm(grads, max_norm):
-    """Scale all gradients together so that their global L2 norm is at most max_norm; returns the norm before."""
-    total = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    """Scale the gradients together so that their global L2 norm is at most max_norm; returns the norm before.
+
+    grads is a Flat: one dot product over its vector, one number brought to the host."""
+    g = grads.flat
+    total = math.sqrt(float(g @ g))
     if max_norm and total > max_norm:
-        scale = max_norm / (total + 1e-6)
-        for g in grads.values():
-            g *= scale
+        g *= max_norm / (total + 1e-6)
     return total
 
 
