@@ -429,6 +429,61 @@ def test_a_wrong_argument_width_is_caught(emulated):
     np.testing.assert_array_equal(d_embed, [[1] * 4, [2] * 4, [0] * 4, [0] * 4, [0] * 4])
 
 
+def test_the_model_on_kernel_backed_ops_matches_float64(emulated):
+    # the model as the cupy backend builds it (ops.py with the overrides laid over it), numpy playing cupy:
+    # loss and every gradient against the plain float64 model, with dropout, and generation with the KV cache
+    import types
+    from tinypalm import Config, PaLM
+    from tinypalm.backend import cuda_overrides, get_ops
+    cfg = Config(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    ref, model = PaLM(cfg, "numpy", "float64", seed=2), PaLM(cfg, "numpy", "float32", seed=2)
+    model.ops = types.SimpleNamespace(**{**vars(get_ops("numpy")), **cuda_overrides()})
+    model._masks.clear()
+    rng = np.random.default_rng(0)
+    tokens, targets = rng.integers(0, 40, (3, 12)), rng.integers(0, 40, (3, 12))
+    loss_ref, grads_ref = ref.loss_and_grads(tokens, targets, dropout=0.2, dropout_seed=4)
+    loss, grads = model.loss_and_grads(tokens, targets, dropout=0.2, dropout_seed=4)
+    assert abs(loss - loss_ref) < 1e-5 * abs(loss_ref)
+    for name in grads_ref:
+        assert np.linalg.norm(grads[name] - grads_ref[name]) <= 1e-4 * np.linalg.norm(grads_ref[name]), name
+    cache = model.new_kv_cache(3)
+    stepwise = np.concatenate([model.forward(tokens[:, :5], cache)] +
+                              [model.forward(tokens[:, t:t + 1], cache) for t in range(5, 12)], axis=1)
+    np.testing.assert_allclose(stepwise, ref.forward(tokens), rtol=1e-4, atol=1e-4)
+    launched = {instance.split("<")[0] for instance in emulated.launched}
+    assert {"layernorm_forward", "rope", "causal_softmax_forward", "causal_softmax_backward", "swiglu_backward",
+            "cross_entropy_backward", "embedding_backward", "dropout_mask", "dropout_apply"} <= launched
+
+
+def test_adamw_flat_matches_optim_adamw(emulated):
+    # optim.AdamW on the model's flat buffers (decay runs, a frozen array) against adamw_flat with its ranges,
+    # clipping included: clip_grad_norm scales g on the host, adamw_flat on the device from global_grad_norm
+    from tinypalm import Config, PaLM
+    from tinypalm.optim import AdamW, clip_grad_norm
+    cfg = Config(vocab_size=30, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=8)
+    model, twin_model = PaLM(cfg, "numpy", "float32", seed=1), PaLM(cfg, "numpy", "float32", seed=1)
+    frozen = ["embed"]
+    opt, twin_opt = AdamW(model.params, frozen=frozen), AdamW(twin_model.params, frozen=frozen)
+    n = model.params.flat.size
+    decay, frozen_ranges = cuda_ops.adamw_ranges(opt.runs, n)
+    assert frozen_ranges == [model.params.layout.spans["embed"]] and decay
+    rng = np.random.default_rng(0)
+    for t in (1, 2, 3):
+        tokens, targets = rng.integers(0, 30, (2, 8)), rng.integers(0, 30, (2, 8))
+        _, grads = twin_model.loss_and_grads(tokens, targets)
+        g = grads.flat.copy()
+        max_norm = 0.5 * float(np.linalg.norm(g))                 # so that clipping acts
+        clip_grad_norm(grads, max_norm)
+        twin_opt.step(twin_model.params, grads, lr=1e-2)
+        norm = cuda_ops.global_grad_norm(g)
+        np.testing.assert_allclose(norm, np.linalg.norm(g.astype(np.float64)), rtol=1e-6)
+        cuda_ops.adamw_flat(model.params.flat, g, opt.m.flat, opt.v.flat, decay, 1e-2, opt.beta1, opt.beta2,
+                            opt.eps, opt.weight_decay, t, frozen=frozen_ranges, grad_norm=norm, max_norm=max_norm)
+        # the same weights on both sides, so the next step's gradients agree too
+        np.testing.assert_allclose(model.params.flat, twin_model.params.flat, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(opt.v.flat, twin_opt.v.flat, rtol=1e-5, atol=1e-12)
+
+
 # --- on a GPU: every kernel against its twin --------------------------------------------------------------------
 
 def _has_gpu():

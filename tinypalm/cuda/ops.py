@@ -443,6 +443,21 @@ def adamw_flat(p, g, m, v, decay, lr, beta1, beta2, eps, weight_decay, t, frozen
         p_compute[...] = p.reshape(p_compute.shape)
 
 
+def adamw_ranges(runs, n):
+    """(decay, frozen) ranges for adamw_flat from optim.update_runs' [(start, stop, decayed)] over n elements:
+    decay where a decayed run lies, frozen wherever no run does."""
+    decay, frozen, at = [], [], 0
+    for start, stop, decayed in sorted(runs):
+        if start > at:
+            frozen.append((at, start))
+        if decayed:
+            decay.append((start, stop))
+        at = stop
+    if at < n:
+        frozen.append((at, n))
+    return decay, frozen
+
+
 def _adamw_xp(p, g, m, v, decay, lr, beta1, beta2, eps, weight_decay, step_size, v_correction, frozen, p_compute,
               grad_norm, max_norm):
     # the same step in array operations, for buffers the kernel does not take (float64 runs)
