@@ -484,6 +484,32 @@ def test_adamw_flat_matches_optim_adamw(emulated):
         np.testing.assert_allclose(opt.v.flat, twin_opt.v.flat, rtol=1e-5, atol=1e-12)
 
 
+def test_gpucheck_model_check_runs_with_emulated_kernels(emulated, monkeypatch):
+    # gpucheck's model section, numpy playing cupy: float32 passes, and it says whether the kernels were in use
+    import types
+    from tinypalm import gpucheck, model
+    from tinypalm.backend import cuda_overrides, get_ops
+    monkeypatch.setattr(model, "get_xp", lambda backend: np)
+    monkeypatch.setattr(model, "get_ops", lambda backend: types.SimpleNamespace(
+        **{**vars(get_ops("numpy")), **(cuda_overrides() if backend == "cupy" else {})}))
+    results = {r.name: r for r in gpucheck.check_model()}
+    assert results["model float32 loss"].ok and "in use" in results["model float32 loss"].detail
+    assert results["model float32 every gradient"].ok
+    assert all(r.ok for name, r in results.items() if "float32" in name)
+
+
+def test_gpucheck_training_verdict():
+    from tinypalm.gpucheck import training_verdict
+    falling = [{"split": "train", "step": 5 * i, "loss": 6.0 - 0.3 * i, "tokens_per_s": 1e5} for i in range(1, 8)]
+    assert training_verdict(falling + [{"split": "val", "step": 35, "loss": 9.0}], 120, "").ok
+    flat = [dict(r, loss=6.0) for r in falling]
+    assert not training_verdict(flat, 120, "").ok
+    diverged = falling[:-1] + [dict(falling[-1], loss=float("nan"))]
+    assert not training_verdict(diverged, 120, "").ok
+    verdict = training_verdict(falling[:2], 120, "model: ...\nerror: --dtype bfloat16 is not a choice")
+    assert not verdict.ok and "not a choice" in verdict.detail
+
+
 # --- on a GPU: every kernel against its twin --------------------------------------------------------------------
 
 def _has_gpu():

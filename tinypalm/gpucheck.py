@@ -373,17 +373,23 @@ def check_training(seconds):
         if os.path.exists(metrics):
             with open(metrics) as f:
                 records = [json.loads(line) for line in f if line.strip()]
+    return [training_verdict(records, seconds, output)]
+
+
+def training_verdict(records, seconds, output):
+    """The training check from train.py's metrics.jsonl records: the last logged training loss must be at least
+    0.5 below the first, every loss finite."""
     train = [r for r in records if r.get("split") == "train"]
     if len(train) < 4:
         tail = " | ".join(output.strip().splitlines()[-2:])
-        return [Check("training", "full preset bf16", f"only {len(train)} log lines in {seconds} s: {tail}",
-                      float("nan"), 0, False)]
+        return Check("training", "full preset bf16", f"only {len(train)} log lines in {seconds} s: {tail}",
+                     float("nan"), 0, False)
     first, last = train[0], train[-1]
     rate = numpy.median([r["tokens_per_s"] for r in train[1:]])
     detail = (f"{last['step']} steps in {seconds} s, loss {first['loss']:.3f} (step {first['step']}) -> "
               f"{last['loss']:.3f} (step {last['step']}), {rate:,.0f} tokens/s")
     falls = last["loss"] < first["loss"] - 0.5 and all(math.isfinite(r["loss"]) for r in train)
-    return [Check("training", "full preset bf16, loss falls", detail, float("nan"), 0, falls)]
+    return Check("training", "full preset bf16, loss falls", detail, float("nan"), 0, falls)
 
 
 # --- 4. the benchmark -------------------------------------------------------------------------------------------
