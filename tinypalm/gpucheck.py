@@ -357,17 +357,21 @@ def check_training(seconds):
                "--batch-size", "16", "--seq-len", "1024", "--max-steps", "100000", "--warmup-steps", "20",
                "--lr", "6e-4", "--log-every", "5", "--eval-every", "100000", "--eval-steps", "2",
                "--sample-tokens", "0", "--out", out]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-        start = time.time()
-        try:
+        log_path = os.path.join(out, "train.log")
+        with open(log_path, "w") as log:              # a file, not a pipe: a full pipe would stall train.py
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            start = time.time()
             while proc.poll() is None and time.time() - start < seconds:
                 time.sleep(1)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)           # as a user's Ctrl-C: finish the step, save, stop
-            output, _ = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        with open(log_path) as f:
+            output = f.read()
         metrics = os.path.join(out, "metrics.jsonl")
         records = []
         if os.path.exists(metrics):
