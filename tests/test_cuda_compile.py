@@ -159,9 +159,9 @@ def test_row_layout_reads_a_projection_slice_in_place():
     assert cuda_ops.row_layout(gate.shape, gate.strides, 4, 1) == (B * T, 11, width)
     t = np.zeros((4, 6)).T
     assert cuda_ops.row_layout(t.shape, t.strides, 8, 1) is None
-    a = np.zeros((3, 4, 5))[:, ::2]                                # rows not evenly spaced over both leading axes
+    a = np.zeros((3, 4, 5))[:, ::2]                                # every other row: evenly spaced, ld 10
     assert cuda_ops.row_layout(a.shape, a.strides, 8, 2) == (6, 5, 10)
-    b = np.zeros((3, 4, 5))[:, :3]
+    b = np.zeros((3, 4, 5))[:, :3]                                 # a gap after every third row: not a matrix
     assert cuda_ops.row_layout(b.shape, b.strides, 8, 2) is None
 
 
