@@ -5,6 +5,7 @@
     python train.py --data big.txt --prepare big.tok # tokenise once into a memory-mapped token file
     python train.py --resume                         # continue out/last.npz exactly where it stopped
     python train.py --init-from out/best.npz --data new.txt --out finetuned   # fine-tune
+    mpiexec -n 4 python train.py --zero 1            # data parallel over 4 processes, optimizer state split
 
 Writes to --out: last.npz (every evaluation, and on Ctrl-C), best.npz (best validation loss so far),
 metrics.jsonl (one JSON record per log line and evaluation) and loss.svg (the loss curves).
@@ -15,17 +16,18 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 
 import numpy as np
 
 from tinypalm import Config, PaLM, TinyPalmError
-from tinypalm import checkpoint, data
+from tinypalm import checkpoint, data, dist
 from tinypalm.cli import run_cli, format_duration
 from tinypalm.config import PRESETS
 from tinypalm.generate import generate
 from tinypalm.model import layer_storage_names
-from tinypalm.optim import AdamW, clip_grad_norm, lr_at
+from tinypalm.optim import AdamW, lr_at
 from tinypalm.plot import read_metrics, write_loss_svg
 from tinypalm.tokenizer import ByteTokenizer, BPETokenizer, tokenizer_from_dict
 
@@ -53,7 +55,9 @@ def build_parser():
     g.add_argument("--out", default="out")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--seq-len", type=int, default=128)
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (per rank under mpiexec)")
+    g.add_argument("--zero", type=int, default=0, choices=[0, 1],
+                   help="under mpiexec, 1 splits the AdamW state over the ranks (ZeRO-1)")
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--min-lr", type=float, default=2e-4)
     g.add_argument("--warmup-steps", type=int, default=50)
@@ -162,10 +166,10 @@ def load_tokens(args, tokenizer_dict):
     return tokens, tokenizer
 
 
-def evaluate(model, tokens, args):
-    """Mean loss over the fixed validation batches (the same ones at every evaluation)."""
-    batches = data.eval_batches(tokens, args.batch_size, args.seq_len, args.eval_steps)
-    return float(np.mean([model.loss(x, y) for x, y in batches]))
+def evaluate(model, tokens, args, comm):
+    """Mean loss over the fixed validation batches (the same ones at every evaluation), shared out over the ranks."""
+    batches = list(data.eval_batches(tokens, args.batch_size, args.seq_len, args.eval_steps))
+    return comm.sum(np.sum([model.loss(x, y) for x, y in batches[comm.rank::comm.size]])) / args.eval_steps
 
 
 class StopRequest:
@@ -183,6 +187,8 @@ class StopRequest:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    comm = dist.init(argv)          # alone, or one rank of an mpiexec run: rank 0 alone prints and writes files
     parser = build_parser()
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
@@ -205,46 +211,59 @@ def main(argv=None):
     np.seterr(over="ignore", invalid="ignore")      # a diverging run is caught below, by its loss and gradient norm
 
     if args.prepare:
+        if comm.size > 1:
+            raise TinyPalmError("--prepare writes one token file: run it as one process, then train under mpiexec "
+                                "with --data TOKEN_FILE")
         return prepare(args, ckpt.tokenizer_dict if ckpt else None)
     tokens, tokenizer = load_tokens(args, ckpt.tokenizer_dict if ckpt else None)
     train_tokens, val_tokens = data.split_train_val(tokens)
     data.check_length(len(train_tokens), len(val_tokens), args.seq_len)
 
     cfg = model_config(args, tokenizer.vocab_size, ckpt.config if ckpt else None)
+    comm.use_device(args.backend)
     model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=args.seed)
+    comm.attach(model, zero=args.zero, micro_batches=args.grad_accum)
     frozen = []
     if args.freeze_layers:
         if not 0 < args.freeze_layers <= cfg.n_layers:
             raise TinyPalmError(f"--freeze-layers {args.freeze_layers}: the model has {cfg.n_layers} layers")
         frozen = ["embed"] + [n for i in range(args.freeze_layers) for n in layer_storage_names(i)]
-    optimizer = AdamW(model.params, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, frozen=frozen)
+    optimizer = AdamW(model.params, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, frozen=frozen,
+                      shard=comm.shard)
     start_step, best_val = 0, math.inf
     if ckpt is not None:
         model.load_params(ckpt.params)
     if args.resume:
         if ckpt.opt_state is None:
             raise TinyPalmError(f"--resume: {ckpt.path} holds weights only (no optimizer state); use --init-from instead")
-        optimizer.load_state_dict(ckpt.opt_state, model.xp)
+        comm.load_optimizer(optimizer, ckpt.opt_state, model.xp)
         start_step, best_val = ckpt.step, ckpt.best_val_loss if ckpt.best_val_loss is not None else math.inf
-    os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if not args.resume and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    if comm.is_root:
+        os.makedirs(args.out, exist_ok=True)
+        if not args.resume and os.path.exists(metrics_path):
+            os.remove(metrics_path)
     train_args = {k: v for k, v in vars(args).items() if k not in ("resume", "init_from", "prepare")}
 
     def save(name, step):
-        checkpoint.save(os.path.join(args.out, name), model, tokenizer, step, optimizer, train_args,
-                        None if math.isinf(best_val) else best_val)
+        whole = comm.whole_optimizer(optimizer)     # ZeRO-1: the ranks' shards, gathered on rank 0
+        if comm.is_root:
+            checkpoint.save(os.path.join(args.out, name), model, tokenizer, step, whole, train_args,
+                            None if math.isinf(best_val) else best_val)
 
     def log(record):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if comm.is_root:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     decay_steps = args.decay_steps or args.max_steps
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    micro_batches = args.grad_accum * comm.size      # per step, over all ranks
+    tokens_per_step = args.batch_size * args.seq_len * micro_batches
     print(f"model: {cfg.n_params() / 1e6:.2f}M parameters, d_model {cfg.d_model}, {cfg.n_layers} layers, "
           f"{cfg.n_heads} heads ({cfg.n_kv_heads} kv), d_ff {cfg.d_ff}, vocab {cfg.vocab_size}; "
           f"{args.backend} {args.dtype}; {tokens_per_step:,} tokens per step"
+          + (f" over {comm.size} ranks" + (", optimizer state split (ZeRO-1)" if comm.shard else "")
+             if comm.size > 1 else "")
           + (f"; resuming at step {start_step}" if args.resume else ""))
     stop = StopRequest()
     t_start, t_log, evals_without_gain = time.time(), time.time(), 0
@@ -253,21 +272,23 @@ def main(argv=None):
     while step < args.max_steps:
         lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
         loss, grads = 0.0, None
-        for micro in range(args.grad_accum):           # the micro-batches' gradients add up in one buffer
-            x, y = data.get_batch(train_tokens, args.batch_size, args.seq_len, args.seed, step * args.grad_accum + micro)
-            dropout_seed = (args.seed * 1_000_003 + step * args.grad_accum + micro) & 0x7FFFFFFF
+        first = (step * comm.size + comm.rank) * args.grad_accum      # this rank's share of the step's micro-batches
+        for micro in range(first, first + args.grad_accum):           # their gradients add up in one buffer
+            x, y = data.get_batch(train_tokens, args.batch_size, args.seq_len, args.seed, micro)
+            dropout_seed = (args.seed * 1_000_003 + micro) & 0x7FFFFFFF
             micro_loss, grads = model.loss_and_grads(x, y, args.dropout, dropout_seed, grads=grads)
-            loss += micro_loss / args.grad_accum
-        if args.grad_accum > 1:
-            grads.flat *= 1.0 / args.grad_accum
-        grad_norm = clip_grad_norm(grads, args.grad_clip)
+            loss += micro_loss / micro_batches
+        loss = comm.sum(loss)
+        comm.average_gradients(grads, micro_batches)  # summed over the ranks, then the mean over all micro-batches
+        grad_norm = comm.clip_grad_norm(grads, args.grad_clip)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             last = os.path.join(args.out, "last.npz")
             kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
             raise TinyPalmError(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; stopped "
                                 f"without updating, {kept}; lower --lr, raise --warmup-steps or set --grad-clip")
-        optimizer.step(model.params, grads, lr)
+        comm.update(optimizer, model.params, grads, lr)   # ZeRO-1: each rank its shard, then the weights gathered
         step += 1
+        stopping = comm.any(stop.requested)          # Ctrl-C reaches the ranks at different steps
         running.append(loss)
 
         if step % args.log_every == 0 or step == args.max_steps:
@@ -280,10 +301,10 @@ def main(argv=None):
                  "tokens_per_s": rate, "elapsed_s": now - t_start})
             running, t_log = [], now
 
-        final = step == args.max_steps or stop.requested
+        final = step == args.max_steps or stopping
         if step % args.eval_every == 0 or final:
             t_eval = time.time()
-            val = evaluate(model, val_tokens, args)
+            val = evaluate(model, val_tokens, args, comm)
             improved = val < best_val
             best_val = min(best_val, val)
             evals_without_gain = 0 if improved else evals_without_gain + 1
@@ -292,13 +313,14 @@ def main(argv=None):
             save("last.npz", step)
             if improved:
                 save("best.npz", step)
-            write_loss_svg(os.path.join(args.out, "loss.svg"), *read_metrics(metrics_path),
-                           title=f"tinypalm {cfg.n_params() / 1e6:.1f}M")
+            if comm.is_root:
+                write_loss_svg(os.path.join(args.out, "loss.svg"), *read_metrics(metrics_path),
+                               title=f"tinypalm {cfg.n_params() / 1e6:.1f}M")
             t_log += time.time() - t_eval          # evaluation time is not training throughput
             if args.patience and evals_without_gain >= args.patience:
                 print(f"early stop: no improvement in {args.patience} evaluations")
                 break
-        if stop.requested:
+        if stopping:
             print(f"saved {os.path.join(args.out, 'last.npz')} at step {step}; continue with --resume")
             return
 
@@ -311,4 +333,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(dist.ends_together(main))

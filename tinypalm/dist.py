@@ -1,0 +1,398 @@
+"""Data-parallel training over several processes: MPI starts and coordinates them, NCCL moves gradients on GPUs.
+
+    mpiexec -n 4 python train.py ...                          # 4 CPU processes
+    mpiexec -n 8 python train.py --backend cupy ...           # 8 GPUs, one per process
+    mpiexec -n 8 python train.py --backend cupy --zero 1 ...  # optimizer state split over the 8
+
+Every rank holds the whole model and runs its own micro-batches of the step. The gradients are then summed
+over the ranks with a few large all-reduces, each over a bucket (a stretch of the flat gradient vector, see
+flat.py), and every rank applies the same AdamW update. With ZeRO-1 the AdamW moments are split instead: the
+gradient is reduce-scattered so that each rank holds the sum of its own shard (a stretch of the flat vector),
+updates the weights of that shard with the moments of that shard alone, and the weights are all-gathered.
+
+On GPUs the all-reduce of each bucket starts on a side stream as soon as the backward has finished the layers
+it holds, so communication overlaps the rest of the backward.
+
+`init(argv)` gives a process its communicator: `Single`, whose collectives do nothing, unless mpiexec started
+several processes. A single process never imports mpi4py or NCCL.
+"""
+
+import os
+import shlex
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from .backend import get_xp, to_numpy
+from .errors import TinyPalmError
+from .model import layer_storage_names
+from .optim import AdamW, Stretch, clip_grad_norm
+
+# Launchers announce the number of processes in the environment before MPI starts:
+# MPICH's and Intel MPI's hydra and Slurm's PMI-2 (PMI_SIZE), Open MPI (OMPI_COMM_WORLD_SIZE), MVAPICH.
+SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+BUCKET_BYTES = 32 << 20     # gradient bytes per all-reduce: large enough for full bandwidth, small enough to overlap
+GRACE_S = 2.0               # a failing rank other than 0 waits this long for rank 0 to report the same error
+
+_world = None               # this process's communicator, once init() made it (read by ends_together)
+
+
+def launched_size(environ=os.environ):
+    """How many processes the launcher started (1 when not started by mpiexec)."""
+    for var in SIZE_VARS:
+        if environ.get(var, "").isdigit():
+            return int(environ[var])
+    return 1
+
+
+def init(argv):
+    """This process's communicator. Under mpiexec: MPI starts, ranks other than 0 fall silent, and every rank
+    checks that it was given rank 0's arguments."""
+    global _world
+    if launched_size() <= 1:
+        _world = Single()
+        return _world
+    if not next((os.environ[v] == "0" for v in RANK_VARS if v in os.environ), True):
+        silence_output()
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise TinyPalmError(f"started by mpiexec as {launched_size()} processes, but mpi4py is not installed; "
+                            "install it with `pip install -e '.[mpi]'`") from None
+    _world = MPIComm(MPI)
+    _world.check_arguments(argv)
+    return _world
+
+
+def silence_output():
+    """Rank 0 alone speaks: the others' stdout and stderr go nowhere (their errors are written by fail())."""
+    sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
+def ends_together(main):
+    """main, such that an error on any one of several ranks ends every rank: one line, then MPI_Abort.
+
+    An error every rank meets (a bad flag, a diverged step) is reported by rank 0 alone; one that a single rank
+    meets (a crash, a full disk) is reported by that rank, with its number. Without this, the other ranks would
+    wait forever in their next collective."""
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except SystemExit:          # --help, argparse's usage errors: the same on every rank, which all exit
+            raise
+        except BaseException as error:
+            if _world is None or _world.size == 1:
+                raise
+            _world.fail(error)
+    return run
+
+
+def plan_buckets(layout, n_layers, bucket_bytes, itemsize):
+    """[(start, stop, ready_after)]: buckets of the flat gradient vector, in the order the backward finishes them.
+
+    The flat order is embed, layers 0 .. n-1, norm. The backward finishes the final norm first, then layer n-1
+    down to layer 0, and the embedding last (it also receives the tied logits' gradient at the very start). A
+    bucket runs from some layer's first element to the previous bucket's start, closed once it holds
+    bucket_bytes; `ready_after` is the layer whose backward completes it, None for the last bucket, which holds
+    the embedding and is complete only when the backward returns."""
+    buckets, stop = [], layout.size
+    for i in reversed(range(n_layers)):
+        start = min(layout.spans[name][0] for name in layer_storage_names(i))
+        if (stop - start) * itemsize >= bucket_bytes:
+            buckets.append((start, stop, i))
+            stop = start
+    buckets.append((0, stop, None))
+    return buckets
+
+
+def shard_bounds(size, n_ranks):
+    """[(start, stop)] per rank: the flat vector cut into n_ranks stretches of nearly equal length."""
+    return [(r * size // n_ranks, (r + 1) * size // n_ranks) for r in range(n_ranks)]
+
+
+class Single:
+    """The communicator of a process that trains alone: every collective is the identity."""
+
+    rank, size, local_rank, is_root = 0, 1, 0, True
+    shard = None
+
+    def use_device(self, backend):
+        pass
+
+    def attach(self, model, zero=0, micro_batches=1):
+        pass
+
+    def sum(self, x):
+        return x
+
+    def any(self, flag):
+        return bool(flag)
+
+    def average_gradients(self, grads, micro_batches):
+        if micro_batches > 1:
+            grads.flat *= 1.0 / micro_batches
+
+    def clip_grad_norm(self, grads, max_norm):
+        return clip_grad_norm(grads, max_norm)
+
+    def update(self, optimizer, params, grads, lr):
+        optimizer.step(params, grads, lr)
+
+    def whole_optimizer(self, optimizer):
+        return optimizer
+
+    def load_optimizer(self, optimizer, state, xp):
+        optimizer.load_state_dict(state, xp)
+
+
+class MPIComm:
+    """One rank of an mpiexec run. Scalars and arguments go over MPI; gradients over MPI (numpy) or NCCL (cupy)."""
+
+    def __init__(self, MPI):
+        self.MPI, self.comm = MPI, MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.is_root = self.rank == 0
+        self.local_rank = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()   # the rank within its machine
+        self.shard, self.reducer = None, None
+        if not self.is_root:
+            silence_output()
+
+    def check_arguments(self, argv):
+        """Every rank must run rank 0's command: a rank started with other arguments ends the run."""
+        argvs = self.comm.allgather(list(argv))
+        other = next((r for r, a in enumerate(argvs) if a != argvs[0]), None)
+        if other is not None:
+            raise TinyPalmError(f"the {self.size} ranks were started with different arguments (rank 0: "
+                                f"{shlex.join(argvs[0]) or '(none)'}; rank {other}: {shlex.join(argvs[other]) or '(none)'}); "
+                                "start every rank with the same command")
+
+    def fail(self, error):
+        """End every rank: one line on stderr, from rank 0 if it meets the error too, then MPI_Abort."""
+        if isinstance(error, TinyPalmError):
+            line, status = str(error), 2
+        elif isinstance(error, KeyboardInterrupt):
+            line, status = "interrupted", 130
+        else:
+            where = traceback.extract_tb(error.__traceback__)[-1]
+            line, status = f"{type(error).__name__}: {error} (at {os.path.basename(where.filename)}:{where.lineno})", 1
+        if not self.is_root:
+            time.sleep(GRACE_S)          # if rank 0 meets it too, its abort ends this rank first
+            line = f"rank {self.rank}: {line}"
+        sys.__stderr__.write(f"error: {line}\n")
+        sys.__stderr__.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)     # MPI_Abort's own report would add lines
+        self.comm.Abort(status)
+
+    # --- scalars: the same result on every rank ---------------------------------------------------------------
+
+    def sum(self, x):
+        total = np.array(float(x))
+        self.comm.Allreduce(self.MPI.IN_PLACE, total, op=self.MPI.SUM)
+        return float(total)
+
+    def any(self, flag):
+        return self.comm.allreduce(bool(flag), op=self.MPI.LOR)
+
+    # --- gradients and the update ----------------------------------------------------------------------------
+
+    def use_device(self, backend):
+        """With cupy, one GPU per rank, picked by the rank within its machine; NCCL binds to it."""
+        if backend != "cupy":
+            return
+        cupy = get_xp("cupy")
+        n_gpus = cupy.cuda.runtime.getDeviceCount()
+        if self.local_rank >= n_gpus:
+            raise TinyPalmError(f"rank {self.rank} is process {self.local_rank + 1} on its machine, which has "
+                                f"{n_gpus} GPU(s); start at most one rank per GPU")
+        cupy.cuda.Device(self.local_rank).use()
+
+    def attach(self, model, zero=0, micro_batches=1):
+        """Plan the buckets and shards for this model; micro_batches is this rank's count per step."""
+        layout = model.params.layout
+        self.params, self.xp = model.params, model.xp
+        self.shards = shard_bounds(layout.size, self.size)
+        self.shard = self.shards[self.rank] if zero else None
+        buckets = plan_buckets(layout, model.config.n_layers, BUCKET_BYTES, model.params.flat.itemsize)
+        if model.backend == "cupy":
+            self.reducer = NCCLReducer(self.comm, model, buckets, self.shards, micro_batches, overlap=not zero)
+        else:
+            self.reducer = MPIReducer(self.MPI, self.comm, buckets, self.shards)
+
+    def average_gradients(self, grads, micro_batches):
+        """The mean over the global batch's micro_batches (all ranks'): on every rank, or on its shard (ZeRO-1)."""
+        if self.shard is None:
+            self.reducer.all_reduce(grads.flat)
+            mine = grads.flat
+        else:
+            self.reducer.reduce_scatter(grads.flat, self.rank)
+            mine = grads.flat[self.shard[0]:self.shard[1]]
+        mine *= 1.0 / micro_batches
+
+    def clip_grad_norm(self, grads, max_norm):
+        if self.shard is None:                   # every rank holds the whole averaged gradient
+            return clip_grad_norm(grads, max_norm)
+        g = grads.flat[self.shard[0]:self.shard[1]]
+        total = self.sum(float(g @ g)) ** 0.5    # the shards' squared norms add up to the whole one's
+        if max_norm and total > max_norm:
+            g *= max_norm / (total + 1e-6)
+        return total
+
+    def update(self, optimizer, params, grads, lr):
+        if self.shard is None:
+            return optimizer.step(params, grads, lr)
+        a, b = self.shard
+        optimizer.step(Stretch(params.flat[a:b]), Stretch(grads.flat[a:b]), lr)
+        self.reducer.all_gather(params.flat, self.rank)
+
+    # --- the optimizer state in checkpoints: always the whole of it -------------------------------------------
+
+    def whole_optimizer(self, optimizer):
+        """An AdamW holding the whole state, on rank 0 (None elsewhere): the shards gathered under ZeRO-1."""
+        if self.shard is None:
+            return optimizer
+        whole = [self._gather(moments.flat) for moments in (optimizer.m, optimizer.v)]
+        if not self.is_root:
+            return None
+        full = self._full_like(optimizer)
+        full.t = optimizer.t
+        for moments, gathered in zip((full.m, full.v), whole):
+            moments.flat[...] = self.xp.asarray(gathered)
+        return full
+
+    def load_optimizer(self, optimizer, state, xp):
+        """Load a whole saved state (from any number of ranks): under ZeRO-1, keep this rank's shard of it."""
+        if self.shard is None:
+            return optimizer.load_state_dict(state, xp)
+        full = self._full_like(optimizer)
+        full.load_state_dict(state, xp)
+        a, b = self.shard
+        optimizer.t = full.t
+        optimizer.m.flat[...], optimizer.v.flat[...] = full.m.flat[a:b], full.v.flat[a:b]
+
+    def _full_like(self, optimizer):
+        return AdamW(self.params, (optimizer.beta1, optimizer.beta2), optimizer.eps, optimizer.weight_decay,
+                     optimizer.frozen)
+
+    def _gather(self, part):
+        """The shards of a flat vector, concatenated on rank 0 (host memory)."""
+        part = np.ascontiguousarray(to_numpy(part))
+        counts = [b - a for a, b in self.shards]
+        whole = np.empty(sum(counts), part.dtype) if self.is_root else None
+        self.comm.Gatherv(part, [whole, counts] if self.is_root else None, root=0)
+        return whole
+
+
+class MPIReducer:
+    """Gradient collectives on host arrays (numpy) over MPI, one call per bucket."""
+
+    def __init__(self, MPI, comm, buckets, shards):
+        self.MPI, self.comm, self.buckets, self.shards = MPI, comm, buckets, shards
+
+    def all_reduce(self, flat):
+        for a, b, _ in self.buckets:
+            self.comm.Allreduce(self.MPI.IN_PLACE, flat[a:b], op=self.MPI.SUM)
+
+    def reduce_scatter(self, flat, rank):
+        a, b = self.shards[rank]
+        mine = np.empty(b - a, flat.dtype)
+        self.comm.Reduce_scatter(flat, mine, recvcounts=[stop - start for start, stop in self.shards], op=self.MPI.SUM)
+        flat[a:b] = mine
+
+    def all_gather(self, flat, rank):
+        counts = [b - a for a, b in self.shards]
+        displacements = [a for a, _ in self.shards]
+        self.comm.Allgatherv(self.MPI.IN_PLACE, [flat, (counts, displacements)])
+
+
+def nccl_communicator(comm, nccl):
+    """NCCL's communicator over the MPI ranks: rank 0 makes NCCL's unique id, MPI broadcasts it, every rank joins.
+
+    Each rank must have picked its GPU first (MPIComm.use_device): the communicator binds to the current device."""
+    uid = nccl.get_unique_id() if comm.Get_rank() == 0 else None
+    uid = comm.bcast(uid, root=0)
+    return nccl.NcclCommunicator(comm.Get_size(), uid, comm.Get_rank())
+
+
+class NCCLReducer:
+    """Gradient collectives on GPU arrays (cupy) over NCCL.
+
+    With overlap, the model's loss_and_grads and per-layer backward are wrapped: during the last micro-batch of a
+    step, each bucket's all-reduce is queued on a side stream (after an event on the compute stream) as soon as
+    the layers it holds are done, and all_reduce() queues the rest and makes the compute stream wait for them.
+    ZeRO-1's reduce-scatter and all-gather run after the backward, on the compute stream."""
+
+    def __init__(self, mpi_comm, model, buckets, shards, micro_batches, overlap=True):
+        import cupy
+        from cupy.cuda import nccl
+        self.cupy, self.nccl = cupy, nccl
+        self.comm = nccl_communicator(mpi_comm, nccl)
+        self.nccl_dtype = {np.dtype("float32"): nccl.NCCL_FLOAT32, np.dtype("float64"): nccl.NCCL_FLOAT64}[
+            np.dtype(model.params.flat.dtype)]
+        self.buckets, self.shards, self.micro_batches = buckets, shards, micro_batches
+        self.side = cupy.cuda.Stream(non_blocking=True)
+        self.flat, self.micro, self.launched = None, 0, 0
+        if overlap:
+            self._watch(model)
+
+    def _watch(self, model):
+        loss_and_grads, block_backward = model.loss_and_grads, model._block_backward
+        layer_index = {id(layer): i for i, layer in enumerate(model.layers)}
+
+        def watched_loss_and_grads(tokens, targets, dropout=0.0, dropout_seed=0, grads=None):
+            grads = model.grads_like() if grads is None else grads
+            self.micro += 1
+            self.flat = grads.flat if self.micro == self.micro_batches else None    # the step's last micro-batch
+            return loss_and_grads(tokens, targets, dropout, dropout_seed, grads=grads)
+
+        def watched_block_backward(dx, layer, d_layer, cache):
+            dx = block_backward(dx, layer, d_layer, cache)
+            if self.flat is not None:
+                self._launch_ready(layer_index[id(layer)])
+            return dx
+
+        model.loss_and_grads, model._block_backward = watched_loss_and_grads, watched_block_backward
+
+    def _launch_ready(self, finished_layer):
+        """Queue the all-reduce of every bucket whose layers are all done (ready_after >= the layer just done)."""
+        while self.launched < len(self.buckets):
+            a, b, ready_after = self.buckets[self.launched]
+            if ready_after is None or ready_after < finished_layer:
+                return
+            self._all_reduce_on_side(a, b)
+            self.launched += 1
+
+    def _all_reduce_on_side(self, a, b):
+        self.side.wait_event(self.cupy.cuda.get_current_stream().record())     # after the backward wrote it
+        bucket = self.flat[a:b]
+        self.comm.allReduce(bucket.data.ptr, bucket.data.ptr, b - a, self.nccl_dtype, self.nccl.NCCL_SUM,
+                            self.side.ptr)
+
+    def all_reduce(self, flat):
+        if self.flat is None:              # not overlapped (no watch, or an unexpected call order): all of it now
+            self.flat, self.launched = flat, 0
+        for a, b, _ in self.buckets[self.launched:]:
+            self._all_reduce_on_side(a, b)
+        self.cupy.cuda.get_current_stream().wait_event(self.side.record())
+        self.flat, self.micro, self.launched = None, 0, 0
+
+    def reduce_scatter(self, flat, rank):
+        """Shards of uneven length: one reduce to each shard's owner, grouped into one NCCL operation."""
+        stream = self.cupy.cuda.get_current_stream().ptr
+        self.nccl.groupStart()
+        for owner, (a, b) in enumerate(self.shards):
+            part = flat[a:b]
+            self.comm.reduce(part.data.ptr, part.data.ptr, b - a, self.nccl_dtype, self.nccl.NCCL_SUM, owner, stream)
+        self.nccl.groupEnd()
+        self.micro = 0
+
+    def all_gather(self, flat, rank):
+        """Each owner broadcasts its updated shard, grouped into one NCCL operation."""
+        stream = self.cupy.cuda.get_current_stream().ptr
+        self.nccl.groupStart()
+        for owner, (a, b) in enumerate(self.shards):
+            part = flat[a:b]
+            self.comm.broadcast(part.data.ptr, part.data.ptr, b - a, self.nccl_dtype, owner, stream)
+        self.nccl.groupEnd()
