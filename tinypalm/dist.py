@@ -396,3 +396,37 @@ class NCCLReducer:
             part = flat[a:b]
             self.comm.broadcast(part.data.ptr, part.data.ptr, b - a, self.nccl_dtype, owner, stream)
         self.nccl.groupEnd()
+
+
+# --- what data parallelism costs, before running it -------------------------------------------------------------
+
+BYTES = {"float64": (8, 8), "float32": (4, 4), "bfloat16": (4 + 2, 4)}   # (weights, gradients) per parameter:
+# bfloat16 keeps float32 master weights beside the bf16 copy the model computes with, and float32 gradients
+
+
+def plan_report(cfg, ranks, dtype="float32", bandwidth_gbs=100.0, bucket_bytes=BUCKET_BYTES):
+    """Lines describing one data-parallel step of this model on `ranks` ranks: the gradient bytes all-reduced,
+    the time that takes at a given bus bandwidth, and the memory per rank with and without ZeRO-1."""
+    from .flat import Layout
+    from .model import storage_shapes
+    layout = Layout(storage_shapes(cfg))
+    weight_bytes, grad_bytes = BYTES[dtype]
+    n = layout.size
+    buckets = plan_buckets(layout, cfg.n_layers, bucket_bytes, grad_bytes)
+    grads = n * grad_bytes
+    moved = 2 * (ranks - 1) / ranks * grads              # what each rank sends (and receives) in a ring all-reduce
+    seconds = moved / (bandwidth_gbs * 1e9)
+    adam = 2 * n * 4 if dtype != "float64" else 2 * n * 8
+    mb = lambda x: f"{x / 1e6:,.1f} MB" if x < 1e10 else f"{x / 1e9:,.1f} GB"  # noqa: E731
+    rows = [("without ZeRO", adam), ("ZeRO-1", adam / ranks)]
+    lines = [f"data parallel: {n / 1e6:,.1f}M parameters on {ranks} ranks, {dtype} training",
+             f"  all-reduced per step: {mb(grads)} of gradients, in {len(buckets)} bucket(s) (at least "
+             f"{bucket_bytes >> 20} MiB each, cut between layers); a ring all-reduce sends and receives {mb(moved)} "
+             "per rank (2(N-1)/N of it)",
+             f"  at {bandwidth_gbs:g} GB/s bus bandwidth per rank: {seconds * 1e3:,.2f} ms per step "
+             "(ZeRO-1's reduce-scatter plus all-gather move the same bytes)",
+             f"  memory per rank      weights      gradients    AdamW m, v   total (activations not included)"]
+    for name, optimizer in rows:
+        lines.append(f"    {name:16s} {mb(n * weight_bytes):>12s} {mb(grads):>12s} {mb(optimizer):>12s}   "
+                     f"{mb(n * weight_bytes + grads + optimizer)}")
+    return lines
