@@ -265,3 +265,65 @@ def test_ctrl_c_under_mpiexec_saves_once_and_every_rank_stops(corpus, tmp_path):
     assert out.count("continue with --resume") == 1 and out.count("val loss") == 1
     ck = checkpoint.load(str(tmp_path / "out" / "last.npz"))
     assert 3 <= ck.step < 100000 and len(ck.opt_state) == len(tiny_model().params) * 2 + 1
+
+
+class FakeStream:
+    ptr = 0
+
+    def record(self):
+        return "event"
+
+    def wait_event(self, event):
+        pass
+
+
+class RecordingNccl(FakeNccl):
+    """NCCL's communicator stand-in: records each all-reduce (address, count) in a shared log."""
+    NCCL_FLOAT32, NCCL_FLOAT64, NCCL_SUM = 7, 8, 0
+
+    def __init__(self, log):
+        super().__init__(b"\x01" * 128)
+        self.log = log
+
+    def NcclCommunicator(self, size, uid, rank):
+        return self
+
+    def allReduce(self, send, recv, count, dtype, op, stream):
+        assert send == recv and dtype == self.NCCL_FLOAT64 and op == self.NCCL_SUM
+        self.log.append(("all-reduce", send, count))
+
+
+def test_each_bucket_is_all_reduced_as_soon_as_the_backward_of_its_layers_is_done():
+    """The overlap's bookkeeping, on the CPU with stand-ins for cupy's streams and NCCL (their GPU run is not here)."""
+    from types import SimpleNamespace
+    model, log = tiny_model(), []
+    block_backward = model._block_backward
+
+    def logged_block_backward(dx, layer, d_layer, cache):
+        dx = block_backward(dx, layer, d_layer, cache)
+        log.append(("layer done", model.layers.index(layer)))
+        return dx
+    model._block_backward = logged_block_backward
+    fake_cupy = SimpleNamespace(cuda=SimpleNamespace(Stream=lambda non_blocking: FakeStream(),
+                                                     get_current_stream=lambda: FakeStream()))
+    buckets = dist.plan_buckets(model.params.layout, model.config.n_layers, 1, 8)      # one bucket per layer
+    reducer = dist.NCCLReducer(FakeMPIComm(0, 1, None), model, buckets, dist.shard_bounds(model.params.layout.size, 1),
+                               micro_batches=2, cupy=fake_cupy, nccl=RecordingNccl(log))
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 9))
+    _, grads = model.loss_and_grads(tokens[:, :-1], tokens[:, 1:])
+    assert all(entry[0] == "layer done" for entry in log)                  # first micro-batch: nothing sent yet
+    log.clear()
+    model.loss_and_grads(tokens[:, :-1], tokens[:, 1:], grads=grads)
+    log.append(("backward returned",))
+    reducer.all_reduce(grads.flat)
+    sends = {(address(grads.flat[a:b]), b - a): (a, b, ready) for a, b, ready in buckets}
+    expected = []
+    for i in reversed(range(model.config.n_layers)):
+        expected += [("layer done", i), ("all-reduce", *next(k for k, v in sends.items() if v[2] == i))]
+    a, b, _ = buckets[-1]
+    expected += [("backward returned",), ("all-reduce", address(grads.flat[a:b]), b - a)]
+    assert log == expected
+
+
+def address(array):
+    return array.ctypes.data

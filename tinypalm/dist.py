@@ -63,6 +63,10 @@ def init(argv):
         raise TinyPalmError(f"started by mpiexec as {launched_size()} processes, but mpi4py is not installed; "
                             "install it with `pip install -e '.[mpi]'`") from None
     _world = MPIComm(MPI)
+    if _world.size != launched_size():
+        raise TinyPalmError(f"the launcher started {launched_size()} processes but MPI counts {_world.size}: this mpiexec "
+                            "belongs to another MPI than mpi4py's; use the mpiexec installed beside it "
+                            f"({os.path.join(os.path.dirname(sys.executable), 'mpiexec')} after `pip install -e '.[mpi]'`)")
     _world.check_arguments(argv)
     return _world
 
@@ -307,6 +311,11 @@ class MPIReducer:
         self.comm.Allgatherv(self.MPI.IN_PLACE, [flat, (counts, displacements)])
 
 
+def address(array):
+    """Where an array's data starts: a device pointer for cupy (a host address for numpy, in the tests)."""
+    return array.data.ptr if hasattr(array.data, "ptr") else array.ctypes.data
+
+
 def nccl_communicator(comm, nccl):
     """NCCL's communicator over the MPI ranks: rank 0 makes NCCL's unique id, MPI broadcasts it, every rank joins.
 
@@ -324,9 +333,10 @@ class NCCLReducer:
     the layers it holds are done, and all_reduce() queues the rest and makes the compute stream wait for them.
     ZeRO-1's reduce-scatter and all-gather run after the backward, on the compute stream."""
 
-    def __init__(self, mpi_comm, model, buckets, shards, micro_batches, overlap=True):
-        import cupy
-        from cupy.cuda import nccl
+    def __init__(self, mpi_comm, model, buckets, shards, micro_batches, overlap=True, cupy=None, nccl=None):
+        if cupy is None:                   # (the tests pass stand-ins for both)
+            import cupy
+            from cupy.cuda import nccl
         self.cupy, self.nccl = cupy, nccl
         self.comm = nccl_communicator(mpi_comm, nccl)
         self.nccl_dtype = {np.dtype("float32"): nccl.NCCL_FLOAT32, np.dtype("float64"): nccl.NCCL_FLOAT64}[
@@ -341,11 +351,11 @@ class NCCLReducer:
         loss_and_grads, block_backward = model.loss_and_grads, model._block_backward
         layer_index = {id(layer): i for i, layer in enumerate(model.layers)}
 
-        def watched_loss_and_grads(tokens, targets, dropout=0.0, dropout_seed=0, grads=None):
+        def watched_loss_and_grads(tokens, targets, *args, grads=None, **kwargs):
             grads = model.grads_like() if grads is None else grads
             self.micro += 1
             self.flat = grads.flat if self.micro == self.micro_batches else None    # the step's last micro-batch
-            return loss_and_grads(tokens, targets, dropout, dropout_seed, grads=grads)
+            return loss_and_grads(tokens, targets, *args, grads=grads, **kwargs)
 
         def watched_block_backward(dx, layer, d_layer, cache):
             dx = block_backward(dx, layer, d_layer, cache)
@@ -366,9 +376,8 @@ class NCCLReducer:
 
     def _all_reduce_on_side(self, a, b):
         self.side.wait_event(self.cupy.cuda.get_current_stream().record())     # after the backward wrote it
-        bucket = self.flat[a:b]
-        self.comm.allReduce(bucket.data.ptr, bucket.data.ptr, b - a, self.nccl_dtype, self.nccl.NCCL_SUM,
-                            self.side.ptr)
+        bucket = address(self.flat[a:b])
+        self.comm.allReduce(bucket, bucket, b - a, self.nccl_dtype, self.nccl.NCCL_SUM, self.side.ptr)
 
     def all_reduce(self, flat):
         if self.flat is None:              # not overlapped (no watch, or an unexpected call order): all of it now
@@ -383,8 +392,8 @@ class NCCLReducer:
         stream = self.cupy.cuda.get_current_stream().ptr
         self.nccl.groupStart()
         for owner, (a, b) in enumerate(self.shards):
-            part = flat[a:b]
-            self.comm.reduce(part.data.ptr, part.data.ptr, b - a, self.nccl_dtype, self.nccl.NCCL_SUM, owner, stream)
+            part = address(flat[a:b])
+            self.comm.reduce(part, part, b - a, self.nccl_dtype, self.nccl.NCCL_SUM, owner, stream)
         self.nccl.groupEnd()
         self.micro = 0
 
@@ -393,8 +402,8 @@ class NCCLReducer:
         stream = self.cupy.cuda.get_current_stream().ptr
         self.nccl.groupStart()
         for owner, (a, b) in enumerate(self.shards):
-            part = flat[a:b]
-            self.comm.broadcast(part.data.ptr, part.data.ptr, b - a, self.nccl_dtype, owner, stream)
+            part = address(flat[a:b])
+            self.comm.broadcast(part, part, b - a, self.nccl_dtype, owner, stream)
         self.nccl.groupEnd()
 
 
