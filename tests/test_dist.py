@@ -59,7 +59,7 @@ def test_sharded_adamw_updates_exactly_like_the_whole_one():
     rng = np.random.default_rng(0)
     whole = AdamW(params, frozen=frozen)
     sharded_params = params.flat.copy()
-    shards = dist.shard_bounds(layout.size, 3)
+    shards = dist.shard_bounds(layout.size, 7)          # 135360 parameters: shards of uneven length
     parts = [AdamW(params, frozen=frozen, shard=s) for s in shards]
     assert sum(len(p.m.flat) for p in parts) == layout.size
     for a, b in shards:                                   # the runs inside a shard are the whole runs cut to it
@@ -197,6 +197,15 @@ def test_two_ranks_equal_one_process_with_twice_the_grad_accum(runs, run):
     assert_close(runs / run / "best.npz", runs / "single" / "best.npz")
     lines = (runs / run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len((runs / "single" / "metrics.jsonl").read_text().splitlines())   # rank 0 alone logs
+
+
+@needs_mpi
+def test_seven_ranks_with_shards_of_uneven_length(corpus, tmp_path):
+    common = ["--data", str(corpus), *TINY, "--batch-size", "1", "--max-steps", "2", "--eval-every", "2"]
+    assert PaLM(Config.preset("tiny")).params.layout.size % 7 != 0
+    train(*common, "--grad-accum", "7", "--out", "single", cwd=tmp_path)
+    train(*common, "--zero", "1", "--out", "zero", ranks=7, cwd=tmp_path)
+    assert_close(tmp_path / "zero" / "last.npz", tmp_path / "single" / "last.npz")
 
 
 @needs_mpi
