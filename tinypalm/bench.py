@@ -142,6 +142,12 @@ def main(argv=None):
           f"{flops_per_token(cfg, args.seq_len) * tokens / median / 1e9:.1f} GFLOP/s (6N + 12LHDhT)")
     if xp is not numpy:
         print(f"peak GPU memory (pool): {xp.get_default_memory_pool().total_bytes() / 2**30:.2f} GiB")
+    if comm.size > 1:                           # the gradient collective alone, on a buffer of the step's size
+        grads = model.grads_like()
+        alone = statistics.median(time_steps(lambda: comm.average_gradients(grads, comm.size), xp, args.steps))
+        moved = (1 if comm.shard else 2) * (comm.size - 1) / comm.size * grads.flat.nbytes   # per rank, each way
+        print(f"gradient {'reduce-scatter' if comm.shard else 'all-reduce'} alone: median {alone * 1e3:.2f} ms "
+              f"({alone / median:.1%} of the step), {moved / alone / 1e9:.2f} GB/s bus bandwidth")
 
     per_op, total = profile_ops(step, model, max(3, args.steps // 3))
     matmul = sum(t for name, t in per_op.items() if name in MATMUL_OPS)
