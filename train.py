@@ -244,6 +244,7 @@ def main(argv=None):
         if not args.resume and os.path.exists(metrics_path):
             os.remove(metrics_path)
     train_args = {k: v for k, v in vars(args).items() if k not in ("resume", "init_from", "prepare")}
+    train_args["ranks"] = comm.size
 
     def save(name, step):
         whole = comm.whole_optimizer(optimizer)     # ZeRO-1: the ranks' shards, gathered on rank 0
@@ -259,6 +260,10 @@ def main(argv=None):
     decay_steps = args.decay_steps or args.max_steps
     micro_batches = args.grad_accum * comm.size      # per step, over all ranks
     tokens_per_step = args.batch_size * args.seq_len * micro_batches
+    saved_micro_batches = ckpt.train_args.get("ranks", 1) * ckpt.train_args.get("grad_accum", 1) if args.resume else None
+    if saved_micro_batches not in (None, micro_batches):
+        print(f"note: {micro_batches} micro-batches per step ({comm.size} rank(s) x --grad-accum {args.grad_accum}) where "
+              f"the saved run had {saved_micro_batches}: the global batch changes; match it with --grad-accum")
     print(f"model: {cfg.n_params() / 1e6:.2f}M parameters, d_model {cfg.d_model}, {cfg.n_layers} layers, "
           f"{cfg.n_heads} heads ({cfg.n_kv_heads} kv), d_ff {cfg.d_ff}, vocab {cfg.vocab_size}; "
           f"{args.backend} {args.dtype}; {tokens_per_step:,} tokens per step"

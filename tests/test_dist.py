@@ -218,7 +218,8 @@ def test_resume_under_mpi_is_exact_and_a_two_rank_checkpoint_resumes_on_one(runs
     assert sorted(resumed) == sorted(straight)
     for key in straight:
         np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
-    train("--resume", "--out", "b", "--max-steps", "6", "--grad-accum", "2", "--zero", "0", cwd=tmp_path)
+    one = train("--resume", "--out", "b", "--max-steps", "6", "--grad-accum", "2", "--zero", "0", cwd=tmp_path)
+    assert "the global batch changes" not in one.stdout       # 1 rank x 2 micro-batches = the saved 2 ranks x 1
     assert_close(tmp_path / "b" / "last.npz", runs / "single" / "last.npz")
 
 
