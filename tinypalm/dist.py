@@ -35,7 +35,7 @@ from .optim import AdamW, Stretch, clip_grad_norm
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 BUCKET_BYTES = 32 << 20     # gradient bytes per all-reduce: large enough for full bandwidth, small enough to overlap
-GRACE_S = 2.0               # a failing rank other than 0 waits this long for rank 0 to report the same error
+GRACE_S = 3.0               # a failing rank other than 0 waits this long for rank 0 to report the same error
 
 _world = None               # this process's communicator, once init() made it (read by ends_together)
 
