@@ -217,6 +217,8 @@ def main(argv=None):
         return prepare(args, ckpt.tokenizer_dict if ckpt else None)
     tokens, tokenizer = load_tokens(args, ckpt.tokenizer_dict if ckpt else None)
     train_tokens, val_tokens = data.split_train_val(tokens)
+    comm.check_same("the data (tokens, tokenizer, checkpoint step)",
+                    dist.fingerprint(tokens, tokenizer.to_dict(), ckpt.step if ckpt else 0))
     data.check_length(len(train_tokens), len(val_tokens), args.seq_len)
 
     cfg = model_config(args, tokenizer.vocab_size, ckpt.config if ckpt else None)

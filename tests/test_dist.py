@@ -261,6 +261,16 @@ def test_mismatched_arguments_and_bad_flags_end_the_run_with_one_line(corpus, tm
 
 
 @needs_mpi
+def test_ranks_that_read_different_data_end_the_run_with_one_line(tmp_path):
+    for rank, words in enumerate([["the", "cat", "sat"], ["a", "dog", "ran"]]):
+        (tmp_path / str(rank)).mkdir()
+        (tmp_path / str(rank) / "text.txt").write_text("\n".join(" ".join(words * 4) for _ in range(200)))
+    cmd = [sys.executable, TRAIN, "--data", "text.txt", *TINY, "--max-steps", "2"]
+    result = train(mpmd=[["-wdir", str(tmp_path / str(rank)), *cmd] for rank in range(2)], cwd=tmp_path, check=False)
+    assert_one_error_line(result, 2, "the data", "differs between rank 0 and rank 1", "same files")
+
+
+@needs_mpi
 def test_ctrl_c_under_mpiexec_saves_once_and_every_rank_stops(corpus, tmp_path):
     proc = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, TRAIN, "--data", str(corpus), *TINY, "--zero", "1",
                              "--max-steps", "100000", "--eval-every", "100000"],

@@ -17,11 +17,13 @@ it holds, so communication overlaps the rest of the backward.
 several processes. A single process never imports mpi4py or NCCL.
 """
 
+import json
 import os
 import shlex
 import sys
 import time
 import traceback
+import zlib
 
 import numpy as np
 
@@ -117,11 +119,23 @@ def shard_bounds(size, n_ranks):
     return [(r * size // n_ranks, (r + 1) * size // n_ranks) for r in range(n_ranks)]
 
 
+def fingerprint(tokens, tokenizer_dict, step=0):
+    """A few numbers that differ when two ranks read different data: a file that is not the same on every machine.
+
+    (token count, CRC-32 of the first and last million tokens, of the tokenizer, the checkpoint's step)"""
+    head, tail = np.asarray(tokens[:1 << 20]), np.asarray(tokens[-(1 << 20):])
+    return (len(tokens), zlib.crc32(head.tobytes()), zlib.crc32(tail.tobytes()),
+            zlib.crc32(json.dumps(tokenizer_dict, sort_keys=True).encode()), step)
+
+
 class Single:
     """The communicator of a process that trains alone: every collective is the identity."""
 
     rank, size, local_rank, is_root = 0, 1, 0, True
     shard = None
+
+    def check_same(self, what, value):
+        pass
 
     def use_device(self, backend):
         pass
@@ -172,6 +186,14 @@ class MPIComm:
             raise TinyPalmError(f"the {self.size} ranks were started with different arguments (rank 0: "
                                 f"{shlex.join(argvs[0]) or '(none)'}; rank {other}: {shlex.join(argvs[other]) or '(none)'}); "
                                 "start every rank with the same command")
+
+    def check_same(self, what, value):
+        """Every rank must hold rank 0's value (its data, its checkpoint): one that does not ends the run."""
+        values = self.comm.allgather(value)
+        other = next((r for r, v in enumerate(values) if v != values[0]), None)
+        if other is not None:
+            raise TinyPalmError(f"{what} differs between rank 0 and rank {other} ({values[0]} against {values[other]}); "
+                                "every rank must read the same files: put them where every machine sees them")
 
     def fail(self, error):
         """End every rank: one line on stderr, from rank 0 if it meets the error too, then MPI_Abort."""
