@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tinypalm import Config, PaLM, checkpoint, dist
-from tinypalm.model import layer_storage_names
+from tinypalm.flat import Layout
+from tinypalm.model import layer_storage_names, storage_shapes
 from tinypalm.optim import AdamW, Stretch, update_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,6 +75,19 @@ def test_sharded_adamw_updates_exactly_like_the_whole_one():
     np.testing.assert_array_equal(sharded_params, params.flat)
     np.testing.assert_array_equal(np.concatenate([p.m.flat for p in parts]), whole.m.flat)
     np.testing.assert_array_equal(np.concatenate([p.v.flat for p in parts]), whole.v.flat)
+
+
+def test_plan_report_counts_the_gradient_bytes_and_splits_the_optimizer_state():
+    cfg = Config.preset("palm-8b")
+    n = Layout(storage_shapes(cfg)).size                     # every parameter, norms included
+    lines = dist.plan_report(cfg, 64, "float32", bandwidth_gbs=50)
+    text = "\n".join(lines)
+    assert f"{n * 4 / 1e9:,.1f} GB of gradients" in text                               # float32 gradients
+    assert f"{2 * 63 / 64 * n * 4 / 1e9:,.1f} GB per rank" in text                      # ring: 2(N-1)/N of them
+    assert f"{2 * 63 / 64 * n * 4 / 50e9 * 1e3:,.2f} ms per step" in text
+    without, zero = lines[-2].split(), lines[-1].split()
+    assert without[:3] == ["without", "ZeRO", f"{n * 4 / 1e9:,.1f}"] and without[6:8] == [f"{8 * n / 1e9:,.1f}", "GB"]
+    assert zero[:2] == ["ZeRO-1", f"{n * 4 / 1e9:,.1f}"] and zero[5:7] == [f"{8 * n / 64 / 1e6:,.1f}", "MB"]
 
 
 class FakeNccl:

@@ -461,3 +461,67 @@ def plan_report(cfg, ranks, dtype="float32", bandwidth_gbs=100.0, bucket_bytes=B
         lines.append(f"    {name:16s} {mb(n * weight_bytes):>12s} {mb(grads):>12s} {mb(optimizer):>12s}   "
                      f"{mb(n * weight_bytes + grads + optimizer)}")
     return lines
+
+
+# --- python -m tinypalm.dist: the plan, and a timed data-parallel step under mpiexec ------------------------------
+
+def main(argv=None):
+    """Print what data parallelism moves and stores for a model; under mpiexec with --time, time its step."""
+    import argparse
+    import statistics
+
+    from .bench import BENCH_SHAPE, time_steps
+    from .config import Config
+    from .model import PaLM
+
+    argv = sys.argv[1:] if argv is None else argv
+    comm = init(argv)
+    p = argparse.ArgumentParser(prog="python -m tinypalm.dist", description=main.__doc__)
+    p.add_argument("--preset", default=None, help="a Config preset (default: the CPU benchmark shape of tinypalm.bench)")
+    p.add_argument("--ranks", type=int, default=None, help="ranks to plan for (default: this run's)")
+    p.add_argument("--bandwidth", type=float, default=100.0, help="bus bandwidth per rank in GB/s (default 100)")
+    p.add_argument("--dtype", default="float32", choices=list(BYTES))
+    p.add_argument("--time", action="store_true", help="time the data-parallel step (start it with mpiexec)")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--batch-size", type=int, default=12, help="sequences per rank")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--zero", type=int, default=0, choices=[0, 1])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args(argv)
+    shape = Config.preset(args.preset).to_dict() if args.preset else dict(BENCH_SHAPE)
+    shape["max_seq_len"] = max(shape.get("max_seq_len", 0), args.seq_len)
+    cfg = Config(**shape)
+    print("\n".join(plan_report(cfg, args.ranks or comm.size, args.dtype, args.bandwidth)))
+    if not args.time:
+        return
+    comm.use_device(args.backend)
+    model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=0)
+    comm.attach(model, zero=args.zero)
+    optimizer = AdamW(model.params, shard=comm.shard)
+    rng = np.random.default_rng(comm.rank)                     # each rank its own batch
+    batch = model.xp.asarray(rng.integers(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1)))
+
+    def step():
+        _, grads = model.loss_and_grads(batch[:, :-1], batch[:, 1:])
+        comm.average_gradients(grads, comm.size)
+        comm.clip_grad_norm(grads, 1.0)
+        comm.update(optimizer, model.params, grads, lr=1e-4)
+
+    time_steps(step, model.xp, args.warmup)
+    median = statistics.median(time_steps(step, model.xp, args.steps))
+    tokens = comm.size * args.batch_size * args.seq_len
+    print(f"timed: {comm.size} rank(s) x batch {args.batch_size} x {args.seq_len}, {args.backend} {args.dtype}"
+          f"{', ZeRO-1' if comm.shard else ''}: step median {median * 1e3:.1f} ms over {args.steps} steps, "
+          f"{tokens / median:,.0f} tokens/s in all")
+    if comm.size > 1:                           # the gradient collective alone, on a buffer of the step's size
+        grads = model.grads_like()
+        alone = statistics.median(time_steps(lambda: comm.average_gradients(grads, comm.size), model.xp, args.steps))
+        moved = (1 if comm.shard else 2) * (comm.size - 1) / comm.size * grads.flat.nbytes   # per rank, each way
+        print(f"gradient {'reduce-scatter' if comm.shard else 'all-reduce'} alone: median {alone * 1e3:.2f} ms "
+              f"({alone / median:.1%} of the step), {moved / alone / 1e9:.2f} GB/s bus bandwidth")
+
+
+if __name__ == "__main__":
+    from .cli import run_cli
+    run_cli(ends_together(main))
