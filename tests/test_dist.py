@@ -361,3 +361,13 @@ def test_each_bucket_is_all_reduced_as_soon_as_the_backward_of_its_layers_is_don
 
 def address(array):
     return array.ctypes.data
+
+
+@needs_mpi
+def test_the_timed_data_parallel_step_runs_under_mpiexec(tmp_path):
+    result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "tinypalm.dist", "--time", "--preset", "tiny",
+                             "--zero", "1", "--steps", "2", "--warmup", "1"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert "on 2 ranks" in result.stdout and "2 rank(s) x batch 12 x 64" in result.stdout
+    assert result.stdout.count("tokens/s in all") == 1 and "reduce-scatter alone" in result.stdout
