@@ -379,8 +379,8 @@ class NCCLReducer:
             self.flat = grads.flat if self.micro == self.micro_batches else None    # the step's last micro-batch
             return loss_and_grads(tokens, targets, *args, grads=grads, **kwargs)
 
-        def watched_block_backward(dx, layer, d_layer, cache):
-            dx = block_backward(dx, layer, d_layer, cache)
+        def watched_block_backward(dx, layer, *args, **kwargs):
+            dx = block_backward(dx, layer, *args, **kwargs)
             if self.flat is not None:
                 self._launch_ready(layer_index[id(layer)])
             return dx
