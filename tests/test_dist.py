@@ -1,5 +1,6 @@
 """Data-parallel training: buckets, shards and NCCL's bootstrap in one process; train.py under `mpiexec -n 2`."""
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -18,11 +19,7 @@ from tinypalm.optim import AdamW, Stretch, update_runs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-try:
-    import mpi4py  # noqa: F401  (only to know whether the MPI tests can run)
-    HAVE_MPI = MPIEXEC is not None
-except ImportError:
-    HAVE_MPI = False
+HAVE_MPI = MPIEXEC is not None and importlib.util.find_spec("mpi4py") is not None
 needs_mpi = pytest.mark.skipif(not HAVE_MPI, reason="needs mpi4py and mpiexec, which the test extra installs "
                                                     "(pip install -e '.[test]')")
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}    # 2 ranks on 2 cores: one thread each

@@ -456,7 +456,7 @@ def plan_report(cfg, ranks, dtype="float32", bandwidth_gbs=100.0, bucket_bytes=B
              "per rank (2(N-1)/N of it)",
              f"  at {bandwidth_gbs:g} GB/s bus bandwidth per rank: {seconds * 1e3:,.2f} ms per step "
              "(ZeRO-1's reduce-scatter plus all-gather move the same bytes)",
-             f"  memory per rank      weights      gradients    AdamW m, v   total (activations not included)"]
+             "  memory per rank      weights      gradients    AdamW m, v   total (activations not included)"]
     for name, optimizer in rows:
         lines.append(f"    {name:16s} {mb(n * weight_bytes):>12s} {mb(grads):>12s} {mb(optimizer):>12s}   "
                      f"{mb(n * weight_bytes + grads + optimizer)}")
