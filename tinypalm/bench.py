@@ -16,9 +16,12 @@ from collections import defaultdict
 
 import numpy
 
-from .config import Config
+from .cli import HelpFormatter, run_cli
+from .config import PRESETS, Config
+from .errors import TinyPalmError
 from .model import PaLM
 from .optim import AdamW, clip_grad_norm
+from .run import check_memory
 
 BENCH_SHAPE = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=1)
 MATMUL_OPS = {"linear_forward", "linear_backward", "tied_logits_forward", "tied_logits_backward"}
@@ -93,20 +96,32 @@ def profile_ops(step, model, n):
     return {name: t / n for name, t in spent.items()}, total / n
 
 
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m tinypalm.bench", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
+    p.add_argument("--preset", default=None,
+                   help=f"time a Config preset ({', '.join(PRESETS)}) instead (default: the reference CPU benchmark shape)")
+    p.add_argument("--dtype", default="float32", help="floating-point type of the model")
+    p.add_argument("--batch-size", type=int, default=12, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=30, help="timed steps (the figure is their median)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
-    p.add_argument("--preset", default=None, help="a Config preset (default: the reference CPU benchmark shape)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--batch-size", type=int, default=12)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    for name in ("batch_size", "seq_len", "steps"):
+        if getattr(args, name) < 1:
+            raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise TinyPalmError(f"--warmup must not be negative, got {args.warmup}")
 
     shape = Config.preset(args.preset).to_dict() if args.preset else dict(BENCH_SHAPE)
     shape["max_seq_len"] = max(shape.get("max_seq_len", 0), args.seq_len)
     cfg = Config(**shape)
+    check_memory(cfg, args.backend, args.batch_size, args.seq_len, 8 if args.dtype == "float64" else 4,
+                 f"--preset {args.preset}" if args.preset else "the benchmark model")
     model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=0)
     step = make_step(model, args.batch_size, args.seq_len)
     xp = model.xp
@@ -136,4 +151,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -119,7 +119,11 @@ def clip_grad_norm(grads, max_norm):
 
 
 def lr_at(step, max_lr, min_lr, warmup_steps, total_steps):
-    """Linear warmup from 0 to max_lr over warmup_steps, then cosine decay to min_lr at total_steps, then flat."""
+    """Linear warmup from 0 to max_lr over warmup_steps, then cosine decay to min_lr at total_steps, then flat.
+
+    min_lr is a floor below max_lr, so the rate never exceeds max_lr; a floor above it is refused."""
+    if not 0 <= min_lr <= max_lr:
+        raise ValueError(f"min_lr {min_lr} must be between 0 and max_lr {max_lr}")
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:
