@@ -356,6 +356,41 @@ def test_each_bucket_is_all_reduced_as_soon_as_the_backward_of_its_layers_is_don
     assert log == expected
 
 
+def test_zero1_on_nccl_sends_each_shard_to_its_owner_in_one_group():
+    """ZeRO-1's NCCL calls, on the CPU with stand-ins (their GPU run is not here): one grouped reduce per shard to
+    its owner, then one grouped broadcast per shard from its owner."""
+    from types import SimpleNamespace
+    model, log = tiny_model(), []
+
+    class GroupedNccl(RecordingNccl):
+        def groupStart(self):
+            log.append("group start")
+
+        def groupEnd(self):
+            log.append("group end")
+
+        def reduce(self, send, recv, count, dtype, op, root, stream):
+            assert send == recv and dtype == self.NCCL_FLOAT64 and op == self.NCCL_SUM
+            log.append(("reduce", send, count, root))
+
+        def broadcast(self, send, recv, count, dtype, root, stream):
+            assert send == recv and dtype == self.NCCL_FLOAT64
+            log.append(("broadcast", send, count, root))
+
+    nccl = GroupedNccl(log)
+    fake_cupy = SimpleNamespace(cuda=SimpleNamespace(Stream=lambda non_blocking: FakeStream(),
+                                                     get_current_stream=lambda: FakeStream()))
+    shards = dist.shard_bounds(model.params.layout.size, 7)
+    reducer = dist.NCCLReducer(FakeMPIComm(0, 7, None), model, [], shards, micro_batches=1, overlap=False,
+                               cupy=fake_cupy, nccl=nccl)
+    flat = model.params.flat
+    reducer.reduce_scatter(flat, rank=3)
+    reducer.all_gather(flat, rank=3)
+    per_shard = [(address(flat[a:b]), b - a, owner) for owner, (a, b) in enumerate(shards)]
+    assert log == ["group start", *[("reduce", *s) for s in per_shard], "group end",
+                   "group start", *[("broadcast", *s) for s in per_shard], "group end"]
+
+
 def address(array):
     return array.ctypes.data
 
