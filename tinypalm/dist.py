@@ -119,13 +119,11 @@ def shard_bounds(size, n_ranks):
     return [(r * size // n_ranks, (r + 1) * size // n_ranks) for r in range(n_ranks)]
 
 
-def fingerprint(tokens, tokenizer_dict, step=0):
-    """A few numbers that differ when two ranks read different data: a file that is not the same on every machine.
-
-    (token count, CRC-32 of the first and last million tokens, of the tokenizer, the checkpoint's step)"""
-    head, tail = np.asarray(tokens[:1 << 20]), np.asarray(tokens[-(1 << 20):])
-    return (len(tokens), zlib.crc32(head.tobytes()), zlib.crc32(tail.tobytes()),
-            zlib.crc32(json.dumps(tokenizer_dict, sort_keys=True).encode()), step)
+def fingerprint(*items):
+    """One CRC-32 per item (an array, or anything JSON can write): numbers that differ when two ranks read different
+    data, e.g. a file that is not the same on every machine."""
+    return tuple(zlib.crc32(np.ascontiguousarray(to_numpy(item)).tobytes() if hasattr(item, "shape")
+                            else json.dumps(item, sort_keys=True).encode()) for item in items)
 
 
 class Single:
@@ -136,6 +134,9 @@ class Single:
 
     def check_same(self, what, value):
         pass
+
+    def from_root(self, value):
+        return value
 
     def use_device(self, backend):
         pass
@@ -195,6 +196,10 @@ class MPIComm:
             raise TinyPalmError(f"{what} differs between rank 0 and rank {other} ({values[0]} against {values[other]}); "
                                 "every rank must read the same files: put them where every machine sees them")
 
+    def from_root(self, value):
+        """Rank 0's value on every rank (a figure that decides what all ranks do next)."""
+        return self.comm.bcast(value, root=0)
+
     def fail(self, error):
         """End every rank: one line on stderr, from rank 0 if it meets the error too, then MPI_Abort."""
         if isinstance(error, TinyPalmError):
@@ -209,6 +214,7 @@ class MPIComm:
             line = f"rank {self.rank}: {line}"
         sys.__stderr__.write(f"error: {line}\n")
         sys.__stderr__.flush()
+        time.sleep(0.5)                  # for mpiexec to pass the line on before the abort tears everything down
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)     # MPI_Abort's own report would add lines
         self.comm.Abort(status)
 
