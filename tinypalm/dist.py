@@ -174,7 +174,11 @@ class MPIComm:
         self.MPI, self.comm = MPI, MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.is_root = self.rank == 0
-        self.local_rank = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()   # the rank within its machine
+        machine = self.comm.Split_type(MPI.COMM_TYPE_SHARED)        # the ranks on this rank's machine
+        self.local_rank = machine.Get_rank()
+        if "TINYPALM_NUM_THREADS" not in os.environ:   # the machine's cores shared out among its ranks
+            from . import cpu_ops
+            cpu_ops.pool.n_threads = max(1, cpu_ops.pool.n_threads // machine.Get_size())
         self.shard, self.reducer = None, None
         if not self.is_root:
             silence_output()
