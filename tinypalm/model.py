@@ -282,6 +282,7 @@ class PaLM:
         dh = ops.tied_logits_backward(dlogits, h, self.embed, d_embed)                      # (N, D)
         dx = ops.layernorm_backward(dh, self.norm, d_norm, ln_cache).reshape(B, T, cfg.d_model)
         for layer, d_layer, cache in reversed(list(zip(self.layers, d_layers, block_caches))):
-            dx = self._block_backward(dx, layer, d_layer, cache, getattr(grads, "adapter", None))
+            extra = () if self.adapter is None else (grads.adapter,)     # the adapters' gradients, with LoRA
+            dx = self._block_backward(dx, layer, d_layer, cache, *extra)
         ops.embedding_backward(xp, d_embed, dx, tokens)
         return float(loss), grads
