@@ -21,6 +21,7 @@ import numpy as np
 
 from tinypalm import Config, PaLM, TinyPalmError
 from tinypalm import checkpoint, data
+from tinypalm.backend import read_scalars
 from tinypalm.cli import run_cli, format_duration
 from tinypalm.config import PRESETS
 from tinypalm.generate import generate
@@ -42,7 +43,7 @@ def build_parser():
                        ("d-ff", int), ("max-seq-len", int), ("rope-base", float), ("norm-eps", float), ("z-loss", float)]:
         g.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
     g.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
-    g.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    g.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="text file, directory of text files, or token file (default: Python's bundled docs)")
     g.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
@@ -257,16 +258,18 @@ def main(argv=None):
             x, y = data.get_batch(train_tokens, args.batch_size, args.seq_len, args.seed, step * args.grad_accum + micro)
             dropout_seed = (args.seed * 1_000_003 + step * args.grad_accum + micro) & 0x7FFFFFFF
             micro_loss, grads = model.loss_and_grads(x, y, args.dropout, dropout_seed, grads=grads)
-            loss += micro_loss / args.grad_accum
+            loss += micro_loss / args.grad_accum       # on the device: nothing is read back yet
         if args.grad_accum > 1:
             grads.flat *= 1.0 / args.grad_accum
         grad_norm = clip_grad_norm(grads, args.grad_clip)
+        loss, grad_norm = read_scalars(model.xp, loss, grad_norm)     # the step's one device-to-host read
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             last = os.path.join(args.out, "last.npz")
             kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
             raise TinyPalmError(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; stopped "
                                 f"without updating, {kept}; lower --lr, raise --warmup-steps or set --grad-clip")
         optimizer.step(model.params, grads, lr)
+        model.params_updated()                          # bf16: refresh the compute copy of the weights
         step += 1
         running.append(loss)
 
