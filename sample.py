@@ -30,6 +30,8 @@ def build_parser():
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16"],
+                   help="compute dtype (default: the one the checkpoint was trained in)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token (slow; for comparison)")
     return p
 
@@ -54,7 +56,7 @@ def main(argv=None):
         raise TinyPalmError(f"--top-p must be in (0, 1], got {args.top_p}")
     ckpt = checkpoint.load(args.ckpt)
     tokenizer = tokenizer_from_dict(ckpt.tokenizer_dict)
-    model = PaLM(ckpt.config, backend=args.backend, dtype=ckpt.meta.get("dtype", "float32"))
+    model = PaLM(ckpt.config, backend=args.backend, dtype=args.dtype or ckpt.meta.get("dtype", "float32"))
     model.load_params(ckpt.params)
 
     prompt = read_prompt(args)
