@@ -158,15 +158,17 @@ def run_on_standin(args, cwd, report):
     return result, json.loads(report.read_text())["reads"]
 
 
-def test_train_sample_and_bench_run_on_the_standin(tmp_path):
+@pytest.mark.parametrize("dtype,other", [("bfloat16", "float32"), ("float32", "bfloat16")])
+def test_train_sample_and_bench_run_on_the_standin(tmp_path, dtype, other):
+    # train in one dtype, sample that checkpoint in the other, bench in the first
     (tmp_path / "text.txt").write_text("the cat sat on the mat. " * 400)
     steps, evals, eval_steps, sample_tokens = 4, 2, 1, 4
     out, reads = run_on_standin(
-        [os.path.join(ROOT, "train.py"), "--backend", "cupy", "--dtype", "bfloat16", "--data", "text.txt",
+        [os.path.join(ROOT, "train.py"), "--backend", "cupy", "--dtype", dtype, "--data", "text.txt",
          "--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--grad-accum", "2", "--dropout", "0.1",
          "--max-steps", str(steps), "--eval-every", str(steps // evals), "--eval-steps", str(eval_steps),
          "--log-every", "2", "--sample-tokens", str(sample_tokens)], tmp_path, tmp_path / "train.json")
-    assert "cupy bfloat16" in out.stdout and "--- sample ---" in out.stdout
+    assert f"cupy {dtype}" in out.stdout and "--- sample ---" in out.stdout
     in_loop = {site: n for site, n in reads.items() if site.split(":")[0].endswith("train.py")}
     assert list(in_loop.values()) == [steps], reads                  # one read per optimizer step, one place
     by_function = {}
@@ -179,9 +181,9 @@ def test_train_sample_and_bench_run_on_the_standin(tmp_path):
     assert all("checkpoint.py" in site or "(params_numpy)" in site for site in saving), saving
 
     out, reads = run_on_standin([os.path.join(ROOT, "sample.py"), "--ckpt", "out", "--backend", "cupy",
-                                 "--dtype", "float32", "--max-new-tokens", "5"], tmp_path, tmp_path / "sample.json")
+                                 "--dtype", other, "--max-new-tokens", "5"], tmp_path, tmp_path / "sample.json")
     assert sum(reads.values()) == 5 and out.stdout.strip()
-    out, reads = run_on_standin(["-m", "tinypalm.bench", "--backend", "cupy", "--dtype", "bfloat16", "--preset",
+    out, reads = run_on_standin(["-m", "tinypalm.bench", "--backend", "cupy", "--dtype", dtype, "--preset",
                                  "tiny", "--batch-size", "2", "--seq-len", "8", "--steps", "2", "--warmup", "1"],
                                 tmp_path, tmp_path / "bench.json")
     assert "MFU" in out.stdout and "where the time goes" in out.stdout and not reads

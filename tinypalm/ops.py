@@ -92,7 +92,8 @@ def linear_forward(x, w):
 
 
 def linear_backward(dy, x, w, dw):
-    # dw (in, out) accumulates x^T dy (float32 in bf16 runs); returns dx = dy w^T
+    # dw (in, out) accumulates x^T dy; returns dx = dy w^T. In bf16 runs dw is float32: numpy's bf16 product is
+    # float32 already, CuPy's comes back rounded to bf16 (its CUDA twin writes the float32 product directly)
     dw += x.T @ dy
     return _down(dy @ w.T, dy.dtype)
 
