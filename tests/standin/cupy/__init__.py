@@ -276,7 +276,11 @@ class ndarray:
         return _wrap(result)
 
     def __array_function__(self, func, types, args, kwargs):
-        return globals()[func.__name__](*args, **kwargs) if func.__name__ in _FUNCTIONS else NotImplemented
+        try:
+            impl = globals()[func.__name__] if func.__name__ in _FUNCTIONS else __getattr__(func.__name__)
+        except AttributeError:
+            return NotImplemented
+        return impl(*args, **kwargs)
 
 
 def _operator(name):
