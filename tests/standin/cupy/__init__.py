@@ -8,10 +8,10 @@ CuPy differs from NumPy:
   TypeError, as in CuPy; NumPy scalars and Python scalars are fine. `asarray`/`array` copy host data in.
 - Every device-to-host read is a synchronisation on a GPU. Explicit reads (`.get()`, `cupy.asnumpy`) are
   counted in `reads`, by the nearest call site ("folder/file.py:line (function)") outside this module and
-  tinypalm/backend.py (whose to_numpy and read_scalars only forward a read). Implicit reads raise `ImplicitTransfer`: `numpy.asarray(device_array)`
-  (a TypeError in CuPy too), `float()`, `int()`, `bool()`, `.item()`, `.tolist()`, formatting, and indexing
-  with a boolean device mask (CuPy runs nonzero() on the host's behalf). Inside `with allow_implicit():` they
-  are counted instead.
+  tinypalm/backend.py (whose to_numpy and read_scalars only forward a read). Implicit reads raise
+  `ImplicitTransfer` (a TypeError): `numpy.asarray(device_array)` (which CuPy refuses too), `float()`,
+  `int()`, `bool()`, `.item()`, `.tolist()`, formatting, and indexing with a boolean device mask (CuPy runs
+  nonzero() on the host's behalf). Inside `with allow_implicit():` they are counted instead.
 - bfloat16 (ml_dtypes.bfloat16, as in CuPy 14): `matmul`/`dot` of two bf16 operands return bf16 (float32
   accumulation, one rounding); matmul with more than two dimensions on bf16 raises TypeError, as do
   `einsum` and `add.at` on bf16; `sum`/`mean` of bf16 accumulate in float32 and return bf16. Python scalars
