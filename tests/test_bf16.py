@@ -157,8 +157,8 @@ def test_loss_and_every_gradient_against_float64(n_kv_heads, dropout):
 
 def test_dtype_audit():
     # master weights, gradients and optimizer moments float32; the weights the ops read, every activation the
-    # backward keeps and the KV cache bf16; per-row statistics, probabilities of the loss, rotary tables and the
-    # attention mask float32 (they are the compute dtype)
+    # backward keeps and the KV cache bf16; LayerNorm's rstd, the loss's probabilities, the rotary tables and the
+    # attention mask float32 (the compute dtype); the loss's log_z in the logits' dtype (it only scales z-loss)
     model = PaLM(Config.preset("tiny", max_seq_len=16), dtype="bfloat16", seed=0)
     assert model.dtype == BF16 and model.master_dtype == np.float32
     assert model.params.flat.dtype == np.float32 and model.weights.flat.dtype == BF16
@@ -172,12 +172,12 @@ def test_dtype_audit():
     logits, (block_caches, (final_xhat, final_rstd), h) = model._forward(model.xp.asarray(tokens), None, 0.1, 1)
     assert logits.dtype == final_xhat.dtype == h.dtype == BF16 and final_rstd.dtype == np.float32
     for (xhat, rstd), h, cos, sin, attn, swiglu, branches, keep, rate in block_caches:
-        _, qg, kt, vt, probs = attn
+        qg, kt, vt, probs, _ = attn
         assert all(a.dtype == BF16 for a in (xhat, h, qg, kt, vt, probs, *swiglu, branches))
         assert rstd.dtype == cos.dtype == sin.dtype == np.float32 and keep.dtype == np.bool_
     assert model._mask(12, 12, 0).dtype == np.float32
-    _, (ce_probs, log_z, _, _) = model.ops.cross_entropy_forward(np, logits.reshape(-1, 256), tokens.reshape(-1), 1e-4)
-    assert ce_probs.dtype == log_z.dtype == np.float32
+    _, (ce_probs, log_z, _) = model.ops.cross_entropy_forward(np, logits.reshape(-1, 256), tokens.reshape(-1), 1e-4)
+    assert ce_probs.dtype == np.float32 and log_z.dtype == BF16
     cache = model.new_kv_cache(1)
     model.forward(tokens[:1, :3], cache)
     assert all(a.dtype == BF16 for a in cache.k + cache.v)

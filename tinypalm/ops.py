@@ -31,18 +31,17 @@ def _down(a, dtype):
     return a.astype(dtype, copy=False)
 
 
-def _matmul(xp, a, b):
+def _matmul(a, b):
     # a (..., M, K) @ b (..., K, N) -> (..., M, N) in the compute dtype, accumulated in float32 or better.
     # numpy's bf16 matmul already returns float32; CuPy's returns bf16, and raises TypeError on bf16 with more
     # than two dimensions, so 16-bit operands go through one 2-D product per leading index
     if a.ndim == 2 or a.dtype.itemsize > 2:
         return _up(a @ b)
-    lead = a.shape[:-2]
     a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
-    out = xp.empty((a3.shape[0], a.shape[-2], b.shape[-1]), dtype=numpy.float32)
-    for i in range(a3.shape[0]):
+    out = _up(a3[:, :, :1]) * _up(b3[:, :1, :])        # an (n, M, N) float32 buffer, allocated without xp
+    for i in range(len(out)):
         out[i] = a3[i] @ b3[i]
-    return out.reshape(*lead, *out.shape[-2:])
+    return out.reshape(*a.shape[:-2], *out.shape[-2:])
 
 
 # --- embedding --------------------------------------------------------------------------------------------
@@ -145,36 +144,36 @@ def attention_forward(xp, q, k, v, mask):
     # q (B, T, H, Dh), k/v (B, S, Hkv, Dh), mask (G*T, S) -> out (B, T, H, Dh)
     # Each kv head serves G consecutive query heads. Stacking those G heads along the rows gives one matmul
     # per (batch, kv head) against the shared keys: (G*T, Dh) @ (Dh, S); k and v are never repeated.
-    # Scores, softmax and the 1/sqrt(Dh) scale are in the compute dtype; the cache holds q, k, v, probs in q's.
+    # Scores and the softmax are in the compute dtype; the cache holds q (scaled), k, v and probs in q's dtype.
     B, T, H, Dh = q.shape
     Hkv = k.shape[2]
     G = H // Hkv
-    qg = q.reshape(B, T, Hkv, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, Dh)
+    scale = 1.0 / math.sqrt(Dh)
+    qg = _down(_up(q) * scale, q.dtype)
+    qg = qg.reshape(B, T, Hkv, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, Dh)
     kt = k.transpose(0, 2, 3, 1)                                   # (B, Hkv, Dh, S)
     vt = v.transpose(0, 2, 1, 3)                                   # (B, Hkv, S, Dh)
-    scores = _matmul(xp, qg, kt)                                   # (B, Hkv, G*T, S)
-    scores *= 1.0 / math.sqrt(Dh)
+    scores = _matmul(qg, kt)                                       # (B, Hkv, G*T, S)
     scores += mask
     probs = _down(softmax_forward(xp, scores), q.dtype)
-    out = _matmul(xp, probs, vt)                                   # (B, Hkv, G*T, Dh)
+    out = _matmul(probs, vt)                                       # (B, Hkv, G*T, Dh)
     out = _down(out, q.dtype).reshape(B, Hkv, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
-    return out, (xp, qg, kt, vt, probs)
+    return out, (qg, kt, vt, probs, scale)
 
 
 def attention_backward(dout, cache):
     # returns dq (B, T, H, Dh), dk, dv (B, S, Hkv, Dh)
-    xp, qg, kt, vt, probs = cache
+    qg, kt, vt, probs, scale = cache
     B, Hkv, GT, Dh = qg.shape
     T = dout.shape[1]
     G = GT // T
     dout_g = dout.reshape(B, T, Hkv, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, GT, Dh)
-    dprobs = _matmul(xp, dout_g, vt.swapaxes(-1, -2))              # (B, Hkv, G*T, S)
-    dvt = _matmul(xp, probs.swapaxes(-1, -2), dout_g)              # (B, Hkv, S, Dh): summed over the G heads
-    dscores = softmax_backward(dprobs, probs)
-    dscores *= 1.0 / math.sqrt(Dh)
-    dscores = _down(dscores, qg.dtype)
-    dqg = _matmul(xp, dscores, kt.swapaxes(-1, -2))                # (B, Hkv, G*T, Dh)
-    dkt = _matmul(xp, qg.swapaxes(-1, -2), dscores)                # (B, Hkv, Dh, S)
+    dprobs = _matmul(dout_g, vt.swapaxes(-1, -2))                  # (B, Hkv, G*T, S)
+    dvt = _matmul(probs.swapaxes(-1, -2), dout_g)                  # (B, Hkv, S, Dh): summed over the G heads
+    dscores = _down(softmax_backward(dprobs, probs), qg.dtype)
+    dqg = _matmul(dscores, kt.swapaxes(-1, -2))                    # (B, Hkv, G*T, Dh)
+    dkt = _matmul(qg.swapaxes(-1, -2), dscores)                    # (B, Hkv, Dh, S)
+    dqg *= scale
     dq = _down(dqg, dout.dtype).reshape(B, Hkv, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G, Dh)
     return dq, _down(dkt, dout.dtype).transpose(0, 3, 1, 2), _down(dvt, dout.dtype).transpose(0, 2, 1, 3)
 
@@ -275,7 +274,9 @@ def tied_logits_backward(dlogits, h, embed, d_embed):
 def cross_entropy_forward(xp, logits, targets, z_loss):
     # logits (N, V), targets (N,) -> loss = mean(logZ - logit[target]) + z_loss * mean(logZ^2), logZ = logsumexp.
     # All in the compute dtype: probs is the one compute-dtype (float32 for bf16 logits) copy of the logits,
-    # and the cache keeps it so, since p_target - 1 in the backward would lose its digits in bf16.
+    # and the cache keeps it so, since p_target - 1 in the backward would lose its digits in bf16. The cache
+    # keeps log_z in the logits' dtype: the backward needs it only for the z-loss factor 1 + 2 z logZ, where bf16
+    # is plenty, and returns dlogits in its dtype.
     # The loss is a 0-d array (a numpy scalar on numpy) on the device: reading it is the caller's choice
     N = logits.shape[0]
     m = _up(logits.max(axis=-1, keepdims=True))                    # max is exact in any dtype
@@ -286,13 +287,13 @@ def cross_entropy_forward(xp, logits, targets, z_loss):
     rows = xp.arange(N)
     nll = log_z[:, 0] - logits[rows, targets]
     loss = nll.mean() + z_loss * (log_z * log_z).mean()
-    return loss, (probs, log_z, targets, logits.dtype)
+    return loss, (probs, _down(log_z, logits.dtype), targets)
 
 
 def cross_entropy_backward(xp, cache, z_loss):
     # d/dlogit_j [logZ - logit_t + z logZ^2] / N = (p_j (1 + 2 z logZ) - [j == t]) / N; returns dlogits (N, V)
-    probs, log_z, targets, dtype = cache
+    probs, log_z, targets = cache
     N = probs.shape[0]
-    dlogits = probs * ((1.0 + 2.0 * z_loss * log_z) / N)
+    dlogits = probs * ((1.0 + 2.0 * z_loss * _up(log_z)) / N)
     dlogits[xp.arange(N), targets] -= 1.0 / N
-    return _down(dlogits, dtype)
+    return _down(dlogits, log_z.dtype)
