@@ -8,8 +8,8 @@ and one rounding of every element of a tensor gives a relative L2 error of about
 references run on the same bf16-rounded inputs and weights, so only the arithmetic is compared, not the rounding
 of the inputs. An op's bf16 output is rounded once after float32 arithmetic, plus once more for what its cache
 keeps in bf16 (xhat, probabilities, sigmoid): measured 0.85u-1.2u, bound 2u (3u for attention's backward,
-measured 1.8u, whose scores are large enough here to show a rounding before the softmax). Weight gradients and the loss are
-accumulated in float32 from bf16 operands: measured 1e-7 and below, bound 1e-5; a bf16 rounding anywhere on
+measured 1.8u, whose scores are large enough here to show a rounding before the softmax). Weight gradients and
+the loss are accumulated in float32 from bf16 operands: measured 1e-7 and below, bound 1e-5; a bf16 rounding on
 their way (an accumulation in bf16, a bf16 matmul result) would be ~1e-3. Through the whole model a gradient
 passes through tens of roundings: measured 0.9%-1.1% per tensor, bound 2e-2 (the bar a GPU run is held to);
 the loss measured < 6e-5 relative, bound 5e-4. The reductions are long (rows of 1024 to 8192, columns of 256
