@@ -7,29 +7,29 @@
 """
 
 import argparse
-import codecs
 import sys
 import time
 
 from tinypalm import PaLM, TinyPalmError
 from tinypalm import checkpoint
-from tinypalm.cli import run_cli
-from tinypalm.generate import generate
+from tinypalm.cli import HelpFormatter, run_cli
+from tinypalm.generate import stream
 from tinypalm.tokenizer import tokenizer_from_dict
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a checkpoint .npz, or a training --out directory")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a checkpoint .npz, or a training --out directory (its best.npz, else last.npz)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file instead")
-    p.add_argument("--max-new-tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token every time")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding this much probability")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file instead of --prompt")
+    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 picks the most likely token every time")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the most likely tokens holding this much probability (default: all)")
+    p.add_argument("--num-samples", type=int, default=1, help="how many samples to generate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling; sample i uses seed + i")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
     p.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16"],
                    help="compute dtype (default: the one the checkpoint was trained in)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token (slow; for comparison)")
@@ -48,18 +48,30 @@ def read_prompt(args):
         raise TinyPalmError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 text ({e})") from None
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.max_new_tokens < 1 or args.num_samples < 1 or args.temperature < 0:
-        raise TinyPalmError("--max-new-tokens and --num-samples must be at least 1 and --temperature not negative")
+def check_args(args):
+    for name in ("max_new_tokens", "num_samples"):
+        if getattr(args, name) < 1:
+            raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.temperature < 0:
+        raise TinyPalmError(f"--temperature must not be negative, got {args.temperature} (0 is greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise TinyPalmError(f"--top-k must be at least 1, got {args.top_k} (leave it out to sample among all tokens)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise TinyPalmError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    prompt = read_prompt(args)
     ckpt = checkpoint.load(args.ckpt)
     tokenizer = tokenizer_from_dict(ckpt.tokenizer_dict)
     model = PaLM(ckpt.config, backend=args.backend, dtype=args.dtype or ckpt.meta.get("dtype", "float32"))
     model.load_params(ckpt.params)
+    val = f", best val loss {ckpt.best_val_loss:.4f}" if ckpt.best_val_loss is not None else ""
+    print(f"loaded {ckpt.path}: step {ckpt.step}{val}, {ckpt.config.n_params() / 1e6:.2f}M parameters",
+          file=sys.stderr)
 
-    prompt = read_prompt(args)
     prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
     if not prompt_ids:
         raise TinyPalmError("the prompt is empty; pass some text with --prompt or --prompt-file")
@@ -73,17 +85,9 @@ def main(argv=None):
     for i in range(args.num_samples):
         if args.num_samples > 1:
             out.write(f"--- sample {i + 1} ---\n")
-        out.write(tokenizer.decode(prompt_ids))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a character may span tokens
-
-        def stream(token):
-            out.write(decoder.decode(tokenizer.token_bytes(token)))
-            out.flush()
-
         start = time.perf_counter()
-        new = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                       seed=args.seed + i, use_cache=not args.no_cache, on_token=stream)
-        out.write(decoder.decode(b"", final=True) + "\n")
+        new = stream(model, tokenizer, prompt_ids, args.max_new_tokens, out, temperature=args.temperature,
+                     top_k=args.top_k, top_p=args.top_p, seed=args.seed + i, use_cache=not args.no_cache)
         seconds = time.perf_counter() - start
         print(f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / seconds:.1f} tokens/s"
               f"{', no cache' if args.no_cache else ''}]", file=sys.stderr)

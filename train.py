@@ -6,15 +6,17 @@
     python train.py --resume                         # continue out/last.npz exactly where it stopped
     python train.py --init-from out/best.npz --data new.txt --out finetuned   # fine-tune
 
-Writes to --out: last.npz (every evaluation, and on Ctrl-C), best.npz (best validation loss so far),
-metrics.jsonl (one JSON record per log line and evaluation) and loss.svg (the loss curves).
+Writes to --out: last.npz (every evaluation, every --save-every-s seconds, and on Ctrl-C), best.npz (best
+validation loss so far), metrics.jsonl (one JSON record per log line and evaluation) and loss.svg (the loss
+curves). A new run refuses an --out that holds a trained run, unless --overwrite is given.
 """
 
 import argparse
 import json
 import math
 import os
-import signal
+import shlex
+import sys
 import time
 
 import numpy as np
@@ -22,55 +24,66 @@ import numpy as np
 from tinypalm import Config, PaLM, TinyPalmError
 from tinypalm import checkpoint, data
 from tinypalm.backend import read_scalars
-from tinypalm.cli import run_cli, format_duration
+from tinypalm.cli import HelpFormatter, run_cli, format_duration
 from tinypalm.config import PRESETS
-from tinypalm.generate import generate
+from tinypalm.generate import stream
 from tinypalm.model import layer_storage_names
 from tinypalm.optim import AdamW, clip_grad_norm, lr_at
 from tinypalm.plot import read_metrics, write_loss_svg
+from tinypalm.run import Progress, SaveSchedule, StopRequest, check_memory, prepare_out_dir, remove_old_run
 from tinypalm.tokenizer import ByteTokenizer, BPETokenizer, tokenizer_from_dict
 
 SHAPE_FLAGS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len", "rope_base",
                "norm_eps", "z_loss")
 WEIGHT_SHAPE_FLAGS = SHAPE_FLAGS[:6]      # the ones a checkpoint's weights fix
+SHAPE_HELP = {"d-model": "model width", "n-layers": "number of blocks", "n-heads": "query heads",
+              "n-kv-heads": "key/value heads (1: multi-query)", "head-dim": "width of each head",
+              "d-ff": "SwiGLU hidden width", "max-seq-len": "longest context the model can see",
+              "rope-base": "rotary embedding base", "norm-eps": "LayerNorm epsilon", "z-loss": "weight of the z-loss"}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="small", help=f"one of {', '.join(PRESETS)} (default small)")
+    g.add_argument("--preset", default="small", help=f"model shape: one of {', '.join(PRESETS)}")
     for flag, kind in [("d-model", int), ("n-layers", int), ("n-heads", int), ("n-kv-heads", int), ("head-dim", int),
                        ("d-ff", int), ("max-seq-len", int), ("rope-base", float), ("norm-eps", float), ("z-loss", float)]:
-        g.add_argument(f"--{flag}", type=kind, default=None, help="overrides the preset")
-    g.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
-    g.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+        g.add_argument(f"--{flag}", type=kind, default=None, help=f"{SHAPE_HELP[flag]} (default: the preset's)")
+    g.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
+                   help="floating-point type of the model (bfloat16: mixed precision, float32 master weights)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="text file, directory of text files, or token file (default: Python's bundled docs)")
-    g.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
+    g.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"],
+                   help="byte (256 tokens, nothing to learn) or bpe (byte-level BPE learnt from the corpus)")
     g.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (with --tokenizer bpe)")
-    g.add_argument("--bpe-train-bytes", type=int, default=32 << 20, help="train BPE on at most this much of the corpus")
+    g.add_argument("--bpe-train-bytes", type=int, default=32 << 20, help="train BPE on at most this many bytes of the corpus")
     g.add_argument("--prepare", default=None, metavar="TOKEN_FILE", help="tokenise --data into TOKEN_FILE and exit")
     g = p.add_argument_group("training")
-    g.add_argument("--out", default="out")
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--out", default="out", help="directory for last.npz, best.npz, metrics.jsonl and loss.svg")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, replacing it")
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=2e-3)
-    g.add_argument("--min-lr", type=float, default=2e-4)
-    g.add_argument("--warmup-steps", type=int, default=50)
-    g.add_argument("--max-steps", type=int, default=600)
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, reached at the end of warmup")
+    g.add_argument("--min-lr", type=float, default=None,
+                   help="learning rate at the end of the cosine decay; at most --lr (default: --lr / 10)")
+    g.add_argument("--warmup-steps", type=int, default=50, help="steps of linear warmup from 0 to --lr")
+    g.add_argument("--max-steps", type=int, default=600, help="optimizer steps in all (raise it to --resume a finished run)")
     g.add_argument("--decay-steps", type=int, default=None, help="cosine decay length (default: --max-steps)")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decoupled weight decay of the layers' matrices")
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW's first-moment decay")
+    g.add_argument("--beta2", type=float, default=0.95, help="AdamW's second-moment decay")
     g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-    g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--eval-every", type=int, default=100)
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout rate on each block's output")
+    g.add_argument("--eval-every", type=int, default=100, help="evaluate and save last.npz (best.npz if better) every N steps")
     g.add_argument("--eval-steps", type=int, default=10, help="validation batches per evaluation")
-    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--log-every", type=int, default=10, help="print progress every N steps")
+    g.add_argument("--save-every-s", type=float, default=300,
+                   help="also save last.npz every this many seconds between evaluations (0: only at evaluations)")
     g.add_argument("--patience", type=int, default=0, help="stop after this many evaluations without improvement (0: never)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--resume", action="store_true", help="continue from <out>/last.npz")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the batches and dropout")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.npz")
     g.add_argument("--init-from", default=None, metavar="CKPT", help="fine-tune: load weights and tokenizer, fresh optimizer")
     g.add_argument("--freeze-layers", type=int, default=0, help="train only the top layers: the bottom N and the embedding stay fixed")
     g.add_argument("--sample-tokens", type=int, default=200, help="length of the sample printed at the end (0: none)")
@@ -90,16 +103,45 @@ def explicit_flags(parser, argv):
 
 
 def check_args(args):
-    positive = ["batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_steps", "log_every"]
-    for name in positive:
+    for name in ["batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_steps", "log_every",
+                 "bpe_train_bytes"]:
         if getattr(args, name) < 1:
             raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not 0.0 <= args.dropout < 1.0:
-        raise TinyPalmError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.lr <= 0 or args.min_lr < 0:
-        raise TinyPalmError(f"--lr must be positive and --min-lr not negative, got {args.lr} and {args.min_lr}")
+    for name in ["warmup_steps", "patience", "freeze_layers", "sample_tokens", "save_every_s", "grad_clip", "weight_decay"]:
+        if getattr(args, name) < 0:
+            raise TinyPalmError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.decay_steps is not None and args.decay_steps < 1:
+        raise TinyPalmError(f"--decay-steps must be at least 1, got {args.decay_steps}")
+    for name in ["beta1", "beta2", "dropout"]:
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise TinyPalmError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise TinyPalmError(f"--lr must be positive, got {args.lr}")
+    if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
+        raise TinyPalmError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}: it is the floor the "
+                            "learning rate decays to; lower it, or leave it out for --lr / 10")
     if args.resume and args.init_from:
         raise TinyPalmError("--resume and --init-from exclude each other: resume continues a run, init-from starts a new one")
+    if args.resume and args.overwrite:
+        raise TinyPalmError("--resume and --overwrite exclude each other: resume continues the run in --out, "
+                            "overwrite replaces it with a new one")
+    Config.preset(args.preset)            # an unknown preset is refused before any data is read
+
+
+def check_tokenizer_flags(args, given, tokenizer_dict, source):
+    """--tokenizer and --vocab-size cannot change a tokenizer that a checkpoint or a token file already fixes."""
+    fixed = tokenizer_from_dict(tokenizer_dict)
+    clash = ("tokenizer" in given and args.tokenizer != fixed.kind) or \
+            ("vocab_size" in given and (fixed.kind != "bpe" or fixed.vocab_size > args.vocab_size))
+    if clash:
+        flags = " and ".join(f"--{f.replace('_', '-')}" for f in ("tokenizer", "vocab_size") if f in given)
+        raise TinyPalmError(f"{source} comes with its own tokenizer ({fixed.kind}, {fixed.vocab_size} tokens), which "
+                            f"{flags} cannot change; drop {flags}" +
+                            (", or --prepare the text again with them" if source.startswith("--data") else ""))
+
+
+def lr_floor(args):
+    return args.min_lr if args.min_lr is not None else args.lr / 10
 
 
 def model_config(args, vocab_size, base=None):
@@ -145,14 +187,24 @@ def prepare(args, tokenizer_dict):
     print(f"wrote {n:,} tokens to {args.prepare}; train with --data {args.prepare}")
 
 
-def load_tokens(args, tokenizer_dict):
+def vocab_bound(args):
+    """The vocabulary size before the corpus is read: exact for bytes and token files, an upper bound for BPE."""
+    if args.data and data.is_token_file(args.data):
+        return tokenizer_from_dict(data.open_token_file(args.data)[1]).vocab_size
+    return ByteTokenizer.vocab_size if args.tokenizer == "byte" else args.vocab_size
+
+
+def load_tokens(args, given, tokenizer_dict):
     """(token stream, tokenizer) from --data, or from the default corpus."""
     if args.data and data.is_token_file(args.data):
         tokens, file_tok = data.open_token_file(args.data)
         if tokenizer_dict is not None and file_tok != tokenizer_dict:
             raise TinyPalmError(f"--data {args.data}: this token file was made with another tokenizer than the "
                                 "checkpoint's; prepare it again with the checkpoint's tokenizer (--init-from ... --prepare)")
-        return tokens, tokenizer_from_dict(file_tok)
+        check_tokenizer_flags(args, given, file_tok, f"--data {args.data} (a token file)")
+        tokenizer = tokenizer_from_dict(file_tok)
+        print(f"data: {args.data}, a token file of {len(tokens):,} {tokenizer.kind} tokens (vocabulary {tokenizer.vocab_size})")
+        return tokens, tokenizer
     if args.data:
         corpus, source = data.read_corpus(args.data), args.data
     else:
@@ -169,21 +221,28 @@ def evaluate(model, tokens, args):
     return float(np.mean([model.loss(x, y) for x, y in batches]))
 
 
-class StopRequest:
-    """The first Ctrl-C asks the loop to save and stop after the current step; a second one stops at once."""
+def frozen_params(args, model):
+    """--freeze-layers N: the embedding and the bottom N layers' parameters, announced."""
+    if not args.freeze_layers:
+        return []
+    n_layers = model.config.n_layers
+    if args.freeze_layers > n_layers:
+        raise TinyPalmError(f"--freeze-layers {args.freeze_layers}: the model has {n_layers} layers; freeze fewer")
+    frozen = ["embed"] + [n for i in range(args.freeze_layers) for n in layer_storage_names(i)]
+    spans = model.params.layout.spans
+    n_frozen, n_all = sum(spans[n][1] - spans[n][0] for n in frozen), model.params.layout.size
+    first, last = args.freeze_layers, n_layers - 1
+    top = "" if first > last else f"layer {first} and " if first == last else f"layers {first}-{last} and "
+    bottom = "layer 0" if args.freeze_layers == 1 else f"layers 0-{args.freeze_layers - 1}"
+    print(f"frozen: the embedding and {bottom} ({n_frozen:,} parameters); "
+          f"training {top}the final norm ({n_all - n_frozen:,} parameters)")
+    return frozen
 
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGINT, self.handle)
 
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this step, saving and stopping (Ctrl-C again to quit at once)", flush=True)
+def parse_run(argv):
+    """(args, flags given on the command line, checkpoint or None), checked before any data is read.
 
-
-def main(argv=None):
+    A resumed run takes its saved training arguments, except the flags given again on the command line."""
     parser = build_parser()
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
@@ -202,22 +261,39 @@ def main(argv=None):
     if ckpt is not None and changed:
         raise TinyPalmError(f"{'--resume' if args.resume else '--init-from'}: the model's shape comes from the "
                             f"checkpoint; drop {', '.join(changed)}")
+    if args.resume and "min_lr" not in given and args.min_lr is not None and args.min_lr > args.lr:
+        raise TinyPalmError(f"--lr {args.lr} is below the --min-lr {args.min_lr} this run was started with; "
+                            "pass a --min-lr at most --lr as well")
     check_args(args)
+    if args.resume and ckpt.step >= args.max_steps:
+        raise TinyPalmError(f"--resume: {ckpt.path} is already at step {ckpt.step} of --max-steps {args.max_steps}, "
+                            f"nothing is left to train; raise --max-steps (e.g. --max-steps {2 * ckpt.step}) to go on")
+    if ckpt is not None:
+        check_tokenizer_flags(args, given, ckpt.tokenizer_dict, ckpt.path)
+    elif "vocab_size" in given and args.tokenizer != "bpe":
+        raise TinyPalmError(f"--vocab-size {args.vocab_size} is the size of a BPE vocabulary: add --tokenizer bpe, "
+                            "or drop --vocab-size for the 256-token byte tokenizer")
+    return args, given, ckpt
+
+
+def main(argv=None):
+    args, given, ckpt = parse_run(argv)
     np.seterr(over="ignore", invalid="ignore")      # a diverging run is caught below, by its loss and gradient norm
 
     if args.prepare:
         return prepare(args, ckpt.tokenizer_dict if ckpt else None)
-    tokens, tokenizer = load_tokens(args, ckpt.tokenizer_dict if ckpt else None)
+    replaced = prepare_out_dir(args.out, args.resume, args.overwrite)
+    base = ckpt.config if ckpt else None
+    cfg = model_config(args, vocab_bound(args), base)          # shape errors and memory, before reading the corpus
+    check_memory(cfg, args.backend, args.batch_size, args.seq_len, 8 if args.dtype == "float64" else 4,
+                 f"this model (--preset {args.preset})" if ckpt is None else f"the model of {ckpt.path}")
+    tokens, tokenizer = load_tokens(args, given, ckpt.tokenizer_dict if ckpt else None)
     train_tokens, val_tokens = data.split_train_val(tokens)
     data.check_length(len(train_tokens), len(val_tokens), args.seq_len)
 
-    cfg = model_config(args, tokenizer.vocab_size, ckpt.config if ckpt else None)
+    cfg = model_config(args, tokenizer.vocab_size, base)
     model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=args.seed)
-    frozen = []
-    if args.freeze_layers:
-        if not 0 < args.freeze_layers <= cfg.n_layers:
-            raise TinyPalmError(f"--freeze-layers {args.freeze_layers}: the model has {cfg.n_layers} layers")
-        frozen = ["embed"] + [n for i in range(args.freeze_layers) for n in layer_storage_names(i)]
+    frozen = frozen_params(args, model)
     optimizer = AdamW(model.params, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, frozen=frozen)
     start_step, best_val = 0, math.inf
     if ckpt is not None:
@@ -227,15 +303,19 @@ def main(argv=None):
             raise TinyPalmError(f"--resume: {ckpt.path} holds weights only (no optimizer state); use --init-from instead")
         optimizer.load_state_dict(ckpt.opt_state, model.xp)
         start_step, best_val = ckpt.step, ckpt.best_val_loss if ckpt.best_val_loss is not None else math.inf
+    remove_old_run(replaced, args.out)           # only now, with the new run ready to start
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if not args.resume and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    train_args = {k: v for k, v in vars(args).items() if k not in ("resume", "init_from", "prepare")}
+    last_path = os.path.join(args.out, "last.npz")
+    train_args = {k: v for k, v in vars(args).items() if k not in ("resume", "init_from", "prepare", "overwrite")}
+    saver = SaveSchedule(args.save_every_s)
 
     def save(name, step):
+        t0 = time.time()
         checkpoint.save(os.path.join(args.out, name), model, tokenizer, step, optimizer, train_args,
                         None if math.isinf(best_val) else best_val)
+        if name == "last.npz":
+            saver.saved(time.time() - t0)
 
     def log(record):
         with open(metrics_path, "a") as f:
@@ -248,11 +328,12 @@ def main(argv=None):
           f"{args.backend} {args.dtype}; {tokens_per_step:,} tokens per step"
           + (f"; resuming at step {start_step}" if args.resume else ""))
     stop = StopRequest()
+    progress = Progress()
     t_start, t_log, evals_without_gain = time.time(), time.time(), 0
     step, running = start_step, []
 
     while step < args.max_steps:
-        lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, decay_steps)
+        lr = lr_at(step, args.lr, lr_floor(args), args.warmup_steps, decay_steps)
         loss, grads = 0.0, None
         for micro in range(args.grad_accum):           # the micro-batches' gradients add up in one buffer
             x, y = data.get_batch(train_tokens, args.batch_size, args.seq_len, args.seed, step * args.grad_accum + micro)
@@ -264,8 +345,7 @@ def main(argv=None):
         grad_norm = clip_grad_norm(grads, args.grad_clip)
         loss, grad_norm = read_scalars(model.xp, loss, grad_norm)     # the step's one device-to-host read
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            last = os.path.join(args.out, "last.npz")
-            kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
+            kept = f"the last good checkpoint is {last_path}" if os.path.exists(last_path) else "no checkpoint was written yet"
             raise TinyPalmError(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; stopped "
                                 f"without updating, {kept}; lower --lr, raise --warmup-steps or set --grad-clip")
         optimizer.step(model.params, grads, lr)
@@ -275,17 +355,17 @@ def main(argv=None):
 
         if step % args.log_every == 0 or step == args.max_steps:
             now = time.time()
+            progress.add(len(running), now - t_log)
             rate = len(running) * tokens_per_step / (now - t_log)
-            left = (args.max_steps - step) * (now - t_log) / len(running)
             print(f"step {step}/{args.max_steps} | loss {np.mean(running):.4f} | lr {lr:.2e} | {rate:,.0f} tok/s | "
-                  f"{format_duration(now - t_start)} elapsed, {format_duration(left)} left", flush=True)
+                  f"{format_duration(now - t_start)} elapsed, {format_duration(progress.left(args.max_steps - step))} left",
+                  flush=True)
             log({"split": "train", "step": step, "loss": float(np.mean(running)), "lr": lr, "grad_norm": grad_norm,
                  "tokens_per_s": rate, "elapsed_s": now - t_start})
             running, t_log = [], now
 
-        final = step == args.max_steps or stop.requested
-        if step % args.eval_every == 0 or final:
-            t_eval = time.time()
+        t_pause = time.time()
+        if step % args.eval_every == 0 or step == args.max_steps or stop.requested:
             val = evaluate(model, val_tokens, args)
             improved = val < best_val
             best_val = min(best_val, val)
@@ -297,20 +377,27 @@ def main(argv=None):
                 save("best.npz", step)
             write_loss_svg(os.path.join(args.out, "loss.svg"), *read_metrics(metrics_path),
                            title=f"tinypalm {cfg.n_params() / 1e6:.1f}M")
-            t_log += time.time() - t_eval          # evaluation time is not training throughput
             if args.patience and evals_without_gain >= args.patience:
                 print(f"early stop: no improvement in {args.patience} evaluations")
                 break
+        elif saver.due():
+            save("last.npz", step)
+        t_log += time.time() - t_pause          # evaluating and saving are not training throughput
         if stop.requested:
-            print(f"saved {os.path.join(args.out, 'last.npz')} at step {step}; continue with --resume")
-            return
+            print(f"stopped: saved {last_path} at step {step}; continue with --resume --out {shlex.quote(args.out)}")
+            raise SystemExit(130)               # interrupted, so `train.py && sample.py` does not go on
 
-    print(f"done: {step} steps in {format_duration(time.time() - t_start)}; best val loss {best_val:.4f}; "
-          f"checkpoints in {args.out}/")
+    stop.release()                              # all saved: from here a Ctrl-C stops at once, with status 130
+    if stop.requested:
+        raise SystemExit(130)
+    print(f"done: {step} steps in {format_duration(time.time() - t_start)}; best val loss {best_val:.4f} in "
+          f"{os.path.join(args.out, 'best.npz')}; loss curves in {os.path.join(args.out, 'loss.svg')}, the log in "
+          f"{metrics_path}")
+    print(f"sample from it: python sample.py --ckpt {shlex.quote(args.out)}")
     if args.sample_tokens:
-        prompt = tokenizer.encode("\n")
-        print("--- sample ---")
-        print(tokenizer.decode(generate(model, list(prompt), args.sample_tokens, temperature=0.8, top_k=50, seed=args.seed)))
+        print("--- sample ---", flush=True)
+        stream(model, tokenizer, [int(i) for i in tokenizer.encode("\n")], args.sample_tokens, out=sys.stdout,
+               temperature=0.8, top_k=50, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Checkpoint files: round trip, plain numpy loading, atomic writes, and every kind of bad file."""
 
+import errno
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -117,3 +119,37 @@ def test_parameters_that_do_not_match_the_config(trained):
     rewrite(path, **{"param.layers.0.wq": np.zeros((3, 3))})
     with pytest.raises(TinyPalmError, match="layers.0.wq is missing or does not match"):
         checkpoint.load(path)
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_the_previous_file(trained, monkeypatch):
+    model, tokenizer, opt, path = trained
+    before = open(path, "rb").read()
+
+    def full_disk(file, **arrays):
+        file.write(b"PK partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(TinyPalmError, match=f"cannot write checkpoint {re.escape(path)}: No space left on device; "
+                                            "the previous .* is intact"):
+        checkpoint.save(path, model, tokenizer, step=8, optimizer=opt)
+    assert open(path, "rb").read() == before
+    assert os.listdir(os.path.dirname(path)) == ["ckpt.npz"]
+    with pytest.raises(TinyPalmError, match="new.npz was not written"):
+        checkpoint.save(os.path.join(os.path.dirname(path), "new.npz"), model, tokenizer, step=8)
+
+
+def test_weights_holding_nan_are_refused_at_load(trained):
+    _, _, _, path = trained
+    with np.load(path) as npz:
+        w = npz["param.layers.1.w_gate"].copy()
+    w[3, 5] = np.nan
+    rewrite(path, **{"param.layers.1.w_gate": w})
+    with pytest.raises(TinyPalmError, match="layers.1.w_gate holds NaN or infinite values"):
+        checkpoint.load(path)
+
+
+def test_describe_names_the_run_from_its_meta(trained, tmp_path):
+    _, _, _, path = trained
+    assert checkpoint.describe(path) == "step 7, best val loss 2.5000"
+    (tmp_path / "junk.npz").write_text("junk")
+    assert checkpoint.describe(str(tmp_path / "junk.npz")) == "unreadable"

@@ -1,5 +1,6 @@
 """train.py and sample.py as a user runs them: end to end, exact resume, fine-tuning, Ctrl-C, NaN, bad input."""
 
+import json
 import os
 import signal
 import subprocess
@@ -52,12 +53,15 @@ def test_train_then_sample(corpus, tmp_path):
     for name in ("last.npz", "best.npz", "metrics.jsonl", "loss.svg"):
         assert (tmp_path / "out" / name).exists(), name
     assert "val loss" in r.stdout and "--- sample ---" in r.stdout
+    done = r.stdout[r.stdout.index("done: 20 steps"):r.stdout.index("--- sample ---")]
+    for where in ("out/best.npz", "out/loss.svg", "out/metrics.jsonl", "python sample.py --ckpt out"):
+        assert where in done, where
     log = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert any('"split": "val"' in line for line in log) and any('"split": "train"' in line for line in log)
     assert "<polyline" in (tmp_path / "out" / "loss.svg").read_text()
     s = run("sample.py", "--ckpt", "out", "--prompt", "the cat", "--max-new-tokens", "25", "--seed", "1", cwd=tmp_path)
     assert s.stdout.startswith("the cat") and len(s.stdout) > len("the cat")
-    assert "tokens/s" in s.stderr
+    assert "tokens/s" in s.stderr and "loaded out/best.npz: step 20, best val loss" in s.stderr
     greedy = [run("sample.py", "--ckpt", "out/last.npz", "--temperature", "0", "--max-new-tokens", "20",
                   cwd=tmp_path).stdout for _ in range(2)]
     assert greedy[0] == greedy[1]
@@ -90,8 +94,12 @@ def test_bpe_tokenizer_is_trained_and_saved(corpus, tmp_path):
 def test_prepared_token_file_trains(corpus, tmp_path):
     r = run("train.py", "--data", str(corpus), "--prepare", "corpus.tok", cwd=tmp_path)
     assert "wrote" in r.stdout and (tmp_path / "corpus.tok").exists()
-    run("train.py", "--data", "corpus.tok", *TINY, "--max-steps", "5", cwd=tmp_path)
+    r = run("train.py", "--data", "corpus.tok", *TINY, "--max-steps", "5", cwd=tmp_path)
     assert checkpoint.load(str(tmp_path / "out" / "last.npz")).step == 5
+    assert "data: corpus.tok, a token file of" in r.stdout and "byte tokens (vocabulary 256)" in r.stdout
+    # the token file fixes the tokenizer: flags that would change it are refused, not ignored
+    r = run("train.py", "--data", "corpus.tok", *TINY, "--tokenizer", "bpe", "--out", "b", cwd=tmp_path, check=False)
+    assert_user_error(r, "corpus.tok", "own tokenizer (byte, 256 tokens)", "drop --tokenizer", "--prepare")
 
 
 def test_fine_tune_with_frozen_layers(corpus, tmp_path):
@@ -99,8 +107,9 @@ def test_fine_tune_with_frozen_layers(corpus, tmp_path):
     base = load_params(tmp_path / "base" / "last.npz")
     other = tmp_path / "other.txt"
     other.write_text("completely different text about numbers 123 456 789. " * 300)
-    run("train.py", "--init-from", "base/last.npz", "--data", str(other), *TINY, "--max-steps", "5",
-        "--freeze-layers", "1", "--out", "ft", cwd=tmp_path)
+    r = run("train.py", "--init-from", "base/last.npz", "--data", str(other), *TINY, "--max-steps", "5",
+            "--freeze-layers", "1", "--out", "ft", cwd=tmp_path)
+    assert "frozen: the embedding and layer 0 (" in r.stdout and "training layer 1 and the final norm" in r.stdout
     tuned = checkpoint.load(str(tmp_path / "ft" / "last.npz"))
     assert tuned.step == 5 and int(tuned.opt_state["step"]) == 5           # a fresh optimizer
     for name in ("embed", "layers.0.wq", "layers.0.norm", "layers.0.w_down"):
@@ -113,7 +122,7 @@ def test_fine_tune_with_frozen_layers(corpus, tmp_path):
     assert_user_error(r, "--resume", "--n-layers")
 
 
-def test_ctrl_c_saves_and_exits_cleanly(corpus, tmp_path):
+def test_ctrl_c_saves_and_exits_with_status_130(corpus, tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data", str(corpus), *TINY,
                              "--max-steps", "100000", "--eval-every", "100000", "--log-every", "1"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -123,8 +132,8 @@ def test_ctrl_c_saves_and_exits_cleanly(corpus, tmp_path):
         assert line, proc.stderr.read()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert "continue with --resume" in out
+    assert proc.returncode == 130, err                   # so `train.py && sample.py` stops here
+    assert "continue with --resume" in out and "Traceback" not in err
     ck = checkpoint.load(str(tmp_path / "out" / "last.npz"))
     assert 3 <= ck.step < 100000
 
@@ -162,6 +171,14 @@ def test_long_prompt_is_cut_from_the_left_with_a_notice(corpus, tmp_path):
     (["--d-model", "20", "--n-heads", "4"], ["head_dim 5 must be even"]),
     (["--head-dim", "7"], ["head_dim 7 must be even"]),
     (["--resume"], ["--resume", "does not exist"]),
+    (["--preset", "huge", "--data", "does/not/exist.txt"], ["unknown preset 'huge'"]),    # checked before any data
+    (["--d-model", "30", "--n-heads", "4", "--data", "does/not/exist.txt"], ["not divisible by n_heads"]),
+    (["--warmup-steps", "-1"], ["--warmup-steps must not be negative, got -1"]),
+    (["--patience", "-1"], ["--patience must not be negative, got -1"]),
+    (["--save-every-s", "-5"], ["--save-every-s must not be negative"]),
+    (["--lr", "1e-3", "--min-lr", "2e-3"], ["--min-lr 0.002 must be between 0 and --lr 0.001"]),
+    (["--vocab-size", "512"], ["--vocab-size 512", "--tokenizer bpe"]),
+    (["--preset", "palm-540b"], ["palm-540b", "needs about", "TiB", "smaller preset"]),
 ])
 def test_train_bad_input(args, words, tmp_path):
     (tmp_path / "EMPTY").write_text("  \n")
@@ -194,5 +211,169 @@ def test_sample_bad_checkpoints(corpus, tmp_path):
     arrays["meta"] = np.array(str(arrays["meta"]).replace('"version": 1', '"version": 7'))
     np.savez(tmp_path / "future.npz", **arrays)
     assert_user_error(run("sample.py", "--ckpt", "future.npz", cwd=tmp_path, check=False), "version 7")
+    with np.load(tmp_path / "out" / "last.npz") as npz:
+        arrays = dict(npz)
+    arrays["param.layers.0.wq"][0, :] = np.nan                         # what a diverged run could leave
+    np.savez(tmp_path / "nan.npz", **arrays)
+    assert_user_error(run("sample.py", "--ckpt", "nan.npz", cwd=tmp_path, check=False),
+                      "nan.npz", "layers.0.wq holds NaN", "earlier checkpoint")
     assert_user_error(run("sample.py", "--ckpt", "out", "--prompt-file", "nope.txt", cwd=tmp_path, check=False),
                       "nope.txt")
+
+
+def read_log(path, split):
+    return [json.loads(line) for line in open(path) if json.loads(line)["split"] == split]
+
+
+def test_lr_never_climbs_above_lr(corpus, tmp_path):
+    # a fine-tuning rate below the old fixed 2e-4 floor: the floor now follows --lr (lr / 10)
+    run("train.py", "--data", str(corpus), *TINY, "--lr", "1e-4", "--warmup-steps", "2", "--max-steps", "8",
+        "--log-every", "1", cwd=tmp_path)
+    rates = [r["lr"] for r in read_log(tmp_path / "out" / "metrics.jsonl", "train")]
+    assert len(rates) == 8 and max(rates) <= 1e-4
+    assert rates[1] == pytest.approx(1e-4) and rates[-1] < rates[1] and min(rates[2:]) >= 1e-5
+    r = run("train.py", "--data", str(corpus), *TINY, "--lr", "1e-4", "--min-lr", "2e-4", "--out", "b", cwd=tmp_path,
+            check=False)
+    assert_user_error(r, "--min-lr 0.0002", "--lr 0.0001")
+
+
+def test_a_new_run_never_replaces_a_trained_one_unasked(corpus, tmp_path):
+    run("train.py", "--data", str(corpus), *TINY, "--max-steps", "5", cwd=tmp_path)
+    before = (tmp_path / "out" / "best.npz").read_bytes()
+    for extra in ([], ["--init-from", "out/best.npz"]):
+        r = run("train.py", "--data", str(corpus), *TINY, "--max-steps", "2", *extra, cwd=tmp_path, check=False)
+        assert_user_error(r, "--out out already holds a trained run", "out/best.npz: step 5, best val loss",
+                          "--resume", "another --out", "--overwrite")
+    assert (tmp_path / "out" / "best.npz").read_bytes() == before
+    r = run("train.py", "--data", str(corpus), *TINY, "--max-steps", "2", "--overwrite", cwd=tmp_path)
+    assert "--overwrite: replacing the run in out" in r.stdout
+    assert checkpoint.load(str(tmp_path / "out" / "best.npz")).step == 2
+    assert [rec["step"] for rec in read_log(tmp_path / "out" / "metrics.jsonl", "val")] == [2]   # a fresh log
+    assert_user_error(run("train.py", "--resume", "--overwrite", cwd=tmp_path, check=False), "exclude each other")
+    r = run("train.py", "--resume", cwd=tmp_path, check=False)           # a finished run: say how to go on
+    assert_user_error(r, "already at step 2 of --max-steps 2", "raise --max-steps")
+
+
+def test_a_killed_save_leaves_nothing_behind_at_the_next_start(corpus, tmp_path):
+    run("train.py", "--data", str(corpus), *TINY, "--max-steps", "2", cwd=tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / "out" / f"last.npz.tmp{gone.pid}"
+    stale.write_bytes(b"\0" * 3 * 2**20)                      # what a kill -9 in the middle of a save leaves
+    live = tmp_path / "out" / f"best.npz.tmp{os.getpid()}"     # a live process's: it may be saving right now
+    live.write_bytes(b"\0")
+    r = run("train.py", "--resume", "--max-steps", "3", cwd=tmp_path)
+    assert f"removed {os.path.join('out', stale.name)} (3.0 MB)" in r.stderr
+    assert not stale.exists() and live.exists()
+    assert checkpoint.load(str(tmp_path / "out" / "last.npz")).step == 3
+
+
+def train_until(tmp_path, line_start, *args):
+    """Start train.py and read its output until a line starts with line_start; returns the running process."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = ""
+    while not line.startswith(line_start):
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+    return proc
+
+
+def test_timed_saves_between_evaluations_survive_kill_9(corpus, tmp_path):
+    proc = train_until(tmp_path, "step 20/", "--data", str(corpus), *TINY, "--max-steps", "100000",
+                       "--eval-every", "100000", "--log-every", "1", "--save-every-s", "0.001")
+    proc.kill()
+    proc.communicate(timeout=60)
+    ck = checkpoint.load(str(tmp_path / "out" / "last.npz"))
+    assert 1 <= ck.step <= 20 and ck.opt_state is not None              # saved with no evaluation at all
+    assert not (tmp_path / "out" / "best.npz").exists()
+    assert read_log(tmp_path / "out" / "metrics.jsonl", "val") == []
+
+
+def test_ctrl_c_during_the_final_sample_stops_it_with_status_130(corpus, tmp_path):
+    proc = train_until(tmp_path, "--- sample ---", "--data", str(corpus), *TINY[:-2], "--max-steps", "3",
+                       "--sample-tokens", "100000")
+    assert len(proc.stdout.read(20)) == 20 and proc.poll() is None     # the sample streams while it is made
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert checkpoint.load(str(tmp_path / "out" / "last.npz")).step == 3
+
+
+def test_help_shows_defaults(tmp_path):
+    for command, defaults in [([os.path.join(ROOT, "train.py")], ["(default: 0.002)", "(default: 16)", "(default: out)",
+                                                                  "(default: 600)", "(default: --lr / 10)"]),
+                              ([os.path.join(ROOT, "sample.py")], ["(default: 500)", "(default: 0.8)"]),
+                              (["-m", "tinypalm.bench"], ["(default: 12)", "(default: 64)"])]:
+        r = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        for d in defaults:
+            assert d in " ".join(r.stdout.split()), (command, d)
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(corpus, tmp_path):
+    # the disk fills up after the first evaluation's two saves (last.npz, best.npz)
+    script = ("import errno, numpy, runpy, sys\n"
+              "real, calls = numpy.savez, []\n"
+              "def savez(file, **arrays):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) > 2:\n"
+              "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+              "    real(file, **arrays)\n"
+              "numpy.savez = savez\n"
+              f"sys.argv = [{os.path.join(ROOT, 'train.py')!r}] + sys.argv[1:]\n"
+              "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", script, "--data", str(corpus), *TINY, "--max-steps", "10"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert_user_error(r, "cannot write checkpoint out/last.npz: No space left on device",
+                      "the previous out/last.npz is intact")
+    assert checkpoint.load(str(tmp_path / "out" / "last.npz")).step == 5
+    assert sorted(os.listdir(tmp_path / "out")) == ["best.npz", "last.npz", "loss.svg", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--preset", "palm-540b"], ["palm-540b", "needs about", "TiB", "smaller preset"]),
+    (["--preset", "nope"], ["unknown preset 'nope'"]),
+    (["--batch-size", "0"], ["--batch-size must be at least 1, got 0"]),
+    (["--steps", "0"], ["--steps must be at least 1"]),
+])
+def test_bench_bad_input(args, words, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tinypalm.bench", *args], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert_user_error(r, *words)
+
+
+def test_bench_cupy_without_a_gpu(tmp_path):
+    try:
+        import cupy
+        if cupy.is_available():
+            pytest.skip("a GPU is present; the error path cannot be reached")
+    except Exception:
+        pass
+    r = subprocess.run([sys.executable, "-m", "tinypalm.bench", "--backend", "cupy"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert_user_error(r, "--backend cupy", "--backend numpy")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--top-k", "-5"], ["--top-k must be at least 1, got -5"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens must be at least 1, got 0"]),
+    (["--num-samples", "0"], ["--num-samples must be at least 1, got 0"]),
+    (["--temperature", "-1"], ["--temperature must not be negative, got -1.0"]),
+    (["--top-p", "1.5"], ["--top-p must be in (0, 1], got 1.5"]),
+])
+def test_sample_bad_input(args, words, tmp_path):
+    r = run("sample.py", "--ckpt", "out", *args, cwd=tmp_path, check=False)
+    assert_user_error(r, *words)
+
+
+def test_data_notices_for_binary_files_and_folders(corpus, tmp_path):
+    folder = tmp_path / "docs"
+    (folder / ".git").mkdir(parents=True)
+    (folder / "a.txt").write_text(corpus.read_text(encoding="utf-8"), encoding="utf-8")
+    (folder / "b.txt").write_text("more text\n")
+    (folder / "logo.png").write_bytes(b"\x89PNG\0\0\0" * 100)
+    r = run("train.py", "--data", "docs", "--prepare", "docs.tok", cwd=tmp_path)
+    assert "note: --data docs: reading 2 text files, skipping 1 binary (logo.png) and 1 hidden" in r.stderr
+    r = run("train.py", "--data", "docs/logo.png", "--prepare", "logo.tok", cwd=tmp_path)
+    assert "note: --data docs/logo.png looks binary" in r.stderr

@@ -44,3 +44,24 @@ def test_top_k_and_top_p_restrict_the_choice():
     picks = {choose_token(logits, 1.0, None, 0.8, rng) for _ in range(500)}
     assert picks == {1, 2, 4}
     assert {choose_token(logits, 1.0, None, 0.01, rng) for _ in range(50)} == {1}
+
+
+def test_stream_writes_each_token_as_it_is_made():
+    from tinypalm.generate import stream
+    from tinypalm.tokenizer import ByteTokenizer
+
+    class Recorder:
+        def __init__(self):
+            self.parts, self.flushes = [], 0
+
+        def write(self, text):
+            self.parts.append(text)
+
+        def flush(self):
+            self.flushes += 1
+
+    m, tok, out = model(), ByteTokenizer(), Recorder()
+    new = stream(m, tok, [104, 105], 12, out, temperature=0.0)
+    assert new == generate(m, [104, 105], 12, temperature=0.0)
+    assert "".join(out.parts) == "hi" + tok.decode(new) + "\n"
+    assert out.flushes >= 12 + 1                      # the prompt, then once per token

@@ -3,6 +3,7 @@
 Everything else receives `xp` (numpy or cupy) and calls only functions both libraries share.
 """
 
+import functools
 import importlib.util
 import types
 
@@ -37,14 +38,20 @@ def get_ops(backend):
     Each twin has exactly the signature of the ops.py function it replaces and is tested against it."""
     plain = {name: getattr(ops, name) for name in dir(ops) if not name.startswith("_")
              and callable(getattr(ops, name)) and getattr(getattr(ops, name), "__module__", None) == ops.__name__}
-    return types.SimpleNamespace(**plain, **op_overrides(backend))
+    return types.SimpleNamespace(**{**plain, **op_overrides(backend)})     # a twin replaces its plain function
 
 
 def op_overrides(backend):
     """Faster twins of ops.py functions on this backend: name -> function.
 
-    On cupy these are the CUDA kernels of tinypalm.cuda, where that package exists and this CuPy can build kernels
-    (has RawModule). Anything else, a test double of CuPy included, runs the plain ops.py functions."""
+    On numpy: cpu_ops.py's chunked twins, run by its thread pool with BLAS itself single-threaded. On cupy: the
+    CUDA kernels of tinypalm.cuda, where that package exists and this CuPy can build kernels (has RawModule);
+    anything else, a test double of CuPy included, runs the plain ops.py functions."""
+    if backend == "numpy":
+        from . import cpu_ops
+        if set_blas_threads(1) is None:
+            cpu_ops.pool.n_threads = 1        # BLAS threads we cannot turn off: let them have the cores alone
+        return cpu_ops.twins()
     if backend != "cupy" or importlib.util.find_spec(f"{__package__}.cuda") is None:
         return {}
     import cupy
@@ -52,6 +59,62 @@ def op_overrides(backend):
         return {}
     from .cuda.ops import OVERRIDES
     return dict(OVERRIDES)
+
+
+def array_module(a):
+    """numpy or cupy: the library an array belongs to."""
+    return numpy if isinstance(a, numpy.ndarray) else get_xp("cupy")
+
+
+def map_ranges(a, ranges, fn):
+    """fn(start, stop, *rest) over every (start, stop, *rest) in ranges of the flat array a, for element-wise work.
+
+    On numpy the ranges are cut into cache-sized pieces that cpu_ops' thread pool runs on every core; on a GPU
+    each range is one call (one kernel per operation is what a GPU wants)."""
+    if not isinstance(a, numpy.ndarray):
+        for start, stop, *rest in ranges:
+            fn(start, stop, *rest)
+        return
+    from . import cpu_ops
+    chunk = max(1, cpu_ops.ELEMENTWISE_CHUNK_BYTES // a.itemsize)
+    pieces = [(i, min(i + chunk, stop), *rest) for start, stop, *rest in ranges for i in range(start, stop, chunk)]
+    cpu_ops.pool.run(lambda piece: fn(*piece), pieces)
+
+
+def set_blas_threads(n):
+    """Set the thread count of numpy's bundled OpenBLAS (scipy-openblas) for the whole process; returns n, or
+    None when numpy uses a BLAS we cannot reach this way (then nothing changes).
+
+    One thread: tinypalm's own pool (cpu_ops.py) splits the work, and OpenBLAS's threads, which spin at a
+    barrier after every matmul, would wait on each other whenever another program holds a core."""
+    fn = _blas_set_num_threads()
+    if fn is None:
+        return None
+    fn(n)
+    return n
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_set_num_threads():
+    """OpenBLAS's set_num_threads from the library numpy's wheel bundles (numpy.libs/ or numpy/.dylibs/)."""
+    import ctypes
+    import glob
+    import os
+    numpy_dir = os.path.dirname(numpy.__file__)
+    candidates = glob.glob(os.path.join(numpy_dir + ".libs", "*openblas*")) \
+        + glob.glob(os.path.join(numpy_dir, ".dylibs", "*openblas*"))
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
+                     "openblas_set_num_threads"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.argtypes, fn.restype = [ctypes.c_int], None
+                return fn
+    return None
 
 
 def keep_freed_memory():

@@ -4,6 +4,8 @@
                                                   # 1 kv head, vocab 256, batch 12 x 64, float32
     python -m tinypalm.bench --preset small --batch-size 8 --seq-len 256
     python -m tinypalm.bench --backend cupy --preset full --dtype bfloat16 --batch-size 16 --seq-len 1024
+    python -m tinypalm.bench --vs-torch           # the same step in PyTorch eager, timed alternately with ours
+    python -m tinypalm.bench --load 2             # without load, then with 2 busy processes running: the slowdown
 
 The step time is the median of --steps timed steps after --warmup untimed ones. The breakdown comes from
 separate steps in which every function of tinypalm.ops is timed (the device synchronised around each call on
@@ -14,14 +16,19 @@ it defaults to an H100 SXM's dense bf16 989.4 TFLOP/s).
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 from collections import defaultdict
 
 import numpy
 
-from .config import Config
+from .cli import HelpFormatter, run_cli
+from .config import PRESETS, Config
+from .errors import TinyPalmError
 from .model import PaLM
 from .optim import AdamW, clip_grad_norm
+from .run import check_memory
 
 H100_BF16_PEAK_TFLOPS = 989.4          # H100 SXM, dense bf16 tensor cores, without sparsity
 BENCH_SHAPE = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=1)
@@ -103,25 +110,96 @@ def profile_ops(step, model, n):
     return {name: t / n for name, t in spent.items()}, total / n
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
-    p.add_argument("--preset", default=None, help="a Config preset (default: the reference CPU benchmark shape)")
+def busy_processes(n):
+    """n processes that each keep one core busy (a pure-Python loop) until terminated."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def compare(args, cfg, model, step):
+    """Median step times of tinypalm (and with --vs-torch, of the same step in PyTorch, the two alternating
+    step by step so that both see the same machine), as the machine is and, with --load N, while N busy
+    processes run."""
+    steps = {"tinypalm": step}
+    if args.vs_torch:
+        from .bench_torch import import_torch, make_torch_step
+        torch = import_torch()
+        weights = {name: numpy.array(a) for name, a in model.params.stored.items()}
+        steps["torch"] = make_torch_step(cfg, args.batch_size, args.seq_len, args.dtype, weights=weights)
+    print(f"tinypalm bench: {args.dtype}, {cfg.n_params() / 1e6:.2f}M parameters (d_model {cfg.d_model}, "
+          f"{cfg.n_layers} layers, {cfg.n_heads} heads, {cfg.n_kv_heads} kv, vocab {cfg.vocab_size}), "
+          f"batch {args.batch_size} x {args.seq_len}, median of {args.steps} steps"
+          + (f"; PyTorch {torch.__version__} eager, {torch.get_num_threads()} threads, alternating with tinypalm"
+             if args.vs_torch else ""))
+
+    def measure():
+        for fn in steps.values():
+            time_steps(fn, model.xp, args.warmup)
+        times = {name: [] for name in steps}
+        for _ in range(args.steps):
+            for name, fn in steps.items():
+                times[name] += time_steps(fn, model.xp, 1)
+        return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+    def report(label, timed):
+        line = f"{label:>10s}: " + ", ".join(f"{name} median {t * 1e3:.1f} ms (min {t_min * 1e3:.1f})"
+                                            for name, (t, t_min) in timed.items())
+        if "torch" in timed:
+            line += (f"; tinypalm / torch: median {timed['tinypalm'][0] / timed['torch'][0]:.2f}, "
+                     f"min {timed['tinypalm'][1] / timed['torch'][1]:.2f}")
+        print(line)
+
+    idle = measure()
+    report("no load", idle)
+    if args.load:
+        busy = busy_processes(args.load)
+        try:
+            loaded = measure()
+        finally:
+            for proc in busy:
+                proc.terminate()
+                proc.wait()
+        report(f"{args.load} busy", loaded)
+        print("  with load / without (medians): " + ", ".join(f"{name} {loaded[name][0] / idle[name][0]:.2f}x" for name in steps))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m tinypalm.bench", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
+    p.add_argument("--preset", default=None,
+                   help=f"time a Config preset ({', '.join(PRESETS)}) instead (default: the reference CPU benchmark shape)")
     p.add_argument("--dtype", default="float32", help="float32, float64 or bfloat16 (mixed precision)")
-    p.add_argument("--batch-size", type=int, default=12)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=12, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=30, help="timed steps (the figure is their median)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--vs-torch", action="store_true", help="also time the same step in PyTorch eager (needs torch)")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="time the step, then again while N busy-looping processes run (N = cores: a busy machine)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"the device's peak for MFU (default on cupy: {H100_BF16_PEAK_TFLOPS}, an H100's dense bf16)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    for name in ("batch_size", "seq_len", "steps"):
+        if getattr(args, name) < 1:
+            raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise TinyPalmError(f"--warmup must not be negative, got {args.warmup}")
+    if args.load < 0:
+        raise TinyPalmError(f"--load {args.load}: give the number of busy processes to run, 0 or more")
 
     shape = Config.preset(args.preset).to_dict() if args.preset else dict(BENCH_SHAPE)
     shape["max_seq_len"] = max(shape.get("max_seq_len", 0), args.seq_len)
     cfg = Config(**shape)
+    check_memory(cfg, args.backend, args.batch_size, args.seq_len, 8 if args.dtype == "float64" else 4,
+                 f"--preset {args.preset}" if args.preset else "the benchmark model")
     model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=0)
     step = make_step(model, args.batch_size, args.seq_len)
     xp = model.xp
+    if args.vs_torch or args.load:
+        return compare(args, cfg, model, step)
 
     time_steps(step, xp, args.warmup)
     times = time_steps(step, xp, args.steps)
@@ -152,4 +230,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

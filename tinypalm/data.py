@@ -53,28 +53,44 @@ def _is_binary(path):
         return b"\0" in f.read(_SNIFF)
 
 
-def _text_files(path):
-    """The files a corpus path stands for: the file itself, or the text files below a directory."""
+def _text_files(path, notify=True):
+    """The files a corpus path stands for: the file itself, or the text files below a directory.
+
+    notify: say on stderr how many files a directory gave and which were skipped, and warn about a binary file
+    given by name (it is used as it is: its bytes are valid input to every tokenizer)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise TinyPalmError(f"--data {path}: no such file or directory; {_USAGE}")
     if not os.path.isdir(path):
+        if notify and not is_token_file(path) and _is_binary(path):
+            print(f"note: --data {path} looks binary (it holds NUL bytes), not text; training on its raw bytes anyway",
+                  file=sys.stderr)
         return [path]
 
     def fail(e):
         raise TinyPalmError(f"--data {e.filename}: cannot list it ({e.strerror or e}); check its permissions") from None
 
-    rel = []
+    rel, hidden = [], 0
     for root, dirs, files in os.walk(path, onerror=fail):
+        hidden += sum(d.startswith(".") for d in dirs)
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # prune hidden directories (.git, ...)
         for name in files:
             full = os.path.join(root, name)
-            if not name.startswith(".") and os.path.isfile(full):
+            if name.startswith("."):
+                hidden += 1
+            elif os.path.isfile(full):
                 rel.append(os.path.relpath(full, path).replace(os.sep, "/"))
     files = [os.path.join(path, r) for r in sorted(rel)]
-    files = [f for f in files if not _is_binary(f)]
+    binary = [f for f in files if _is_binary(f)]
+    files = [f for f in files if f not in set(binary)]
     if not files:
         raise TinyPalmError(f"--data {path}: the directory holds no text files (hidden and binary files are skipped); {_USAGE}")
+    if notify:
+        skipped = [f"{len(binary)} binary" + (f" ({', '.join(os.path.relpath(b, path) for b in binary[:3])}"
+                                               f"{', ...' if len(binary) > 3 else ''})" if binary else "")]
+        skipped += [f"{hidden} hidden"] if hidden else []
+        print(f"note: --data {path}: reading {len(files)} text file{'s' * (len(files) != 1)}, skipping "
+              f"{' and '.join(skipped)}", file=sys.stderr)
     return files
 
 
@@ -99,7 +115,7 @@ def read_corpus(path):
 
 def read_corpus_head(path, n_bytes):
     """The first n_bytes (cut after a newline) of what read_corpus(path) would return, without reading the rest."""
-    head = next(_byte_chunks(_text_files(path), n_bytes), b"")
+    head = next(_byte_chunks(_text_files(path, notify=False), n_bytes), b"")
     if not head.strip():
         raise _empty(path)
     return head

@@ -5,13 +5,19 @@ query attends to the cached keys and values of every earlier position. Without i
 new token reruns the whole context, which gives the same logits at a far higher cost.
 """
 
+import codecs
+
 import numpy
 
 from .backend import to_numpy
+from .errors import TinyPalmError
 
 
 def choose_token(logits, temperature, top_k, top_p, rng):
     """One token id from a (V,) host array of logits: greedy at temperature 0, else sampled."""
+    if not numpy.isfinite(logits).all():
+        raise TinyPalmError("the model's output holds NaN or infinite values, so no token can be chosen; its weights "
+                            "are broken (a diverged run?): use an earlier checkpoint or train again with a lower --lr")
     if temperature == 0:
         return int(numpy.argmax(logits))
     logits = logits.astype(numpy.float64) / temperature
@@ -56,4 +62,22 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
         new_ids.append(token)
         if on_token is not None:
             on_token(token)
+    return new_ids
+
+
+def stream(model, tokenizer, prompt_ids, max_new_tokens, out, **sampling):
+    """Write the prompt's text to out, then each new token's as it is made; returns the new ids.
+
+    sampling: generate()'s keyword arguments (temperature, top_k, top_p, seed, use_cache)."""
+    out.write(tokenizer.decode(prompt_ids))
+    out.flush()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a character may span several tokens
+
+    def write(token):
+        out.write(decoder.decode(tokenizer.token_bytes(token)))
+        out.flush()
+
+    new_ids = generate(model, prompt_ids, max_new_tokens, on_token=write, **sampling)
+    out.write(decoder.decode(b"", final=True) + "\n")
+    out.flush()
     return new_ids

@@ -50,21 +50,33 @@ class AdamW:
         self.m, self.v = params.zeros_like(), params.zeros_like()
 
     def step(self, params, grads, lr):
+        from .backend import array_module, map_ranges
         self.t += 1
-        b1, b2 = self.beta1, self.beta2
+        b1, b2, eps = self.beta1, self.beta2, self.eps
         m_correction, v_correction = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
-        for a, b, decayed in self.runs:
+        decay = 1.0 - lr * self.weight_decay
+        xp = array_module(params.flat)
+
+        def update(a, b, decayed):
+            # one piece of the flat vectors, every pass in place or into one scratch array t
             p, g = params.flat[a:b], grads.flat[a:b]
             m, v = self.m.flat[a:b], self.v.flat[a:b]
+            t = xp.empty_like(g)
             m *= b1
-            m += (1.0 - b1) * g                               # first moment
+            m += xp.multiply(g, 1.0 - b1, out=t)                  # first moment
             v *= b2
-            v += (1.0 - b2) * (g * g)                         # second moment
+            t = xp.multiply(g, g, out=t)
+            t *= 1.0 - b2
+            v += t                                                # second moment
             if self.weight_decay and decayed:
-                p *= 1.0 - lr * self.weight_decay             # decoupled: not part of the gradient
-            denom = (v / v_correction) ** 0.5
-            denom += self.eps
-            p -= (lr / m_correction) * m / denom
+                p *= decay                                        # decoupled: not part of the gradient
+            denom = xp.divide(v, v_correction, out=t)
+            xp.sqrt(denom, out=denom)
+            denom += eps
+            step = xp.divide(m, denom, out=t)
+            step *= lr / m_correction
+            p -= step
+        map_ranges(params.flat, self.runs, update)
 
     def state_dict(self):
         """Arrays only, so a checkpoint can hold them: 'step' and 'm.<name>', 'v.<name>' by canonical name."""
@@ -97,7 +109,11 @@ def clip_grad_norm(grads, max_norm):
 
 
 def lr_at(step, max_lr, min_lr, warmup_steps, total_steps):
-    """Linear warmup from 0 to max_lr over warmup_steps, then cosine decay to min_lr at total_steps, then flat."""
+    """Linear warmup from 0 to max_lr over warmup_steps, then cosine decay to min_lr at total_steps, then flat.
+
+    min_lr is a floor below max_lr, so the rate never exceeds max_lr; a floor above it is refused."""
+    if not 0 <= min_lr <= max_lr:
+        raise ValueError(f"min_lr {min_lr} must be between 0 and max_lr {max_lr}")
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:

@@ -431,6 +431,9 @@ class _MemoryPool:
     def total_bytes(self):
         return 0
 
+    def free_bytes(self):
+        return 0
+
     def free_all_blocks(self):
         pass
 
@@ -474,7 +477,7 @@ cuda = types.ModuleType(f"{__name__}.cuda")
 cuda.Device = _Device
 cuda.is_available = is_available
 cuda.MemoryPool = _MemoryPool
-cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)
+cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, memGetInfo=lambda: (80 * 2**30, 80 * 2**30))
 sys.modules[cuda.__name__] = cuda
 
 

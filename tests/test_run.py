@@ -1,0 +1,168 @@
+"""A training run's housekeeping, in process: the lr floor, save scheduling, time left, memory, leftovers, --help."""
+
+import argparse
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinypalm import Config, PaLM, TinyPalmError, checkpoint, run
+from tinypalm.bench import build_parser as bench_parser
+from tinypalm.generate import generate
+from tinypalm.optim import AdamW, lr_at
+from tinypalm.tokenizer import ByteTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_parser(name):
+    return script(name).build_parser()
+
+
+@pytest.mark.parametrize("max_lr,min_lr,warmup,total", [(1e-4, 1e-5, 3, 20), (2e-3, 2e-3, 0, 10), (1e-4, 0.0, 50, 10),
+                                                        (3e-4, 1e-4, 0, 1)])
+def test_lr_never_exceeds_max_lr_and_ends_at_the_floor(max_lr, min_lr, warmup, total):
+    rates = [lr_at(s, max_lr, min_lr, warmup, total) for s in range(3 * total + warmup)]
+    assert max(rates) <= max_lr and min(rates) >= 0
+    assert rates[-1] == min_lr or warmup > total
+    assert all(b <= a for a, b in zip(rates[warmup:], rates[warmup + 1:]))     # no climb after warmup
+
+
+def test_lr_floor_above_the_peak_is_refused():
+    with pytest.raises(ValueError, match="min_lr"):
+        lr_at(0, 1e-4, 2e-4, 10, 100)
+
+
+def test_resuming_with_an_lr_below_the_runs_own_floor_is_refused(tmp_path):
+    model = PaLM(Config.preset("tiny"), seed=0)
+    train_args = {"lr": 2e-3, "min_lr": 2e-4, "max_steps": 10}
+    checkpoint.save(str(tmp_path / "last.npz"), model, ByteTokenizer(), 5, AdamW(model.params), train_args)
+    train = script("train")
+    with pytest.raises(TinyPalmError, match="--lr 0.0001 is below the --min-lr 0.0002 this run was started with"):
+        train.parse_run(["--resume", "--out", str(tmp_path), "--lr", "1e-4"])
+    args, _, ckpt = train.parse_run(["--resume", "--out", str(tmp_path), "--lr", "1e-4", "--min-lr", "1e-5"])
+    assert (args.lr, args.min_lr, ckpt.step) == (1e-4, 1e-5, 5)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_save_schedule_waits_its_interval_and_stays_cheap():
+    clock = FakeClock()
+    schedule = run.SaveSchedule(60, clock)
+    clock.now = 59
+    assert not schedule.due()
+    clock.now = 60
+    assert schedule.due()
+    schedule.saved(took=10.0)                     # a slow save: the next one waits 20 x 10 s, not 60 s
+    clock.now = 60 + 199
+    assert not schedule.due()
+    clock.now = 60 + 200
+    assert schedule.due()
+    never = run.SaveSchedule(0, clock)
+    clock.now = 1e9
+    assert not never.due()
+
+
+def test_time_left_uses_every_step_so_far():
+    progress = run.Progress()
+    progress.add(10, 10.0)                        # 1 s per step
+    progress.add(10, 10.0)
+    progress.add(10, 40.0)                        # one interval slowed down by other programs
+    assert progress.left(100) == pytest.approx(100 * 60.0 / 30)      # 200 s, not the last interval's 400 s
+    assert run.Progress().left(5) == 0.0
+
+
+def test_memory_estimate_and_refusal(monkeypatch):
+    cfg = Config.preset("palm-8b", vocab_size=256)
+    need = run.training_bytes(cfg, 16, 128, 4)
+    assert need > 16 * cfg.n_params()             # weights, gradients and two moments, plus activations
+    model = PaLM(Config.preset("tiny"), seed=0)
+    weights = sum(p.nbytes for p in model.params.values())
+    assert run.training_bytes(model.config, 4, 16, 4) > 4 * weights
+    monkeypatch.setattr(run, "available_bytes", lambda backend: 64 * 2**30)
+    expected = f"--preset palm-8b ({cfg.n_params() / 1e9:.2f}B parameters) needs about {need / 2**30:.1f} GiB"
+    with pytest.raises(TinyPalmError, match=re.escape(expected) + ".* only 64.0 GiB of memory is free"):
+        run.check_memory(cfg, "numpy", 16, 128, 4, "--preset palm-8b")
+    run.check_memory(Config.preset("small"), "numpy", 16, 128, 4, "--preset small")        # fits: no error
+    monkeypatch.setattr(run, "available_bytes", lambda backend: None)                       # unknown: no refusal
+    run.check_memory(cfg, "numpy", 16, 128, 4, "--preset palm-8b")
+
+
+def test_available_memory_is_read_from_the_system():
+    have = run.available_bytes("numpy")
+    if os.path.exists("/proc/meminfo"):                 # Linux: MemAvailable, in bytes
+        kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+        assert abs(have - kib * 1024) < 2**30
+    assert have is None or have > 2**20
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    stale, live = tmp_path / f"last.npz.tmp{finished.pid}", tmp_path / f"best.npz.tmp{os.getppid()}"
+    stale.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y")
+    (tmp_path / "notes.tmp123").write_text("not ours")
+    removed = checkpoint.remove_stale_temporaries(str(tmp_path))
+    assert removed == [(str(stale), 1000)]
+    assert not stale.exists() and live.exists() and (tmp_path / "notes.tmp123").exists()
+    assert checkpoint.remove_stale_temporaries(str(tmp_path / "missing")) == []
+
+
+def test_nan_weights_are_refused_at_sampling():
+    model = PaLM(Config.preset("tiny", max_seq_len=16), dtype="float64", seed=0)
+    model.params["layers.1.w_up"][0, 0] = np.nan
+    with pytest.raises(TinyPalmError, match="NaN or infinite"):
+        generate(model, [1, 2], 3)
+
+
+@pytest.mark.parametrize("parser", [lambda: script_parser("train"), lambda: script_parser("sample"), bench_parser],
+                         ids=["train.py", "sample.py", "bench"])
+def test_every_flag_has_help_and_shows_its_default(parser):
+    p = parser()
+    text = p.format_help()
+    for action in p._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, action.option_strings
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert "default" in p._get_formatter()._get_help_string(action), action.option_strings
+    for flag in ("--lr", "--batch-size", "--max-steps", "--seq-len", "--out", "--max-new-tokens", "--temperature"):
+        action = next((a for a in p._actions if flag in a.option_strings), None)
+        if action is not None:
+            assert f"(default: {action.default})" in " ".join(text.split()), flag
+
+
+def test_run_cli_turns_os_errors_and_ctrl_c_into_exit_statuses(capsys):
+    from tinypalm.cli import run_cli
+
+    def full_disk():
+        raise OSError(28, "No space left on device", "out/metrics.jsonl")
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit:
+        run_cli(full_disk)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == ("error: out/metrics.jsonl: No space left on device; free some disk space or "
+                                       "check the permissions\n")
+    with pytest.raises(SystemExit) as exit:
+        run_cli(ctrl_c)
+    assert exit.value.code == 130

@@ -1,0 +1,139 @@
+"""The housekeeping of a training run, kept out of train.py's loop: the output directory, Ctrl-C, when to save,
+the time-left estimate, and whether the model fits in memory at all."""
+
+import os
+import signal
+import sys
+import time
+
+from . import checkpoint
+from .errors import TinyPalmError
+
+RUN_FILES = ("last.npz", "best.npz", "metrics.jsonl", "loss.svg")
+
+
+# ------------------------------------------------------------------------------------------- the --out directory
+
+
+def prepare_out_dir(out, resume, overwrite):
+    """Clear what a killed save left in out, and refuse to start a new run over a trained one unless asked to.
+
+    Returns the files of the old run that a new run with --overwrite replaces (deleted only once training starts)."""
+    for path, size in checkpoint.remove_stale_temporaries(out):
+        print(f"note: removed {path} ({size / 2**20:.1f} MB), left by a save that was killed; "
+              "the checkpoints themselves are intact", file=sys.stderr)
+    if resume:
+        return []
+    found = [name for name in ("best.npz", "last.npz") if os.path.isfile(os.path.join(out, name))]
+    if found and not overwrite:
+        path = os.path.join(out, found[0])
+        raise TinyPalmError(f"--out {out} already holds a trained run ({path}: {checkpoint.describe(path)}); "
+                            "continue it with --resume, pick another --out, or pass --overwrite to replace it")
+    return [os.path.join(out, name) for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+
+
+def remove_old_run(paths, out):
+    """--overwrite: delete the old run's files (the list prepare_out_dir returned)."""
+    if any(path.endswith(".npz") for path in paths):
+        print(f"--overwrite: replacing the run in {out} ({', '.join(os.path.basename(p) for p in paths)})")
+    for path in paths:
+        os.remove(path)
+
+
+class StopRequest:
+    """The first Ctrl-C asks the loop to save and stop after the current step; a second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, saving and stopping (Ctrl-C again to quit at once)", flush=True)
+
+    def release(self):
+        """From here on Ctrl-C interrupts at once (exit status 130): nothing is left unsaved."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class SaveSchedule:
+    """Saves last.npz between evaluations every `every_s` seconds, so a kill -9 loses at most that much work.
+
+    Cheap by construction: the interval stretches to at least 20 times what the last save took, so saving never
+    costs more than about 5% of the training time, however large the model. every_s = 0: only at evaluations."""
+
+    def __init__(self, every_s, clock=time.monotonic):
+        self.every_s, self.clock = every_s, clock
+        self.last, self.took = clock(), 0.0
+
+    def due(self):
+        return self.every_s > 0 and self.clock() - self.last >= max(self.every_s, 20 * self.took)
+
+    def saved(self, took):
+        self.last, self.took = self.clock(), took
+
+
+class Progress:
+    """Training time per step, averaged over every step of this process (not only the last log interval), so the
+    time-left estimate does not swing with one slow interval. Evaluation and saving are not counted."""
+
+    def __init__(self):
+        self.seconds, self.steps = 0.0, 0
+
+    def add(self, steps, seconds):
+        self.steps += steps
+        self.seconds += seconds
+
+    def left(self, steps_to_go):
+        return steps_to_go * self.seconds / max(1, self.steps)
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+
+
+def training_bytes(cfg, batch_size, seq_len, itemsize, grad_accum=1):
+    """About the peak memory of one training step: weights, gradients, AdamW's two moments, and the activations
+    the backward pass keeps (per token and layer: the block's inputs, projections, attention weights, SwiGLU and
+    branch outputs; then the logits). An estimate, meant to catch what cannot fit, not to budget to the byte."""
+    D, F, H = cfg.d_model, cfg.d_ff, cfg.n_heads
+    q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    per_token = cfg.n_layers * (4 * D + 3 * q_dim + 3 * kv_dim + 6 * F + H * seq_len) + 3 * cfg.vocab_size
+    activations = batch_size * seq_len * per_token
+    return itemsize * (4 * cfg.n_params() + activations)
+
+
+def available_bytes(backend):
+    """Free memory where the arrays will live: host memory for numpy, the GPU's for cupy; None if unknown."""
+    if backend == "cupy":
+        try:
+            import cupy
+            return int(cupy.cuda.runtime.memGetInfo()[0]) + int(cupy.get_default_memory_pool().free_bytes())
+        except Exception:                 # no CuPy or no GPU: building the model says so in its own words
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(cfg, backend, batch_size, seq_len, itemsize, what):
+    """Refuse, before allocating anything, a model that cannot fit; `what` names it for the message."""
+    need, have = training_bytes(cfg, batch_size, seq_len, itemsize), available_bytes(backend)
+    if have is not None and need > have:
+        where = "GPU memory" if backend == "cupy" else "memory"
+        raise TinyPalmError(f"{what} ({cfg.n_params() / 1e9:.2f}B parameters) needs about {gib(need)} for weights, "
+                            f"gradients, AdamW state and activations at batch {batch_size} x {seq_len}, and only "
+                            f"{gib(have)} of {where} is free; use a smaller preset or shape, or a smaller batch")
+
+
+def gib(n_bytes):
+    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes < 2**40 else f"{n_bytes / 2**40:,.1f} TiB"
