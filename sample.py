@@ -4,16 +4,20 @@
     python sample.py --ckpt out/last.npz --prompt "def " --max-new-tokens 300 --temperature 0.8 --top-k 50
     python sample.py --ckpt out --prompt-file prompt.txt --num-samples 3 --top-p 0.9
     python sample.py --ckpt out --temperature 0                   # greedy: the same text every time
+    python sample.py --ckpt sft --prompt "Q: ..." --stop "\\n\\n" "###"  # stop at either string (not shown)
+
+Generation also stops when the model emits the end-of-text token (instruction-tuned models end answers with it).
 """
 
 import argparse
+import codecs
 import sys
 import time
 
 from tinypalm import PaLM, TinyPalmError
 from tinypalm import checkpoint
 from tinypalm.cli import HelpFormatter, run_cli
-from tinypalm.generate import stream
+from tinypalm.generate import generate
 from tinypalm.tokenizer import tokenizer_from_dict
 
 
@@ -33,7 +37,58 @@ def build_parser():
     p.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16"],
                    help="compute dtype (default: the one the checkpoint was trained in)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token (slow; for comparison)")
+    p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="TEXT",
+                   help="stop when the new text contains one of these strings, which is not shown; backslash "
+                        "escapes such as \\n are understood")
     return p
+
+
+class StopGenerating(Exception):
+    """Raised from the token callback to end generation early; carries the reason."""
+
+
+def parse_stop(text):
+    """A --stop string with its backslash escapes (\\n, \\t, \\x41, \\u00e9) turned into characters."""
+    try:
+        return text.encode("latin-1", errors="backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise TinyPalmError(f"--stop {text!r}: bad backslash escape ({e.reason}); write a backslash as \\\\") from None
+
+
+class StopStreamer:
+    """Writes new tokens' text as it comes, stopping at end-of-text or before the first stop string.
+
+    Text that could be the start of a stop string is held back until it is clear it is not, so a stop string
+    never reaches the output, even one that spans several tokens."""
+
+    def __init__(self, out, tokenizer, stops):
+        self.out, self.tokenizer, self.stops = out, tokenizer, [s for s in stops if s]
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a character may span tokens
+        self.text, self.shown, self.n_tokens = "", 0, 0
+
+    def __call__(self, token):
+        self.n_tokens += 1
+        if token == self.tokenizer.eot_id:
+            raise StopGenerating("end-of-text")
+        self.text += self.decoder.decode(self.tokenizer.token_bytes(token))
+        start = max(0, self.shown - max((len(s) for s in self.stops), default=0))
+        found = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        if found:
+            at, stop = min(found)
+            self._show(at)
+            raise StopGenerating(f"stop string {stop!r}")
+        held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        self._show(len(self.text) - held)
+
+    def _show(self, end):
+        if end > self.shown:
+            self.out.write(self.text[self.shown:end])
+            self.out.flush()
+            self.shown = end
+
+    def finish(self):
+        self.text += self.decoder.decode(b"", final=True)
+        self._show(len(self.text))
 
 
 def read_prompt(args):
@@ -63,6 +118,7 @@ def check_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
+    stops = [parse_stop(s) for s in args.stop]
     prompt = read_prompt(args)
     ckpt = checkpoint.load(args.ckpt)
     tokenizer = tokenizer_from_dict(ckpt.tokenizer_dict)
@@ -85,12 +141,20 @@ def main(argv=None):
     for i in range(args.num_samples):
         if args.num_samples > 1:
             out.write(f"--- sample {i + 1} ---\n")
+        out.write(tokenizer.decode(prompt_ids))
+        out.flush()
+        stream, stopped = StopStreamer(out, tokenizer, stops), ""
         start = time.perf_counter()
-        new = stream(model, tokenizer, prompt_ids, args.max_new_tokens, out, temperature=args.temperature,
-                     top_k=args.top_k, top_p=args.top_p, seed=args.seed + i, use_cache=not args.no_cache)
+        try:
+            generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                     seed=args.seed + i, use_cache=not args.no_cache, on_token=stream)
+            stream.finish()
+        except StopGenerating as e:
+            stopped = f"; stopped at {e}"
+        out.write("\n")
         seconds = time.perf_counter() - start
-        print(f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / seconds:.1f} tokens/s"
-              f"{', no cache' if args.no_cache else ''}]", file=sys.stderr)
+        print(f"[{stream.n_tokens} tokens in {seconds:.2f}s, {stream.n_tokens / seconds:.1f} tokens/s"
+              f"{', no cache' if args.no_cache else ''}{stopped}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

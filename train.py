@@ -22,10 +22,11 @@ import time
 import numpy as np
 
 from tinypalm import Config, PaLM, TinyPalmError
-from tinypalm import checkpoint, data
+from tinypalm import checkpoint, data, instruct
 from tinypalm.backend import read_scalars
 from tinypalm.cli import HelpFormatter, run_cli, format_duration
 from tinypalm.config import PRESETS
+from tinypalm.evaluate import evaluate_batches, token_byte_lengths
 from tinypalm.generate import stream
 from tinypalm.model import layer_storage_names
 from tinypalm.optim import AdamW, clip_grad_norm, lr_at
@@ -53,9 +54,10 @@ def build_parser():
     g.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
                    help="floating-point type of the model (bfloat16: mixed precision, float32 master weights)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="text file, directory of text files, or token file (default: Python's bundled docs)")
+    g.add_argument("--data", default=None, help="text file, directory of text files, token file, or JSONL of prompt/response "
+                                                "pairs for instruction tuning (default: Python's bundled docs)")
     g.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"],
-                   help="byte (256 tokens, nothing to learn) or bpe (byte-level BPE learnt from the corpus)")
+                   help="byte (the 256 bytes and end-of-text, nothing to learn) or bpe (byte-level BPE learnt from the corpus)")
     g.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (with --tokenizer bpe)")
     g.add_argument("--bpe-train-bytes", type=int, default=32 << 20, help="train BPE on at most this many bytes of the corpus")
     g.add_argument("--prepare", default=None, metavar="TOKEN_FILE", help="tokenise --data into TOKEN_FILE and exit")
@@ -191,7 +193,7 @@ def vocab_bound(args):
     """The vocabulary size before the corpus is read: exact for bytes and token files, an upper bound for BPE."""
     if args.data and data.is_token_file(args.data):
         return tokenizer_from_dict(data.open_token_file(args.data)[1]).vocab_size
-    return ByteTokenizer.vocab_size if args.tokenizer == "byte" else args.vocab_size
+    return ByteTokenizer().vocab_size if args.tokenizer == "byte" else args.vocab_size
 
 
 def load_tokens(args, given, tokenizer_dict):
@@ -215,10 +217,22 @@ def load_tokens(args, given, tokenizer_dict):
     return tokens, tokenizer
 
 
-def evaluate(model, tokens, args):
-    """Mean loss over the fixed validation batches (the same ones at every evaluation)."""
-    batches = data.eval_batches(tokens, args.batch_size, args.seq_len, args.eval_steps)
-    return float(np.mean([model.loss(x, y) for x, y in batches]))
+def load_pairs(args, tokenizer_dict):
+    """(instruction examples, tokenizer) from a JSONL file of prompt/response pairs."""
+    pairs = instruct.read_pairs(args.data)
+    tokenizer = make_tokenizer(args, instruct.corpus_bytes(pairs), tokenizer_dict)
+    examples = instruct.PairsData(pairs, tokenizer, args.data)
+    print(f"data: {args.data}, {len(pairs):,} prompt/response examples ({examples.n_train:,} train, "
+          f"{examples.n_val:,} val), {sum(len(ids) for ids, _ in examples.examples):,} {tokenizer.kind} tokens")
+    if examples.n_cut(args.seq_len):
+        print(f"note: {examples.n_cut(args.seq_len):,} examples are longer than --seq-len {args.seq_len}; "
+              "their prompts lose their start (raise --seq-len to keep them whole)")
+    return examples, tokenizer
+
+
+def evaluate(model, batches, byte_lengths, args):
+    """(cross-entropy per counted token without the z-loss, bits per byte) over the fixed validation batches."""
+    return evaluate_batches(model, batches.val_batches(args.batch_size, args.seq_len, args.eval_steps), byte_lengths)
 
 
 def frozen_params(args, model):
@@ -272,7 +286,7 @@ def parse_run(argv):
         check_tokenizer_flags(args, given, ckpt.tokenizer_dict, ckpt.path)
     elif "vocab_size" in given and args.tokenizer != "bpe":
         raise TinyPalmError(f"--vocab-size {args.vocab_size} is the size of a BPE vocabulary: add --tokenizer bpe, "
-                            "or drop --vocab-size for the 256-token byte tokenizer")
+                            "or drop --vocab-size for the byte tokenizer")
     return args, given, ckpt
 
 
@@ -280,6 +294,9 @@ def main(argv=None):
     args, given, ckpt = parse_run(argv)
     np.seterr(over="ignore", invalid="ignore")      # a diverging run is caught below, by its loss and gradient norm
 
+    is_pairs = bool(args.data) and instruct.is_pairs_file(args.data)
+    if args.prepare and is_pairs:
+        raise TinyPalmError(f"--prepare tokenises text; {args.data} holds prompt/response pairs: train on it directly")
     if args.prepare:
         return prepare(args, ckpt.tokenizer_dict if ckpt else None)
     replaced = prepare_out_dir(args.out, args.resume, args.overwrite)
@@ -287,9 +304,14 @@ def main(argv=None):
     cfg = model_config(args, vocab_bound(args), base)          # shape errors and memory, before reading the corpus
     check_memory(cfg, args.backend, args.batch_size, args.seq_len, 8 if args.dtype == "float64" else 4,
                  f"this model (--preset {args.preset})" if ckpt is None else f"the model of {ckpt.path}")
-    tokens, tokenizer = load_tokens(args, given, ckpt.tokenizer_dict if ckpt else None)
-    train_tokens, val_tokens = data.split_train_val(tokens)
-    data.check_length(len(train_tokens), len(val_tokens), args.seq_len)
+    if is_pairs:                # instruction tuning: one example per row, the loss on the responses
+        batches, tokenizer = load_pairs(args, ckpt.tokenizer_dict if ckpt else None)
+    else:
+        tokens, tokenizer = load_tokens(args, given, ckpt.tokenizer_dict if ckpt else None)
+        train_tokens, val_tokens = data.split_train_val(tokens)
+        data.check_length(len(train_tokens), len(val_tokens), args.seq_len)
+        batches = data.StreamBatches(train_tokens, val_tokens)
+    byte_lengths = token_byte_lengths(tokenizer)
 
     cfg = model_config(args, tokenizer.vocab_size, base)
     model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=args.seed)
@@ -336,9 +358,9 @@ def main(argv=None):
         lr = lr_at(step, args.lr, lr_floor(args), args.warmup_steps, decay_steps)
         loss, grads = 0.0, None
         for micro in range(args.grad_accum):           # the micro-batches' gradients add up in one buffer
-            x, y = data.get_batch(train_tokens, args.batch_size, args.seq_len, args.seed, step * args.grad_accum + micro)
+            x, y, mask = batches.train_batch(args.batch_size, args.seq_len, args.seed, step * args.grad_accum + micro)
             dropout_seed = (args.seed * 1_000_003 + step * args.grad_accum + micro) & 0x7FFFFFFF
-            micro_loss, grads = model.loss_and_grads(x, y, args.dropout, dropout_seed, grads=grads)
+            micro_loss, grads = model.loss_and_grads(x, y, args.dropout, dropout_seed, grads=grads, loss_mask=mask)
             loss += micro_loss / args.grad_accum       # on the device: nothing is read back yet
         if args.grad_accum > 1:
             grads.flat *= 1.0 / args.grad_accum
@@ -366,12 +388,13 @@ def main(argv=None):
 
         t_pause = time.time()
         if step % args.eval_every == 0 or step == args.max_steps or stop.requested:
-            val = evaluate(model, val_tokens, args)
+            val, val_bpb = evaluate(model, batches, byte_lengths, args)
             improved = val < best_val
             best_val = min(best_val, val)
             evals_without_gain = 0 if improved else evals_without_gain + 1
-            print(f"step {step}: val loss {val:.4f}" + (" (best)" if improved else f" (best {best_val:.4f})"), flush=True)
-            log({"split": "val", "step": step, "loss": val})
+            print(f"step {step}: val loss {val:.4f}, {val_bpb:.3f} bits/byte"
+                  + (" (best)" if improved else f" (best {best_val:.4f})"), flush=True)
+            log({"split": "val", "step": step, "loss": val, "bits_per_byte": val_bpb})
             save("last.npz", step)
             if improved:
                 save("best.npz", step)

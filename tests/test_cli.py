@@ -86,7 +86,7 @@ def test_bpe_tokenizer_is_trained_and_saved(corpus, tmp_path):
     ck = checkpoint.load(str(tmp_path / "out" / "last.npz"))
     # the model's vocabulary is the tokenizer's: at most the 300 asked for (fewer if the corpus runs out of pairs)
     assert ck.tokenizer_dict["kind"] == "bpe"
-    assert 256 < ck.config.vocab_size == 256 + len(ck.tokenizer_dict["merges"]) <= 300
+    assert 256 < ck.config.vocab_size == 256 + len(ck.tokenizer_dict["merges"]) + 1 <= 300   # + end-of-text
     s = run("sample.py", "--ckpt", "out", "--prompt", "the dog 你好", "--max-new-tokens", "5", cwd=tmp_path)
     assert s.stdout.startswith("the dog 你好")
 
@@ -96,10 +96,10 @@ def test_prepared_token_file_trains(corpus, tmp_path):
     assert "wrote" in r.stdout and (tmp_path / "corpus.tok").exists()
     r = run("train.py", "--data", "corpus.tok", *TINY, "--max-steps", "5", cwd=tmp_path)
     assert checkpoint.load(str(tmp_path / "out" / "last.npz")).step == 5
-    assert "data: corpus.tok, a token file of" in r.stdout and "byte tokens (vocabulary 256)" in r.stdout
+    assert "data: corpus.tok, a token file of" in r.stdout and "byte tokens (vocabulary 257)" in r.stdout
     # the token file fixes the tokenizer: flags that would change it are refused, not ignored
     r = run("train.py", "--data", "corpus.tok", *TINY, "--tokenizer", "bpe", "--out", "b", cwd=tmp_path, check=False)
-    assert_user_error(r, "corpus.tok", "own tokenizer (byte, 256 tokens)", "drop --tokenizer", "--prepare")
+    assert_user_error(r, "corpus.tok", "own tokenizer (byte, 257 tokens)", "drop --tokenizer", "--prepare")
 
 
 def test_fine_tune_with_frozen_layers(corpus, tmp_path):

@@ -81,7 +81,7 @@ def test_byte_token_bytes_and_errors():
     ids = tok.encode("你好🙂")
     assert b"".join(tok.token_bytes(int(i)) for i in ids) == "你好🙂".encode()
     with pytest.raises(TinyPalmError):
-        tok.decode([256])
+        tok.decode([257])
     with pytest.raises(TinyPalmError):
         tok.decode([-1])
     with pytest.raises(TinyPalmError):
@@ -100,7 +100,7 @@ def test_split_covers_every_character():
 # ---- BPE ----
 
 def test_bpe_vocab_size_and_compression(bpe, text):
-    assert bpe.vocab_size == 600 == 256 + len(bpe.merges)
+    assert bpe.vocab_size == 600 == 256 + len(bpe.merges) + 1  # bytes, merges, end-of-text
     ids = bpe.encode(text)
     assert ids.dtype == np.int32 and ids.ndim == 1
     assert ids.min() >= 0 and ids.max() < bpe.vocab_size
@@ -138,13 +138,13 @@ def test_bpe_runs_out_of_pairs():
     tok = BPETokenizer.train("ab ab ab cd", 10_000)
     assert 256 < tok.vocab_size < 10_000  # stopped when no pair occurs twice
     assert tok.decode(tok.encode("ab ab ab cd")) == "ab ab ab cd"
-    assert BPETokenizer.train("", 300).vocab_size == 256
-    assert BPETokenizer.train("abc", 256).vocab_size == 256
+    assert BPETokenizer.train("", 300).vocab_size == 257
+    assert BPETokenizer.train("abc", 257).vocab_size == 257
 
 
 def test_bpe_vocab_too_small():
     with pytest.raises(TinyPalmError):
-        BPETokenizer.train("hello", 255)
+        BPETokenizer.train("hello", 256)  # no room for end-of-text
 
 
 def test_bpe_serialisation(bpe, text):
@@ -197,7 +197,7 @@ def naive_bpe(text, n_merges):
 def test_bpe_matches_naive_reference():
     # repeated letters ("aaaa", "banana") exercise overlapping pairs; the rest exercises ties
     text = corpus(150, seed=3) + " aaaa aaa aaaaa banana bananas anna " * 5 + "你好你好，世界世界 " * 4
-    tok = BPETokenizer.train(text, 256 + 200)
+    tok = BPETokenizer.train(text, 257 + 200)
     assert tok.merges == naive_bpe(text, 200)
     assert len(tok.merges) > 100
     # and to exhaustion, so both stop at the same point (the last pair that occurs twice)
@@ -205,3 +205,41 @@ def test_bpe_matches_naive_reference():
     tok = BPETokenizer.train(small, 100_000)
     assert tok.merges == naive_bpe(small, 100_000)
     assert tok.vocab_size < 100_000
+
+
+# ---- end-of-text ----
+
+def test_end_of_text_is_reserved(bpe):
+    for tok in (ByteTokenizer(), bpe):
+        eot = tok.eot_id
+        assert eot == tok.vocab_size - 1 and eot >= 256
+        for s in SAMPLES + ["<|endoftext|>", "end of text \x00 \xff"]:
+            assert eot not in tok.encode(s).tolist()  # no text can produce it
+        assert tok.token_bytes(eot) == b""
+        ids = tok.encode("before").tolist() + [eot] + tok.encode(" after").tolist()
+        assert tok.decode(ids) == "before after"
+        with pytest.raises(TinyPalmError):
+            tok.decode([tok.vocab_size])
+
+
+def test_end_of_text_survives_serialisation(bpe):
+    for tok in (ByteTokenizer(), bpe):
+        d = json.loads(json.dumps(tok.to_dict()))
+        assert d["eot"] == tok.eot_id
+        again = tokenizer_from_dict(d)
+        assert again.eot_id == tok.eot_id and again.vocab_size == tok.vocab_size
+    with pytest.raises(TinyPalmError):
+        tokenizer_from_dict({"kind": "byte", "eot": 3})  # only 256 is the byte tokenizer's end-of-text
+
+
+def test_tokenizers_saved_before_end_of_text_still_load(bpe):
+    # dicts written before the token existed have no "eot" entry: same ids, same vocabulary size as then
+    old_byte = tokenizer_from_dict({"kind": "byte"})
+    assert old_byte.eot_id is None and old_byte.vocab_size == 256
+    assert old_byte.decode(old_byte.encode("你好 ok")) == "你好 ok"
+    with pytest.raises(TinyPalmError):
+        old_byte.decode([256])
+    old_bpe = tokenizer_from_dict({"kind": "bpe", "merges": [list(m) for m in bpe.merges]})
+    assert old_bpe.eot_id is None and old_bpe.vocab_size == 256 + len(bpe.merges)
+    assert old_bpe.encode("The cat sees the river.").tolist() == bpe.encode("The cat sees the river.").tolist()
+    assert old_bpe.to_dict() == {"kind": "bpe", "merges": [list(m) for m in bpe.merges]}

@@ -270,3 +270,17 @@ def eval_batches(tokens, batch_size, seq_len, n_batches):
     starts = np.linspace(0, len(tokens) - seq_len - 1, batch_size * n_batches).round().astype(np.int64)
     for b in range(n_batches):
         yield _gather(tokens, starts[b * batch_size : (b + 1) * batch_size], seq_len)
+
+
+class StreamBatches:
+    """A token stream's training and validation batches as (x, y, loss_mask), the shape instruction data
+    (instruct.PairsData) gives them too; loss_mask is None because every position counts."""
+
+    def __init__(self, train_tokens, val_tokens):
+        self.train_tokens, self.val_tokens = train_tokens, val_tokens
+
+    def train_batch(self, batch_size, seq_len, seed, step):
+        return (*get_batch(self.train_tokens, batch_size, seq_len, seed, step), None)
+
+    def val_batches(self, batch_size, seq_len, n_batches):
+        return ((x, y, None) for x, y in eval_batches(self.val_tokens, batch_size, seq_len, n_batches))

@@ -227,11 +227,24 @@ class PaLM:
         logits, _ = self._forward(tokens, kv_cache)
         return logits.reshape(*tokens.shape, -1)
 
-    def loss(self, tokens, targets):
-        """The training loss without the backward pass (for evaluation), as a Python float (read from the device)."""
+    def loss(self, tokens, targets, loss_mask=None):
+        """The training loss without the backward pass (for evaluation), as a Python float (read from the device);
+        loss_mask as in loss_and_grads."""
         logits, _ = self._forward(self._tokens(tokens))
-        loss, _ = self.ops.cross_entropy_forward(self.xp, logits, self._tokens(targets).reshape(-1), self.config.z_loss)
+        loss, _, _ = self._loss_forward(logits, self._tokens(targets), loss_mask)
         return float(to_numpy(loss))
+
+    def _loss_forward(self, logits, targets, loss_mask):
+        # (loss, cache, its backward): over every position, or the mean over those loss_mask (B, T) counts
+        xp, ops, z_loss = self.xp, self.ops, self.config.z_loss
+        if loss_mask is None:
+            loss, cache = ops.cross_entropy_forward(xp, logits, targets.reshape(-1), z_loss)
+            return loss, cache, ops.cross_entropy_backward
+        loss_mask = xp.asarray(loss_mask)
+        if loss_mask.shape != targets.shape:
+            raise ValueError(f"loss_mask must have the targets' shape {targets.shape}, got {loss_mask.shape}")
+        loss, cache = ops.masked_cross_entropy_forward(xp, logits, targets.reshape(-1), loss_mask.reshape(-1), z_loss)
+        return loss, cache, ops.masked_cross_entropy_backward
 
     def new_kv_cache(self, batch_size):
         return KVCache(self.xp, self.config, batch_size, self.dtype)
@@ -260,24 +273,25 @@ class PaLM:
         dx_ln = ops.layernorm_backward(dh, layer.norm, d_layer.norm, ln_cache)
         return dx + dx_ln.reshape(B, T, D)
 
-    def loss_and_grads(self, tokens, targets, dropout=0.0, dropout_seed=0, grads=None):
+    def loss_and_grads(self, tokens, targets, dropout=0.0, dropout_seed=0, grads=None, loss_mask=None):
         """Mean cross-entropy plus z-loss over all positions, and its gradient for every parameter.
 
         tokens, targets (B, T) int. Returns (loss, grads). The loss stays on the device: a 0-d array (on numpy a
         numpy scalar, which works as a float); read it with float(), or with the gradient norm through
         backend.read_scalars, so that a training step synchronises once. grads is a Flat in the master dtype,
         canonical name -> gradient, with `.flat`. Given `grads` (from an earlier call), the gradients are added
-        to it: gradient accumulation."""
+        to it: gradient accumulation. Given loss_mask (B, T), 1 where a target counts and 0 where not, the mean
+        is over the counted positions only (instruction tuning counts the responses)."""
         xp, cfg, ops = self.xp, self.config, self.ops
         tokens, targets = self._tokens(tokens), self._tokens(targets)
         B, T = tokens.shape
         logits, (block_caches, ln_cache, h) = self._forward(tokens, None, dropout, dropout_seed)
-        loss, ce_cache = ops.cross_entropy_forward(xp, logits, targets.reshape(-1), cfg.z_loss)
+        loss, ce_cache, ce_backward = self._loss_forward(logits, targets, loss_mask)
 
         grads = self.grads_like() if grads is None else grads
         d_embed, d_norm = grads.stored["embed"], grads.stored["norm"]
         d_layers = [Layer(cfg, grads.stored, i) for i in range(cfg.n_layers)]
-        dlogits = ops.cross_entropy_backward(xp, ce_cache, cfg.z_loss)                      # (N, V)
+        dlogits = ce_backward(xp, ce_cache, cfg.z_loss)                                     # (N, V)
         dh = ops.tied_logits_backward(dlogits, h, self.embed, d_embed)                      # (N, D)
         dx = ops.layernorm_backward(dh, self.norm, d_norm, ln_cache).reshape(B, T, cfg.d_model)
         for layer, d_layer, cache in reversed(list(zip(self.layers, d_layers, block_caches))):

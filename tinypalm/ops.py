@@ -297,3 +297,34 @@ def cross_entropy_backward(xp, cache, z_loss):
     dlogits = probs * ((1.0 + 2.0 * z_loss * _up(log_z)) / N)
     dlogits[xp.arange(N), targets] -= 1.0 / N
     return _down(dlogits, log_z.dtype)
+
+
+# --- masked cross-entropy: only the positions the mask counts (instruction tuning, evaluation windows) ----------
+
+def masked_cross_entropy_forward(xp, logits, targets, loss_mask, z_loss):
+    # logits (N, V), targets (N,), loss_mask (N,) 1 where a position counts, 0 where it does not ->
+    # loss = sum_n m_n (logZ_n - logit_n[t_n] + z_loss logZ_n^2) / sum_n m_n: the mean over the counted positions
+    # only, z-loss included. A batch that counts no position has loss 0 (and gradient 0), not 0/0.
+    # Arithmetic in the compute dtype (float32 for 16-bit logits, else the logits' own); dlogits comes back in
+    # the logits' dtype.
+    N = logits.shape[0]
+    compute = xp.promote_types(logits.dtype, xp.float32)
+    m = logits.max(axis=-1, keepdims=True).astype(compute)
+    probs = xp.exp(logits - m)                                     # (N, V), compute dtype
+    total = probs.sum(axis=-1, keepdims=True)
+    probs /= total
+    log_z = (xp.log(total) + m)[:, 0]                              # (N,)
+    nll = log_z - logits[xp.arange(N), targets]                    # (N,)
+    weight = loss_mask.astype(compute)
+    weight /= xp.maximum(weight.sum(), 1)                          # (N,): each counted position's share of the mean
+    loss = (weight * (nll + z_loss * log_z * log_z)).sum()
+    return loss, (probs, log_z, targets, weight, logits.dtype)
+
+
+def masked_cross_entropy_backward(xp, cache, z_loss):
+    # as cross_entropy_backward with 1/N replaced by each position's weight m_n / sum(m):
+    # dlogit_nj = w_n (p_nj (1 + 2 z logZ_n) - [j == t_n]); returns dlogits (N, V), zero on uncounted rows
+    probs, log_z, targets, weight, dtype = cache
+    dlogits = probs * ((1.0 + 2.0 * z_loss * log_z) * weight)[:, None]
+    dlogits[xp.arange(probs.shape[0]), targets] -= weight
+    return dlogits.astype(dtype, copy=False)

@@ -3,6 +3,11 @@
 Both map text to int32 ids and back, and both are lossless: the 256 byte values are always ids 0..255,
 so any string (any script, emoji) and any byte string, even one that is not valid UTF-8, round-trips.
 
+Both reserve one more id, after all the others, for the end-of-text token (`eot_id`): it ends each example of
+instruction data, and generation stops when the model emits it. No text ever encodes to it (the string
+"<|endoftext|>" is just its bytes), and it decodes to no bytes. Tokenizers saved before it existed (their dict
+has no "eot" entry) load without it, with their old vocabulary size, so old checkpoints keep working.
+
 BPE works like GPT-2's: the text is first split into chunks (words with their leading space, numbers,
 runs of punctuation, whitespace) and merges never cross a chunk boundary. Bytes that are not valid UTF-8
 are carried through the split as surrogate escapes and turned back into the same bytes afterwards; they
@@ -63,39 +68,52 @@ def _merge(ids, pair, new):
     return out
 
 
+def _eot_from_dict(d, expected):
+    """The end-of-text flag of a saved tokenizer: absent in tokenizers saved before it existed."""
+    eot = d.get("eot")
+    if eot is None:
+        return False
+    if eot != expected:
+        raise TinyPalmError(f"tokenizer dict has end-of-text id {eot!r} where {expected} belongs; the file is corrupt")
+    return True
+
+
 class ByteTokenizer:
-    """One token per UTF-8 byte. No training, no vocabulary file, nothing can be out of vocabulary."""
+    """One token per UTF-8 byte, plus end-of-text (id 256). No training, nothing can be out of vocabulary."""
 
     kind = "byte"
-    vocab_size = 256
+
+    def __init__(self, end_of_text=True):
+        self.eot_id = 256 if end_of_text else None
+        self.vocab_size = 257 if end_of_text else 256
 
     def encode(self, text):
         return np.frombuffer(_to_bytes(_to_str(text)), dtype=np.uint8).astype(np.int32)
 
     def decode_bytes(self, ids):
-        return bytes(_check_ids(ids, 256))
+        return bytes(i for i in _check_ids(ids, self.vocab_size) if i != self.eot_id)
 
     def decode(self, ids):
         # a model can emit byte sequences that are not UTF-8; show them as U+FFFD rather than fail
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, i):
-        return bytes(_check_ids([i], 256))
+        return self.decode_bytes([i])
 
     def to_dict(self):
-        return {"kind": "byte"}
+        return {"kind": "byte", "eot": self.eot_id} if self.eot_id is not None else {"kind": "byte"}
 
     @classmethod
     def from_dict(cls, d):
-        return cls()
+        return cls(end_of_text=_eot_from_dict(d, 256))
 
 
 class BPETokenizer:
-    """Byte-level BPE: ids 0..255 are bytes, merge i makes id 256+i out of two earlier ids."""
+    """Byte-level BPE: ids 0..255 are bytes, merge i makes id 256+i out of two earlier ids, end-of-text comes last."""
 
     kind = "bpe"
 
-    def __init__(self, merges):
+    def __init__(self, merges, end_of_text=True):
         self.merges = [tuple(int(x) for x in m) for m in merges]
         self.ranks = {}  # (a, b) -> merge index; lower means learned earlier, applied first
         self.vocab = [bytes([i]) for i in range(256)]  # id -> its bytes
@@ -104,13 +122,19 @@ class BPETokenizer:
                 raise TinyPalmError(f"bad BPE merge {i}: {[a, b]} uses an id not yet defined; the tokenizer file is corrupt")
             self.ranks[(a, b)] = i
             self.vocab.append(self.vocab[a] + self.vocab[b])
+        self.eot_id = None
+        if end_of_text:
+            self.eot_id = len(self.vocab)
+            self.vocab.append(b"")  # a control token: it stands for no bytes
         self.vocab_size = len(self.vocab)
         self._cache = {}  # chunk bytes -> ids; text repeats the same words over and over
 
     @classmethod
     def train(cls, text, vocab_size, verbose=False):
-        if vocab_size < 256:
-            raise TinyPalmError(f"BPE vocab_size must be at least 256 (the byte values), got {vocab_size}")
+        """Learn merges until the vocabulary (bytes, merges and end-of-text) holds vocab_size tokens."""
+        if vocab_size < 257:
+            raise TinyPalmError(f"BPE vocab_size must be at least 257 (the 256 byte values and end-of-text), got {vocab_size}")
+        n_merges = vocab_size - 257
         # Work on unique chunks with their counts: a few MB of text has only tens of thousands of them.
         counts = Counter(_chunks(text))
         words = [list(c) for c in counts]  # words[w] = current ids of chunk w
@@ -126,7 +150,7 @@ class BPETokenizer:
         heap = [(-c, p) for p, c in pair_count.items()]
         heapq.heapify(heap)
         merges, vocab = [], [bytes([i]) for i in range(256)]
-        while len(merges) < vocab_size - 256 and heap:
+        while len(merges) < n_merges and heap:
             neg, pair = heapq.heappop(heap)
             if pair_count.get(pair, 0) != -neg:
                 continue
@@ -156,10 +180,10 @@ class BPETokenizer:
                     heapq.heappush(heap, (-c, p))
                 else:
                     del pair_count[p]
-            if verbose and (len(merges) % 256 == 0 or len(merges) == vocab_size - 256):
-                print(f"bpe: merge {len(merges)}/{vocab_size - 256}: {vocab[-1]!r} x{-neg}")
-        if verbose and len(merges) < vocab_size - 256:
-            print(f"bpe: stopped at {256 + len(merges)} tokens, no pair occurs twice")
+            if verbose and (len(merges) % 256 == 0 or len(merges) == n_merges):
+                print(f"bpe: merge {len(merges)}/{n_merges}: {vocab[-1]!r} x{-neg}")
+        if verbose and len(merges) < n_merges:
+            print(f"bpe: stopped at {257 + len(merges)} tokens, no pair occurs twice")
         return cls(merges)
 
     def _encode_chunk(self, chunk):
@@ -193,13 +217,16 @@ class BPETokenizer:
         return self.vocab[_check_ids([i], self.vocab_size)[0]]
 
     def to_dict(self):
-        return {"kind": "bpe", "merges": [list(m) for m in self.merges]}
+        d = {"kind": "bpe", "merges": [list(m) for m in self.merges]}
+        if self.eot_id is not None:
+            d["eot"] = self.eot_id
+        return d
 
     @classmethod
     def from_dict(cls, d):
         if not isinstance(d.get("merges"), list):
             raise TinyPalmError("BPE tokenizer dict has no 'merges' list; save it with BPETokenizer.to_dict()")
-        return cls(d["merges"])
+        return cls(d["merges"], end_of_text=_eot_from_dict(d, 256 + len(d["merges"])))
 
 
 def tokenizer_from_dict(d):
