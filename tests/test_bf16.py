@@ -141,13 +141,14 @@ def bf16_and_float64(seed, **shape):
     return m16, m64
 
 
-@pytest.mark.parametrize("n_kv_heads,dropout", [(1, 0.0), (2, 0.2)])
-def test_loss_and_every_gradient_against_float64(n_kv_heads, dropout):
+@pytest.mark.parametrize("n_kv_heads,dropout,masked", [(1, 0.0, False), (2, 0.2, False), (1, 0.0, True)])
+def test_loss_and_every_gradient_against_float64(n_kv_heads, dropout, masked):
     m16, m64 = bf16_and_float64(seed=n_kv_heads, n_kv_heads=n_kv_heads)
     data = np.random.default_rng(n_kv_heads).integers(0, 512, (4, 65))
     x, y = data[:, :-1], data[:, 1:]
-    loss16, grads16 = m16.loss_and_grads(x, y, dropout=dropout, dropout_seed=3)
-    loss64, grads64 = m64.loss_and_grads(x, y, dropout=dropout, dropout_seed=3)
+    mask = (np.random.default_rng(5).random((4, 64)) < 0.5).astype(np.int32) if masked else None
+    loss16, grads16 = m16.loss_and_grads(x, y, dropout=dropout, dropout_seed=3, loss_mask=mask)
+    loss64, grads64 = m64.loss_and_grads(x, y, dropout=dropout, dropout_seed=3, loss_mask=mask)
     assert loss16.dtype == np.float32 and abs(loss16 - loss64) < 5e-4 * loss64, (loss16, loss64)
     assert grads16.flat.dtype == np.float32 and set(grads16) == set(grads64)
     for name in grads64:
