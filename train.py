@@ -5,6 +5,7 @@
     python train.py --data big.txt --prepare big.tok # tokenise once into a memory-mapped token file
     python train.py --resume                         # continue out/last.npz exactly where it stopped
     python train.py --init-from out/best.npz --data new.txt --out finetuned   # fine-tune
+    mpiexec -n 4 python train.py --zero 1            # data parallel over 4 processes, optimizer state split
 
 Writes to --out: last.npz (every evaluation, every --save-every-s seconds, and on Ctrl-C), best.npz (best
 validation loss so far), metrics.jsonl (one JSON record per log line and evaluation) and loss.svg (the loss
@@ -22,14 +23,14 @@ import time
 import numpy as np
 
 from tinypalm import Config, PaLM, TinyPalmError
-from tinypalm import checkpoint, data, instruct
+from tinypalm import checkpoint, data, dist, instruct
 from tinypalm.backend import read_scalars
 from tinypalm.cli import HelpFormatter, run_cli, format_duration
 from tinypalm.config import PRESETS
 from tinypalm.evaluate import evaluate_batches, token_byte_lengths
 from tinypalm.generate import stream
 from tinypalm.model import layer_storage_names
-from tinypalm.optim import AdamW, clip_grad_norm, lr_at
+from tinypalm.optim import AdamW, lr_at
 from tinypalm.plot import read_metrics, write_loss_svg
 from tinypalm.run import Progress, SaveSchedule, StopRequest, check_memory, prepare_out_dir, remove_old_run
 from tinypalm.tokenizer import ByteTokenizer, BPETokenizer, tokenizer_from_dict
@@ -66,7 +67,9 @@ def build_parser():
     g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, replacing it")
     g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
     g.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (per rank under mpiexec)")
+    g.add_argument("--zero", type=int, default=0, choices=[0, 1],
+                   help="under mpiexec, 1 splits the AdamW state over the ranks (ZeRO-1)")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, reached at the end of warmup")
     g.add_argument("--min-lr", type=float, default=None,
                    help="learning rate at the end of the cosine decay; at most --lr (default: --lr / 10)")
@@ -291,6 +294,8 @@ def parse_run(argv):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    comm = dist.init(argv)          # alone, or one rank of an mpiexec run: rank 0 alone prints and writes files
     args, given, ckpt = parse_run(argv)
     np.seterr(over="ignore", invalid="ignore")      # a diverging run is caught below, by its loss and gradient norm
 
@@ -298,8 +303,11 @@ def main(argv=None):
     if args.prepare and is_pairs:
         raise TinyPalmError(f"--prepare tokenises text; {args.data} holds prompt/response pairs: train on it directly")
     if args.prepare:
+        if comm.size > 1:
+            raise TinyPalmError("--prepare writes one token file: run it as one process, then train under mpiexec "
+                                "with --data TOKEN_FILE")
         return prepare(args, ckpt.tokenizer_dict if ckpt else None)
-    replaced = prepare_out_dir(args.out, args.resume, args.overwrite)
+    replaced = prepare_out_dir(args.out, args.resume, args.overwrite) if comm.is_root else []
     base = ckpt.config if ckpt else None
     cfg = model_config(args, vocab_bound(args), base)          # shape errors and memory, before reading the corpus
     check_memory(cfg, args.backend, args.batch_size, args.seq_len, 8 if args.dtype == "float64" else 4,
@@ -312,42 +320,61 @@ def main(argv=None):
         data.check_length(len(train_tokens), len(val_tokens), args.seq_len)
         batches = data.StreamBatches(train_tokens, val_tokens)
     byte_lengths = token_byte_lengths(tokenizer)
+    comm.check_same("the data (a training and a validation batch, the tokenizer, the checkpoint step)",
+                    dist.fingerprint(tokenizer.to_dict(), ckpt.step if ckpt else 0,
+                                     *batches.train_batch(args.batch_size, args.seq_len, args.seed, 0)[:2],
+                                     *next(iter(batches.val_batches(args.batch_size, args.seq_len, 1)))[:2]))
 
     cfg = model_config(args, tokenizer.vocab_size, base)
+    comm.use_device(args.backend)
     model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=args.seed)
+    comm.attach(model, zero=args.zero, micro_batches=args.grad_accum)
     frozen = frozen_params(args, model)
-    optimizer = AdamW(model.params, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, frozen=frozen)
+    optimizer = AdamW(model.params, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, frozen=frozen,
+                      shard=comm.shard)
     start_step, best_val = 0, math.inf
     if ckpt is not None:
         model.load_params(ckpt.params)
     if args.resume:
         if ckpt.opt_state is None:
             raise TinyPalmError(f"--resume: {ckpt.path} holds weights only (no optimizer state); use --init-from instead")
-        optimizer.load_state_dict(ckpt.opt_state, model.xp)
+        comm.load_optimizer(optimizer, ckpt.opt_state, model.xp)
         start_step, best_val = ckpt.step, ckpt.best_val_loss if ckpt.best_val_loss is not None else math.inf
-    remove_old_run(replaced, args.out)           # only now, with the new run ready to start
-    os.makedirs(args.out, exist_ok=True)
+    if comm.is_root:
+        remove_old_run(replaced, args.out)       # only now, with the new run ready to start
+        os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     last_path = os.path.join(args.out, "last.npz")
     train_args = {k: v for k, v in vars(args).items() if k not in ("resume", "init_from", "prepare", "overwrite")}
+    train_args["ranks"] = comm.size
     saver = SaveSchedule(args.save_every_s)
 
     def save(name, step):
         t0 = time.time()
-        checkpoint.save(os.path.join(args.out, name), model, tokenizer, step, optimizer, train_args,
-                        None if math.isinf(best_val) else best_val)
+        whole = comm.whole_optimizer(optimizer)     # ZeRO-1: the ranks' shards, gathered on rank 0
+        if comm.is_root:
+            checkpoint.save(os.path.join(args.out, name), model, tokenizer, step, whole, train_args,
+                            None if math.isinf(best_val) else best_val)
         if name == "last.npz":
             saver.saved(time.time() - t0)
 
     def log(record):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if comm.is_root:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     decay_steps = args.decay_steps or args.max_steps
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
+    micro_batches = args.grad_accum * comm.size      # per step, over all ranks
+    tokens_per_step = args.batch_size * args.seq_len * micro_batches
+    saved_micro_batches = ckpt.train_args.get("ranks", 1) * ckpt.train_args.get("grad_accum", 1) if args.resume else None
+    if saved_micro_batches not in (None, micro_batches):
+        print(f"note: {micro_batches} micro-batches per step ({comm.size} rank(s) x --grad-accum {args.grad_accum}) where "
+              f"the saved run had {saved_micro_batches}: the global batch changes; match it with --grad-accum")
     print(f"model: {cfg.n_params() / 1e6:.2f}M parameters, d_model {cfg.d_model}, {cfg.n_layers} layers, "
           f"{cfg.n_heads} heads ({cfg.n_kv_heads} kv), d_ff {cfg.d_ff}, vocab {cfg.vocab_size}; "
           f"{args.backend} {args.dtype}; {tokens_per_step:,} tokens per step"
+          + (f" over {comm.size} ranks" + (", optimizer state split (ZeRO-1)" if comm.shard else "")
+             if comm.size > 1 else "")
           + (f"; resuming at step {start_step}" if args.resume else ""))
     stop = StopRequest()
     progress = Progress()
@@ -357,22 +384,24 @@ def main(argv=None):
     while step < args.max_steps:
         lr = lr_at(step, args.lr, lr_floor(args), args.warmup_steps, decay_steps)
         loss, grads = 0.0, None
-        for micro in range(args.grad_accum):           # the micro-batches' gradients add up in one buffer
-            x, y, mask = batches.train_batch(args.batch_size, args.seq_len, args.seed, step * args.grad_accum + micro)
-            dropout_seed = (args.seed * 1_000_003 + step * args.grad_accum + micro) & 0x7FFFFFFF
+        first = (step * comm.size + comm.rank) * args.grad_accum      # this rank's share of the step's micro-batches
+        for micro in range(first, first + args.grad_accum):           # their gradients add up in one buffer
+            x, y, mask = batches.train_batch(args.batch_size, args.seq_len, args.seed, micro)
+            dropout_seed = (args.seed * 1_000_003 + micro) & 0x7FFFFFFF
             micro_loss, grads = model.loss_and_grads(x, y, args.dropout, dropout_seed, grads=grads, loss_mask=mask)
-            loss += micro_loss / args.grad_accum       # on the device: nothing is read back yet
-        if args.grad_accum > 1:
-            grads.flat *= 1.0 / args.grad_accum
-        grad_norm = clip_grad_norm(grads, args.grad_clip)
+            loss += micro_loss / micro_batches         # on the device: nothing is read back yet
+        comm.average_gradients(grads, micro_batches)  # summed over the ranks, then the mean over all micro-batches
+        grad_norm = comm.clip_grad_norm(grads, args.grad_clip)
         loss, grad_norm = read_scalars(model.xp, loss, grad_norm)     # the step's one device-to-host read
+        loss = comm.sum(loss)                         # over the ranks (alone: as it is)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             kept = f"the last good checkpoint is {last_path}" if os.path.exists(last_path) else "no checkpoint was written yet"
             raise TinyPalmError(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; stopped "
                                 f"without updating, {kept}; lower --lr, raise --warmup-steps or set --grad-clip")
-        optimizer.step(model.params, grads, lr)
-        model.params_updated()                          # bf16: refresh the compute copy of the weights
+        comm.update(optimizer, model.params, grads, lr)   # ZeRO-1: each rank its shard, then the weights gathered
+        model.params_updated()                            # bf16: refresh the compute copy of the weights
         step += 1
+        stopping = comm.any(stop.requested)          # Ctrl-C reaches the ranks at different steps
         running.append(loss)
 
         if step % args.log_every == 0 or step == args.max_steps:
@@ -387,8 +416,8 @@ def main(argv=None):
             running, t_log = [], now
 
         t_pause = time.time()
-        if step % args.eval_every == 0 or step == args.max_steps or stop.requested:
-            val, val_bpb = evaluate(model, batches, byte_lengths, args)
+        if step % args.eval_every == 0 or step == args.max_steps or stopping:
+            val, val_bpb = comm.from_root(evaluate(model, batches, byte_lengths, args))   # one verdict for all ranks
             improved = val < best_val
             best_val = min(best_val, val)
             evals_without_gain = 0 if improved else evals_without_gain + 1
@@ -398,15 +427,16 @@ def main(argv=None):
             save("last.npz", step)
             if improved:
                 save("best.npz", step)
-            write_loss_svg(os.path.join(args.out, "loss.svg"), *read_metrics(metrics_path),
-                           title=f"tinypalm {cfg.n_params() / 1e6:.1f}M")
+            if comm.is_root:
+                write_loss_svg(os.path.join(args.out, "loss.svg"), *read_metrics(metrics_path),
+                               title=f"tinypalm {cfg.n_params() / 1e6:.1f}M")
             if args.patience and evals_without_gain >= args.patience:
                 print(f"early stop: no improvement in {args.patience} evaluations")
                 break
-        elif saver.due():
+        elif comm.any(saver.due()):             # the ranks' clocks differ: saving is collective under ZeRO-1
             save("last.npz", step)
         t_log += time.time() - t_pause          # evaluating and saving are not training throughput
-        if stop.requested:
+        if stopping:
             print(f"stopped: saved {last_path} at step {step}; continue with --resume --out {shlex.quote(args.out)}")
             raise SystemExit(130)               # interrupted, so `train.py && sample.py` does not go on
 
@@ -424,4 +454,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(dist.ends_together(main))

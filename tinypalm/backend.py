@@ -117,6 +117,15 @@ def _blas_set_num_threads():
     return None
 
 
+def cuda_overrides():
+    """op name -> the CUDA-kernel function that replaces the ops.py function of that name on the cupy backend.
+
+    Each has exactly the signature of the function it replaces (tinypalm/cuda/ops.py). Imported only when asked
+    for, so the numpy backend never loads it."""
+    from .cuda.ops import OVERRIDES
+    return dict(OVERRIDES)
+
+
 def keep_freed_memory():
     """Ask glibc's malloc to keep freed blocks instead of returning them to the OS.
 

@@ -16,10 +16,11 @@ def decays(name):
     return name.startswith("layers.") and not name.endswith(".norm")
 
 
-def update_runs(layout, frozen=(), decays=decays):
+def update_runs(layout, frozen=(), decays=decays, shard=None):
     """[(start, stop, decayed)]: the stretches of the flat vector that AdamW updates, neighbours merged.
 
-    Runs are taken over the stored arrays (the model's fused matrices), not the canonical views inside them."""
+    Runs are taken over the stored arrays (the model's fused matrices), not the canonical views inside them.
+    With shard=(start, stop), only what lies inside that stretch, counted from its start (ZeRO-1)."""
     unknown = set(frozen) - set(layout.spans)
     if unknown:
         raise ValueError(f"cannot freeze {sorted(unknown)}: not stored arrays of this layout")
@@ -31,6 +32,9 @@ def update_runs(layout, frozen=(), decays=decays):
             runs[-1] = (runs[-1][0], b, runs[-1][2])
         else:
             runs.append((a, b, decays(name)))
+    if shard is not None:
+        lo, hi = shard
+        runs = [(max(a, lo) - lo, min(b, hi) - lo, decayed) for a, b, decayed in runs if a < hi and b > lo]
     return runs
 
 
@@ -39,15 +43,23 @@ class AdamW:
 
     p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p), the decay only where `decays(name)`.
     `params` is a Flat (model.params); `frozen` names stored arrays that are left untouched (no update, no decay).
-    The moments `m`, `v` are Flats laid out like the parameters."""
+    The moments `m`, `v` are Flats laid out like the parameters.
 
-    def __init__(self, params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, frozen=()):
+    shard=(start, stop) keeps the moments of that stretch of the flat vector alone (ZeRO-1, tinypalm.dist): step()
+    is then given objects whose `.flat` is that stretch of the parameters and of the gradients, and `m`, `v` have
+    only `.flat`; state_dict and load_state_dict are for the whole vector (dist gathers and slices them)."""
+
+    def __init__(self, params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, frozen=(), shard=None):
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
         self.frozen = set(frozen)
-        self.runs = update_runs(params.layout, self.frozen)
+        self.shard = shard
+        self.runs = update_runs(params.layout, self.frozen, shard=shard)
         self.t = 0
-        self.m, self.v = params.zeros_like(), params.zeros_like()
+        if shard is None:
+            self.m, self.v = params.zeros_like(), params.zeros_like()
+        else:
+            self.m, self.v = (Stretch(params.flat[shard[0]:shard[1]]).zeros_like() for _ in range(2))
 
     def step(self, params, grads, lr):
         from .backend import array_module, map_ranges
@@ -93,6 +105,18 @@ class AdamW:
             for name, array in moments.items():
                 if f"{key}.{name}" in state:
                     array[...] = xp.asarray(state[f"{key}.{name}"])
+
+
+class Stretch:
+    """A stretch of a flat vector, given to AdamW.step in place of a whole Flat when the optimizer is sharded."""
+
+    def __init__(self, flat):
+        self.flat = flat
+
+    def zeros_like(self):
+        zeros = self.flat.copy()
+        zeros[...] = 0
+        return Stretch(zeros)
 
 
 def clip_grad_norm(grads, max_norm):
