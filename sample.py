@@ -35,6 +35,8 @@ def build_parser():
     p.add_argument("--num-samples", type=int, default=1, help="how many samples to generate")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling; sample i uses seed + i")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16"],
+                   help="compute dtype (default: the one the checkpoint was trained in)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token (slow; for comparison)")
     p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="TEXT",
                    help="stop when the new text contains one of these strings, which is not shown; backslash "
@@ -119,7 +121,7 @@ def main(argv=None):
     check_args(args)
     stops = [parse_stop(s) for s in args.stop]
     prompt = read_prompt(args)
-    model, tokenizer, ckpt = load_model(args.ckpt, args.adapter, backend=args.backend)
+    model, tokenizer, ckpt = load_model(args.ckpt, args.adapter, backend=args.backend, dtype=args.dtype)
     val = f", best val loss {ckpt.best_val_loss:.4f}" if ckpt.best_val_loss is not None else ""
     adapter = f", with the adapter {model.adapter.path}" if model.adapter is not None else ""
     print(f"loaded {ckpt.path}: step {ckpt.step}{val}, {ckpt.config.n_params() / 1e6:.2f}M parameters{adapter}",

@@ -25,6 +25,7 @@ import numpy as np
 
 from tinypalm import Config, PaLM, TinyPalmError
 from tinypalm import checkpoint, data, dist, instruct, lora
+from tinypalm.backend import read_scalars
 from tinypalm.cli import HelpFormatter, run_cli, format_duration
 from tinypalm.config import PRESETS
 from tinypalm.evaluate import evaluate_batches, token_byte_lengths
@@ -52,7 +53,8 @@ def build_parser():
                        ("d-ff", int), ("max-seq-len", int), ("rope-base", float), ("norm-eps", float), ("z-loss", float)]:
         g.add_argument(f"--{flag}", type=kind, default=None, help=f"{SHAPE_HELP[flag]} (default: the preset's)")
     g.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="floating-point type of the model")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
+                   help="floating-point type of the model (bfloat16: mixed precision, float32 master weights)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="text file, directory of text files, token file, or JSONL of prompt/response "
                                                 "pairs for instruction tuning (default: Python's bundled docs)")
@@ -400,15 +402,17 @@ def main(argv=None):
             x, y, mask = batches.train_batch(args.batch_size, args.seq_len, args.seed, micro)
             dropout_seed = (args.seed * 1_000_003 + micro) & 0x7FFFFFFF
             micro_loss, grads = model.loss_and_grads(x, y, args.dropout, dropout_seed, grads=grads, loss_mask=mask)
-            loss += micro_loss / micro_batches
-        loss = comm.sum(loss)
+            loss += micro_loss / micro_batches         # on the device: nothing is read back yet
         comm.average_gradients(trained_grads(grads), micro_batches)   # summed over the ranks, then the mean
         grad_norm = comm.clip_grad_norm(trained_grads(grads), args.grad_clip)
+        loss, grad_norm = read_scalars(model.xp, loss, grad_norm)     # the step's one device-to-host read
+        loss = comm.sum(loss)                         # over the ranks (alone: as it is)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             kept = f"the last good checkpoint is {last_path}" if os.path.exists(last_path) else "no checkpoint was written yet"
             raise TinyPalmError(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; stopped "
                                 f"without updating, {kept}; lower --lr, raise --warmup-steps or set --grad-clip")
         comm.update(optimizer, trained, trained_grads(grads), lr)   # ZeRO-1: each rank its shard, then gathered
+        model.params_updated()                            # bf16: refresh the compute copy of the weights
         step += 1
         stopping = comm.any(stop.requested)          # Ctrl-C reaches the ranks at different steps
         running.append(loss)

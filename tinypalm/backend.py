@@ -4,6 +4,7 @@ Everything else receives `xp` (numpy or cupy) and calls only functions both libr
 """
 
 import functools
+import importlib.util
 import types
 
 import numpy
@@ -11,7 +12,7 @@ import numpy
 from . import ops
 from .errors import TinyPalmError
 
-DTYPES = ("float64", "float32")
+DTYPES = ("float64", "float32", "bfloat16")
 
 
 def get_xp(backend):
@@ -43,13 +44,21 @@ def get_ops(backend):
 def op_overrides(backend):
     """Faster twins of ops.py functions on this backend: name -> function.
 
-    On numpy: cpu_ops.py's chunked twins, run by its thread pool with BLAS itself single-threaded."""
-    if backend != "numpy":
+    On numpy: cpu_ops.py's chunked twins, run by its thread pool with BLAS itself single-threaded. On cupy: the
+    CUDA kernels of tinypalm.cuda, where that package exists and this CuPy can build kernels (has RawModule);
+    anything else, a test double of CuPy included, runs the plain ops.py functions."""
+    if backend == "numpy":
+        from . import cpu_ops
+        if set_blas_threads(1) is None:
+            cpu_ops.pool.n_threads = 1        # BLAS threads we cannot turn off: let them have the cores alone
+        return cpu_ops.twins()
+    if backend != "cupy" or importlib.util.find_spec(f"{__package__}.cuda") is None:
         return {}
-    from . import cpu_ops
-    if set_blas_threads(1) is None:
-        cpu_ops.pool.n_threads = 1        # BLAS threads we cannot turn off: let them have the cores alone
-    return cpu_ops.twins()
+    import cupy
+    if not hasattr(cupy, "RawModule"):
+        return {}
+    from .cuda.ops import OVERRIDES
+    return dict(OVERRIDES)
 
 
 def array_module(a):
@@ -135,11 +144,32 @@ def keep_freed_memory():
 
 
 def to_numpy(a):
-    """A host numpy copy of an array from either backend."""
+    """A host numpy copy of an array from either backend (on a GPU: one device-to-host copy, a synchronisation)."""
     return a.get() if hasattr(a, "get") and not isinstance(a, numpy.ndarray) else numpy.asarray(a)
 
 
+def read_scalars(xp, *scalars):
+    """Python floats of device scalars (0-d arrays), brought to the host together: one synchronisation.
+
+    The training loop reads the loss and the gradient norm this way, once per optimizer step."""
+    return [float(v) for v in to_numpy(xp.stack([xp.asarray(s, dtype=xp.float64) for s in scalars]))]
+
+
 def check_dtype(dtype):
+    """The numpy dtype of a --dtype name. bfloat16 comes from ml_dtypes (CuPy uses the same type), imported only
+    when it is asked for."""
     if dtype not in DTYPES:
         raise TinyPalmError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+    if dtype == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise TinyPalmError("--dtype bfloat16 needs ml_dtypes: `pip install ml_dtypes` (the cuda12 and cuda13 "
+                                "extras include it), or use --dtype float32") from None
+        return numpy.dtype(ml_dtypes.bfloat16)
     return numpy.dtype(dtype)
+
+
+def compute_dtype(dtype):
+    """The dtype arithmetic runs in for arrays stored as `dtype`: float32 for bfloat16, else dtype itself."""
+    return numpy.promote_types(dtype, numpy.float32)

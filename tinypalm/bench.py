@@ -3,12 +3,15 @@
     python -m tinypalm.bench                      # the reference CPU model: d_model 128, 4 layers, 4 heads,
                                                   # 1 kv head, vocab 256, batch 12 x 64, float32
     python -m tinypalm.bench --preset small --batch-size 8 --seq-len 256
+    python -m tinypalm.bench --backend cupy --preset full --dtype bfloat16 --batch-size 16 --seq-len 1024
     python -m tinypalm.bench --vs-torch           # the same step in PyTorch eager, timed alternately with ours
     python -m tinypalm.bench --load 2             # without load, then with 2 busy processes running: the slowdown
 
 The step time is the median of --steps timed steps after --warmup untimed ones. The breakdown comes from
 separate steps in which every function of tinypalm.ops is timed (the device synchronised around each call on
-a GPU), so the instrumentation never slows the headline figure.
+a GPU), so the instrumentation never slows the headline figure. MFU is PaLM's (appendix B): the model FLOPs the
+step's tokens need, 6N + 12 L H Dh T per token, over the step time and the device's peak (--peak-tflops; on cupy
+it defaults to an H100 SXM's dense bf16 989.4 TFLOP/s).
 """
 
 import argparse
@@ -27,6 +30,7 @@ from .model import PaLM
 from .optim import AdamW, clip_grad_norm
 from .run import check_memory
 
+H100_BF16_PEAK_TFLOPS = 989.4          # H100 SXM, dense bf16 tensor cores, without sparsity
 BENCH_SHAPE = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=1)
 MATMUL_OPS = {"linear_forward", "linear_backward", "tied_logits_forward", "tied_logits_backward"}
 
@@ -34,6 +38,11 @@ MATMUL_OPS = {"linear_forward", "linear_backward", "tied_logits_forward", "tied_
 def flops_per_token(cfg, seq_len):
     """Training FLOPs per token, PaLM appendix B: 6N + 12 L H Dh T (N = all parameters)."""
     return 6 * cfg.n_params() + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+def mfu(cfg, seq_len, tokens_per_s, peak_tflops):
+    """Model FLOPs utilisation, PaLM appendix B: the FLOP/s the tokens need over the device's peak."""
+    return tokens_per_s * flops_per_token(cfg, seq_len) / (peak_tflops * 1e12)
 
 
 def make_step(model, batch_size, seq_len, seed=0):
@@ -46,6 +55,7 @@ def make_step(model, batch_size, seq_len, seed=0):
         loss, grads = model.loss_and_grads(tokens, targets)
         clip_grad_norm(grads, 1.0)
         optimizer.step(model.params, grads, lr=1e-4)
+        model.params_updated()
         return loss
     return step
 
@@ -157,7 +167,7 @@ def build_parser():
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
     p.add_argument("--preset", default=None,
                    help=f"time a Config preset ({', '.join(PRESETS)}) instead (default: the reference CPU benchmark shape)")
-    p.add_argument("--dtype", default="float32", help="floating-point type of the model")
+    p.add_argument("--dtype", default="float32", help="float32, float64 or bfloat16 (mixed precision)")
     p.add_argument("--batch-size", type=int, default=12, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=30, help="timed steps (the figure is their median)")
@@ -165,6 +175,8 @@ def build_parser():
     p.add_argument("--vs-torch", action="store_true", help="also time the same step in PyTorch eager (needs torch)")
     p.add_argument("--load", type=int, default=0, metavar="N",
                    help="time the step, then again while N busy-looping processes run (N = cores: a busy machine)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help=f"the device's peak for MFU (default on cupy: {H100_BF16_PEAK_TFLOPS}, an H100's dense bf16)")
     return p
 
 
@@ -199,6 +211,10 @@ def main(argv=None):
     print(f"step: median {median * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms "
           f"over {args.steps} steps; {tokens / median:,.0f} tokens/s; "
           f"{flops_per_token(cfg, args.seq_len) * tokens / median / 1e9:.1f} GFLOP/s (6N + 12LHDhT)")
+    peak = args.peak_tflops or (H100_BF16_PEAK_TFLOPS if args.backend == "cupy" else None)
+    if peak:
+        print(f"MFU {mfu(cfg, args.seq_len, tokens / median, peak):.1%} of {peak:g} TFLOP/s "
+              "(PaLM appendix B: tokens/s x (6N + 12LHDhT) / peak)")
     if xp is not numpy:
         print(f"peak GPU memory (pool): {xp.get_default_memory_pool().total_bytes() / 2**30:.2f} GiB")
 

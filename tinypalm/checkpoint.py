@@ -2,7 +2,8 @@
 
 Keys:
     meta            JSON text: format, version, config, tokenizer, dtype, step, training arguments, best val loss
-    param.<name>    every parameter under its canonical name
+    param.<name>    every parameter under its canonical name, in the master dtype (float32 for a bfloat16 run,
+                    whose meta dtype says "bfloat16"); any checkpoint loads into a model of any dtype
     opt.<key>       the AdamW state ('opt.step', 'opt.m.<name>', 'opt.v.<name>'); absent in weights-only files
 The batch order and dropout masks are functions of (seed, step) alone, so the seed in the training arguments
 and the step are the whole random and data-position state: a resumed run continues exactly.

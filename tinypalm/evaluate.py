@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from . import data
-from .backend import DTYPES
+from .backend import DTYPES, read_scalars
 from .cli import format_duration, run_cli
 from .errors import TinyPalmError
 from .instruct import PairsData, is_pairs_file, read_pairs
@@ -48,8 +48,8 @@ def nll_sum(model, x, y, loss_mask=None):
     mask = xp.ones(y.shape, dtype=xp.int32) if loss_mask is None else xp.asarray(loss_mask).reshape(-1)
     logits = model.forward(x)
     mean, _ = model.ops.masked_cross_entropy_forward(xp, logits.reshape(y.shape[0], -1), y, mask, 0.0)
-    count = int(mask.sum())
-    return float(mean) * count, count
+    mean, count = read_scalars(xp, mean, mask.sum())              # one device-to-host read per batch
+    return mean * count, int(count)
 
 
 def evaluate_batches(model, batches, byte_lengths):

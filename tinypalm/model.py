@@ -14,13 +14,20 @@ way, so the optimizer and gradient clipping each make one pass over one vector.
 
 The op functions come from `model.ops` (backend.get_ops): the plain functions of ops.py, or on a backend that
 has them, faster twins with the same signatures.
+
+Precision. `dtype` is what the model computes with: its activations, KV cache and the weights the ops read.
+For float64 and float32 that is all there is. bfloat16 is mixed precision: `model.params` (the master weights),
+the gradients and the optimizer's moments stay float32, and the ops read `model.weights`, a bf16 copy of the
+whole flat vector. After changing `model.params` in place (an optimizer step) call `model.params_updated()`,
+which refreshes that copy with one cast; `load_params` does it itself. Inside the ops every bf16 input is read
+into float32 (see ops.py), so the rotary tables and the attention mask are float32.
 """
 
 import math
 
 import numpy
 
-from .backend import get_xp, get_ops, check_dtype, to_numpy
+from .backend import get_xp, get_ops, check_dtype, compute_dtype, to_numpy
 from .config import Config
 from .flat import Layout
 
@@ -113,11 +120,16 @@ class PaLM:
         self.xp = xp = get_xp(backend)
         self.ops = ops = get_ops(backend)
         self.backend, self.dtype = backend, check_dtype(dtype)
+        self.master_dtype = compute_dtype(self.dtype)            # float32 for bfloat16, else dtype itself
         self.layout = Layout(storage_shapes(cfg), named=canonical_views(cfg))
-        self.params = self.layout.zeros(xp, self.dtype)                    # a Flat: canonical views, .flat
-        self.embed, self.norm = self.params.stored["embed"], self.params.stored["norm"]
-        self.layers = [Layer(cfg, self.params.stored, i) for i in range(cfg.n_layers)]
-        self.rope_cos, self.rope_sin = ops.rope_tables(xp, cfg.max_seq_len, cfg.head_dim, cfg.rope_base, self.dtype)
+        self.params = self.layout.zeros(xp, self.master_dtype)             # a Flat: canonical views, .flat
+        # the weights the ops read: the master itself, or (bf16) a copy in the compute dtype, refreshed by
+        # params_updated(); embed, norm and layers[i] are its stored arrays
+        self.weights = self.params if self.dtype == self.master_dtype else self.layout.zeros(xp, self.dtype)
+        self.embed, self.norm = self.weights.stored["embed"], self.weights.stored["norm"]
+        self.layers = [Layer(cfg, self.weights.stored, i) for i in range(cfg.n_layers)]
+        self.rope_cos, self.rope_sin = ops.rope_tables(xp, cfg.max_seq_len, cfg.head_dim, cfg.rope_base,
+                                                       self.master_dtype)
         self._masks = {}
         self.adapter = None                  # LoRA adapters (lora.py), run beside the fused projections when set
         self.load_params(init_params(cfg, seed))
@@ -125,14 +137,24 @@ class PaLM:
     def load_params(self, arrays):
         """Copy host or device arrays, by canonical name, into the model's storage."""
         for name, p in self.params.items():
-            p[...] = self.xp.asarray(arrays[name], dtype=self.dtype)
+            p[...] = self.xp.asarray(arrays[name], dtype=self.master_dtype)
+        self.params_updated()
+
+    def params_updated(self):
+        """Call after changing model.params in place (an optimizer step): refreshes the bf16 compute copy of
+        the weights, one cast of the flat vector. Nothing to do for float32 and float64, which compute with
+        model.params itself."""
+        if self.weights is not self.params:
+            self.weights.flat[...] = self.params.flat
 
     def params_numpy(self):
-        return {name: to_numpy(p) for name, p in self.params.items()}
+        """Host arrays of the master weights by canonical name, from one device-to-host copy of the flat vector."""
+        return dict(self.layout.wrap(to_numpy(self.params.flat)))
 
     def grads_like(self):
-        """Zeroed gradients laid out like the parameters: a Flat with the canonical names and `.flat`."""
-        return self.layout.zeros(self.xp, self.dtype)
+        """Zeroed gradients laid out like the parameters (in the master dtype): a Flat with the canonical names
+        and `.flat`."""
+        return self.layout.zeros(self.xp, self.master_dtype)
 
     # --- forward ----------------------------------------------------------------------------------------------
 
@@ -142,7 +164,7 @@ class PaLM:
             if len(self._masks) > 64:
                 self._masks.clear()
             groups = self.config.n_heads // self.config.n_kv_heads
-            self._masks[key] = self.ops.causal_mask(self.xp, n_queries, n_keys, first_pos, groups, self.dtype)
+            self._masks[key] = self.ops.causal_mask(self.xp, n_queries, n_keys, first_pos, groups, self.master_dtype)
         return self._masks[key]
 
     def _block_forward(self, x, layer, pos, kv_cache=None, i=0, dropout=0.0, dropout_seed=0):
@@ -210,10 +232,11 @@ class PaLM:
         return logits.reshape(*tokens.shape, -1)
 
     def loss(self, tokens, targets, loss_mask=None):
-        """The training loss without the backward pass (for evaluation); loss_mask as in loss_and_grads."""
+        """The training loss without the backward pass (for evaluation), as a Python float (read from the device);
+        loss_mask as in loss_and_grads."""
         logits, _ = self._forward(self._tokens(tokens))
         loss, _, _ = self._loss_forward(logits, self._tokens(targets), loss_mask)
-        return float(loss)
+        return float(to_numpy(loss))
 
     def _loss_forward(self, logits, targets, loss_mask):
         # (loss, cache, its backward): over every position, or the mean over those loss_mask (B, T) counts
@@ -262,11 +285,13 @@ class PaLM:
     def loss_and_grads(self, tokens, targets, dropout=0.0, dropout_seed=0, grads=None, loss_mask=None):
         """Mean cross-entropy plus z-loss over all positions, and its gradient for every parameter.
 
-        tokens, targets (B, T) int. Returns (loss as a float, grads: a Flat, canonical name -> gradient, with
-        `.flat`). Given `grads` (from an earlier call), the gradients are added to it: gradient accumulation.
-        Given loss_mask (B, T), 1 where a target counts and 0 where not, the mean is over the counted positions
-        only (instruction tuning counts the responses).
-        With adapters (model.adapter), their gradients are `grads.adapter`, a Flat like adapter.params."""
+        tokens, targets (B, T) int. Returns (loss, grads). The loss stays on the device: a 0-d array (on numpy a
+        numpy scalar, which works as a float); read it with float(), or with the gradient norm through
+        backend.read_scalars, so that a training step synchronises once. grads is a Flat in the master dtype,
+        canonical name -> gradient, with `.flat`. Given `grads` (from an earlier call), the gradients are added
+        to it: gradient accumulation. Given loss_mask (B, T), 1 where a target counts and 0 where not, the mean
+        is over the counted positions only (instruction tuning counts the responses). With adapters (model.adapter),
+        their gradients are `grads.adapter`, a Flat like adapter.params."""
         xp, cfg, ops = self.xp, self.config, self.ops
         tokens, targets = self._tokens(tokens), self._tokens(targets)
         B, T = tokens.shape
@@ -285,4 +310,4 @@ class PaLM:
             extra = () if self.adapter is None else (grads.adapter,)     # the adapters' gradients, with LoRA
             dx = self._block_backward(dx, layer, d_layer, cache, *extra)
         ops.embedding_backward(xp, d_embed, dx, tokens)
-        return float(loss), grads
+        return loss, grads

@@ -7,9 +7,41 @@ weight gradient accumulate into it, so a weight used twice (the tied embedding) 
 `xp` is numpy or cupy, passed in by the model; nothing here asks which. Shapes: B batch, T positions,
 S key positions, D d_model, H query heads, Hkv key/value heads, G = H // Hkv, Dh head_dim, F d_ff, V vocab,
 N = B * T tokens.
+
+Dtypes follow the inputs. float64 and float32 compute in their own dtype. bfloat16 (mixed precision) is a storage
+type only: every op reads its bf16 inputs into float32 (`_up`), does all its arithmetic there, matmuls included
+(float32 accumulation), reduces with float32 sums, and casts its output back to bf16 once (`_down`). Weight
+gradients accumulate into float32 buffers. Three bf16 traps shape the code: a Python float turns a bf16 array
+into a float32 one (`x * 0.5`), numpy's bf16 `.sum()` accumulates in bf16, and CuPy's matmul on bf16 refuses
+more than two dimensions (attention's products go through `_matmul`).
 """
 
 import math
+
+import numpy
+
+
+def _up(a):
+    # the array in its compute dtype: bf16 -> a float32 copy; float32 and float64 arrays as they are
+    return a.astype(numpy.promote_types(a.dtype, numpy.float32), copy=False)
+
+
+def _down(a, dtype):
+    # the op's result in the activations' dtype: one cast for bf16, nothing for float32 and float64
+    return a.astype(dtype, copy=False)
+
+
+def _matmul(a, b):
+    # a (..., M, K) @ b (..., K, N) -> (..., M, N) in the compute dtype, accumulated in float32 or better.
+    # numpy's bf16 matmul already returns float32; CuPy's returns bf16, and raises TypeError on bf16 with more
+    # than two dimensions, so 16-bit operands go through one 2-D product per leading index
+    if a.ndim == 2 or a.dtype.itemsize > 2:
+        return _up(a @ b)
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    out = _up(a3[:, :, :1]) * _up(b3[:, :1, :])        # an (n, M, N) float32 buffer, allocated without xp
+    for i in range(len(out)):
+        out[i] = a3[i] @ b3[i]
+    return out.reshape(*a.shape[:-2], *out.shape[-2:])
 
 
 # --- embedding --------------------------------------------------------------------------------------------
@@ -20,44 +52,49 @@ def embedding_forward(embed, tokens):
 
 
 def embedding_backward(xp, d_embed, dx, tokens):
-    # a token repeated in the batch receives the sum of its rows' gradients: add.at, not assignment
-    xp.add.at(d_embed, tokens.reshape(-1), dx.reshape(-1, dx.shape[-1]))
+    # a token repeated in the batch receives the sum of its rows' gradients: add.at, not assignment.
+    # d_embed is the float32 gradient buffer in bf16 runs; dx goes up to it first (CuPy's add.at rejects bf16)
+    xp.add.at(d_embed, tokens.reshape(-1), dx.reshape(-1, dx.shape[-1]).astype(d_embed.dtype, copy=False))
 
 
 # --- LayerNorm without bias ---------------------------------------------------------------------------------
 
 def layernorm_forward(x, gain, eps):
-    # x (N, D), gain (D,) -> y (N, D); mean and biased variance over D, computed in two passes for accuracy
-    mean = x.mean(axis=-1, keepdims=True)
-    xc = x - mean
+    # x (N, D), gain (D,) -> y (N, D); mean and biased variance over D, computed in two passes for accuracy.
+    # The statistics are in the compute dtype; the cache keeps xhat in x's dtype and rstd (N, 1) in compute
+    xf = _up(x)
+    mean = xf.mean(axis=-1, keepdims=True)
+    xc = xf - mean
     rstd = ((xc * xc).mean(axis=-1, keepdims=True) + eps) ** -0.5     # (N, 1)
     xhat = xc
     xhat *= rstd
-    return xhat * gain, (xhat, rstd)
+    return _down(xhat * gain, x.dtype), (_down(xhat, x.dtype), rstd)
 
 
 def layernorm_backward(dy, gain, d_gain, cache):
     # y = xhat * gain, xhat = (x - mean) * rstd. d_gain (D,) accumulates; returns dx (N, D)
     xhat, rstd = cache
-    d_gain += (dy * xhat).sum(axis=0)
-    dxhat = dy * gain
+    dyf, xhat = _up(dy), _up(xhat)
+    d_gain += (dyf * xhat).sum(axis=0)
+    dxhat = dyf * gain
     # the chain rule through the mean and the variance, both taken over D
     dx = dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
     dx *= rstd
-    return dx
+    return _down(dx, dy.dtype)
 
 
 # --- linear (no bias): y = x @ w ----------------------------------------------------------------------------
 
 def linear_forward(x, w):
     # x (N, in), w (in, out) -> y (N, out)
-    return x @ w
+    return _down(x @ w, x.dtype)
 
 
 def linear_backward(dy, x, w, dw):
-    # dw (in, out) accumulates x^T dy; returns dx = dy w^T
+    # dw (in, out) accumulates x^T dy; returns dx = dy w^T. In bf16 runs dw is float32: numpy's bf16 product is
+    # float32 already, CuPy's comes back rounded to bf16 (its CUDA twin writes the float32 product directly)
     dw += x.T @ dy
-    return dy @ w.T
+    return _down(dy @ w.T, dy.dtype)
 
 
 # --- rotary position embedding, rotate-half convention ------------------------------------------------------
@@ -72,32 +109,34 @@ def rope_tables(xp, n_positions, head_dim, base, dtype):
 
 
 def rope_forward(x, cos, sin):
-    # x (B, T, nh, Dh), cos/sin (T, 1, Dh) -> x * cos + rotate_half(x) * sin,
+    # x (B, T, nh, Dh), cos/sin (T, 1, Dh) in the compute dtype -> x * cos + rotate_half(x) * sin,
     # rotate_half(x) = concat(-x[Dh/2:], x[:Dh/2]) written into the two halves directly
     h = x.shape[-1] // 2
-    out = x * cos
-    out[..., :h] -= x[..., h:] * sin[..., :h]
-    out[..., h:] += x[..., :h] * sin[..., h:]
-    return out
+    xf = _up(x)
+    out = xf * cos
+    out[..., :h] -= xf[..., h:] * sin[..., :h]
+    out[..., h:] += xf[..., :h] * sin[..., h:]
+    return _down(out, x.dtype)
 
 
 def rope_backward(dout, cos, sin):
     # the rotation is orthogonal: its transpose rotates by the opposite angle
     h = dout.shape[-1] // 2
-    dx = dout * cos
-    dx[..., :h] += dout[..., h:] * sin[..., h:]
-    dx[..., h:] -= dout[..., :h] * sin[..., :h]
-    return dx
+    df = _up(dout)
+    dx = df * cos
+    dx[..., :h] += df[..., h:] * sin[..., h:]
+    dx[..., h:] -= df[..., :h] * sin[..., :h]
+    return _down(dx, dout.dtype)
 
 
 # --- causal attention with shared key/value heads -----------------------------------------------------------
 
 def causal_mask(xp, n_queries, n_keys, first_pos, groups, dtype):
-    # additive mask (G*Tq, S): query row r sits at position first_pos + r % Tq and may see keys 0..that position
+    # additive mask (G*Tq, S): query row r sits at position first_pos + r % Tq and may see keys 0..that position.
+    # dtype: the scores' (compute) dtype. xp.where, not mask[blocked] = -inf: boolean indexing reads the device
     q_pos = first_pos + xp.arange(n_queries)
     blocked = xp.arange(n_keys)[None, :] > q_pos[:, None]                               # (Tq, S)
-    mask = xp.zeros((n_queries, n_keys), dtype=dtype)
-    mask[blocked] = -xp.inf
+    mask = xp.where(blocked, xp.asarray(-xp.inf, dtype=dtype), xp.asarray(0, dtype=dtype))
     return xp.concatenate([mask] * groups, axis=0)
 
 
@@ -105,18 +144,20 @@ def attention_forward(xp, q, k, v, mask):
     # q (B, T, H, Dh), k/v (B, S, Hkv, Dh), mask (G*T, S) -> out (B, T, H, Dh)
     # Each kv head serves G consecutive query heads. Stacking those G heads along the rows gives one matmul
     # per (batch, kv head) against the shared keys: (G*T, Dh) @ (Dh, S); k and v are never repeated.
+    # Scores and the softmax are in the compute dtype; the cache holds q (scaled), k, v and probs in q's dtype.
     B, T, H, Dh = q.shape
     Hkv = k.shape[2]
     G = H // Hkv
     scale = 1.0 / math.sqrt(Dh)
-    qg = (q * scale).reshape(B, T, Hkv, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, Dh)
+    qg = _down(_up(q) * scale, q.dtype)
+    qg = qg.reshape(B, T, Hkv, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, Dh)
     kt = k.transpose(0, 2, 3, 1)                                   # (B, Hkv, Dh, S)
     vt = v.transpose(0, 2, 1, 3)                                   # (B, Hkv, S, Dh)
-    scores = qg @ kt                                               # (B, Hkv, G*T, S)
+    scores = _matmul(qg, kt)                                       # (B, Hkv, G*T, S)
     scores += mask
-    probs = softmax_forward(xp, scores)
-    out = probs @ vt                                               # (B, Hkv, G*T, Dh)
-    out = out.reshape(B, Hkv, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
+    probs = _down(softmax_forward(xp, scores), q.dtype)
+    out = _matmul(probs, vt)                                       # (B, Hkv, G*T, Dh)
+    out = _down(out, q.dtype).reshape(B, Hkv, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
     return out, (qg, kt, vt, probs, scale)
 
 
@@ -127,18 +168,18 @@ def attention_backward(dout, cache):
     T = dout.shape[1]
     G = GT // T
     dout_g = dout.reshape(B, T, Hkv, G, Dh).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, GT, Dh)
-    dprobs = dout_g @ vt.swapaxes(-1, -2)                          # (B, Hkv, G*T, S)
-    dvt = probs.swapaxes(-1, -2) @ dout_g                          # (B, Hkv, S, Dh): summed over the G heads
-    dscores = softmax_backward(dprobs, probs)
-    dqg = dscores @ kt.swapaxes(-1, -2)                            # (B, Hkv, G*T, Dh)
-    dkt = qg.swapaxes(-1, -2) @ dscores                            # (B, Hkv, Dh, S)
+    dprobs = _matmul(dout_g, vt.swapaxes(-1, -2))                  # (B, Hkv, G*T, S)
+    dvt = _matmul(probs.swapaxes(-1, -2), dout_g)                  # (B, Hkv, S, Dh): summed over the G heads
+    dscores = _down(softmax_backward(dprobs, probs), qg.dtype)
+    dqg = _matmul(dscores, kt.swapaxes(-1, -2))                    # (B, Hkv, G*T, Dh)
+    dkt = _matmul(qg.swapaxes(-1, -2), dscores)                    # (B, Hkv, Dh, S)
     dqg *= scale
-    dq = dqg.reshape(B, Hkv, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G, Dh)
-    return dq, dkt.transpose(0, 3, 1, 2), dvt.transpose(0, 2, 1, 3)
+    dq = _down(dqg, dout.dtype).reshape(B, Hkv, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G, Dh)
+    return dq, _down(dkt, dout.dtype).transpose(0, 3, 1, 2), _down(dvt, dout.dtype).transpose(0, 2, 1, 3)
 
 
 def softmax_forward(xp, scores):
-    # over the last axis, in place on scores; -inf entries become exactly 0
+    # over the last axis, in place on scores (the compute dtype); -inf entries become exactly 0
     scores -= scores.max(axis=-1, keepdims=True)
     probs = xp.exp(scores, out=scores)
     probs /= probs.sum(axis=-1, keepdims=True)
@@ -146,7 +187,7 @@ def softmax_forward(xp, scores):
 
 
 def softmax_backward(dprobs, probs):
-    # d scores_j = p_j * (dp_j - sum_i p_i dp_i); overwrites dprobs
+    # d scores_j = p_j * (dp_j - sum_i p_i dp_i); overwrites dprobs (the compute dtype; probs may be bf16)
     dprobs -= (dprobs * probs).sum(axis=-1, keepdims=True)
     dprobs *= probs
     return dprobs
@@ -156,24 +197,27 @@ def softmax_backward(dprobs, probs):
 
 def swiglu_forward(xp, gate, up):
     # gate, up (N, F) -> hidden (N, F). sigmoid(a) = (1 + tanh(a/2)) / 2 never overflows
-    sig = xp.tanh(gate * 0.5)
+    gf = _up(gate)
+    sig = xp.tanh(gf * 0.5)
     sig += 1.0
     sig *= 0.5
-    silu = gate * sig
-    return silu * up, (gate, up, sig, silu)
+    silu = gf * sig
+    dtype = gate.dtype
+    return _down(silu * up, dtype), (gate, up, _down(sig, dtype), _down(silu, dtype))
 
 
 def swiglu_backward(dhidden, cache):
     # silu'(a) = sig(a) * (1 + a * (1 - sig(a))); returns d_gate, d_up
     gate, up, sig, silu = cache
-    d_up = dhidden * silu
-    d_silu = dhidden * up
+    dh, sig = _up(dhidden), _up(sig)
+    d_up = dh * silu
+    d_silu = dh * up
     d_gate = 1.0 - sig
     d_gate *= gate
     d_gate += 1.0
     d_gate *= sig
     d_gate *= d_silu
-    return d_gate, d_up
+    return _down(d_gate, dhidden.dtype), _down(d_up, dhidden.dtype)
 
 
 # --- dropout with a counter-based mask (identical on both backends, nothing to carry between steps) -----------
@@ -199,50 +243,60 @@ def dropout_mask(xp, shape, rate, seed):
 
 def dropout_forward(x, rate, keep):
     # x (..), keep (..) bool -> x * keep / (1 - rate)
-    return x * keep * (1.0 / (1.0 - rate))
+    return _down(_up(x) * keep * (1.0 / (1.0 - rate)), x.dtype)
 
 
 def dropout_backward(dy, rate, keep):
-    return dy * keep * (1.0 / (1.0 - rate))
+    return _down(_up(dy) * keep * (1.0 / (1.0 - rate)), dy.dtype)
 
 
 # --- tied output projection and the loss ---------------------------------------------------------------------
 
 def tied_logits_forward(h, embed):
-    # h (N, D), embed (V, D) -> logits (N, V) = h @ embed^T / sqrt(D)
-    logits = h @ embed.T
+    # h (N, D), embed (V, D) -> logits (N, V) = h @ embed^T / sqrt(D), scaled before the cast to h's dtype
+    logits = _up(h @ embed.T)
     logits *= 1.0 / math.sqrt(embed.shape[1])
-    return logits
+    return _down(logits, h.dtype)
 
 
 def tied_logits_backward(dlogits, h, embed, d_embed):
-    # d_embed (V, D) accumulates dlogits^T h / sqrt(D) (the embedding's second use); returns dh (N, D)
-    dlogits = dlogits * (1.0 / math.sqrt(embed.shape[1]))
-    d_embed += dlogits.T @ h
-    return dlogits @ embed
+    # d_embed (V, D) accumulates dlogits^T h / sqrt(D) (the embedding's second use); returns dh (N, D).
+    # The scale goes on the two (., D) products rather than on the (N, V) dlogits
+    scale = 1.0 / math.sqrt(embed.shape[1])
+    d_embed_use = _up(dlogits.T @ h)
+    d_embed_use *= scale
+    d_embed += d_embed_use
+    dh = _up(dlogits @ embed)
+    dh *= scale
+    return _down(dh, h.dtype)
 
 
 def cross_entropy_forward(xp, logits, targets, z_loss):
-    # logits (N, V), targets (N,) -> loss = mean(logZ - logit[target]) + z_loss * mean(logZ^2), logZ = logsumexp
+    # logits (N, V), targets (N,) -> loss = mean(logZ - logit[target]) + z_loss * mean(logZ^2), logZ = logsumexp.
+    # All in the compute dtype: probs is the one compute-dtype (float32 for bf16 logits) copy of the logits,
+    # and the cache keeps it so, since p_target - 1 in the backward would lose its digits in bf16. The cache
+    # keeps log_z in the logits' dtype: the backward needs it only for the z-loss factor 1 + 2 z logZ, where bf16
+    # is plenty, and returns dlogits in its dtype.
+    # The loss is a 0-d array (a numpy scalar on numpy) on the device: reading it is the caller's choice
     N = logits.shape[0]
-    m = logits.max(axis=-1, keepdims=True)
-    probs = xp.exp(logits - m)
+    m = _up(logits.max(axis=-1, keepdims=True))                    # max is exact in any dtype
+    probs = xp.exp(logits - m)                                     # (N, V), compute dtype
     total = probs.sum(axis=-1, keepdims=True)
     probs /= total
     log_z = xp.log(total) + m                                      # (N, 1)
     rows = xp.arange(N)
     nll = log_z[:, 0] - logits[rows, targets]
     loss = nll.mean() + z_loss * (log_z * log_z).mean()
-    return loss, (probs, log_z, targets)
+    return loss, (probs, _down(log_z, logits.dtype), targets)
 
 
 def cross_entropy_backward(xp, cache, z_loss):
     # d/dlogit_j [logZ - logit_t + z logZ^2] / N = (p_j (1 + 2 z logZ) - [j == t]) / N; returns dlogits (N, V)
     probs, log_z, targets = cache
     N = probs.shape[0]
-    dlogits = probs * ((1.0 + 2.0 * z_loss * log_z) / N)
+    dlogits = probs * ((1.0 + 2.0 * z_loss * _up(log_z)) / N)
     dlogits[xp.arange(N), targets] -= 1.0 / N
-    return dlogits
+    return _down(dlogits, log_z.dtype)
 
 
 # --- masked cross-entropy: only the positions the mask counts (instruction tuning, evaluation windows) ----------

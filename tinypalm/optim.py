@@ -122,11 +122,13 @@ class Stretch:
 def clip_grad_norm(grads, max_norm):
     """Scale the gradients together so that their global L2 norm is at most max_norm; returns the norm before.
 
-    grads is a Flat: one dot product over its vector, one number brought to the host."""
+    grads is a Flat: one dot product over its vector. Nothing is read back to the host: the norm is returned as a
+    0-d array (a numpy scalar on numpy) and the scale min(1, max_norm / norm) is applied on the device, so the
+    training loop reads the norm together with the loss, one synchronisation per step."""
     g = grads.flat
-    total = math.sqrt(float(g @ g))
-    if max_norm and total > max_norm:
-        g *= max_norm / (total + 1e-6)
+    total = (g @ g) ** 0.5
+    if max_norm:
+        g *= (max_norm / (total + 1e-6)).clip(0.0, 1.0)       # exactly 1 when the norm is within max_norm
     return total
 
 
