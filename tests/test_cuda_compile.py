@@ -534,3 +534,34 @@ def test_gpucheck_without_a_gpu_says_so_in_one_line():
     from test_cli import assert_user_error
     r = subprocess.run([sys.executable, "-m", "tinypalm.gpucheck"], capture_output=True, text=True, timeout=120)
     assert_user_error(r, "gpucheck needs", "GPU")
+
+
+def test_optim_adamw_takes_the_one_launch_kernel_where_the_backend_has_it(emulated, monkeypatch):
+    # the wiring of optim.AdamW to adamw_flat: with the kernel offered (as on a GPU), AdamW.step launches it once
+    # per step and gives what its own array passes give
+    from tinypalm import Config, PaLM, backend
+    from tinypalm.optim import AdamW
+    launches = []
+
+    def offered(flat, runs):
+        decay, frozen = cuda_ops.adamw_ranges(runs, flat.size)
+
+        def step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
+            launches.append(t)
+            cuda_ops.adamw_flat(p, g, m, v, decay, lr, beta1, beta2, eps, weight_decay, t, frozen=frozen or None)
+        return step
+    assert backend.fused_adamw(np.zeros(4, np.float32), [(0, 4, True)]) is None      # numpy: the array passes
+    cfg = Config(vocab_size=30, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=8)
+    model, twin = PaLM(cfg, "numpy", "float32", seed=1), PaLM(cfg, "numpy", "float32", seed=1)
+    twin_opt = AdamW(twin.params, frozen=["embed"])
+    monkeypatch.setattr(backend, "fused_adamw", offered)
+    opt = AdamW(model.params, frozen=["embed"])
+    assert opt.fused is not None and twin_opt.fused is None
+    rng = np.random.default_rng(0)
+    for t in (1, 2):
+        tokens = rng.integers(0, 30, (2, 8))
+        _, grads = model.loss_and_grads(tokens, tokens)
+        opt.step(model.params, grads, lr=1e-2)
+        twin_opt.step(twin.params, grads, lr=1e-2)
+        np.testing.assert_allclose(model.params.flat, twin.params.flat, rtol=1e-5, atol=1e-6)
+    assert launches == [1, 2]

@@ -61,6 +61,20 @@ def op_overrides(backend):
     return dict(OVERRIDES)
 
 
+def fused_adamw(flat, runs):
+    """AdamW's whole step over one flat vector as a single kernel launch, where the backend has one (the CUDA
+    kernel of tinypalm.cuda): a function (p, g, m, v, lr, beta1, beta2, eps, weight_decay, t), or None, and then
+    optim.AdamW runs its array passes."""
+    if array_module(flat) is numpy or not op_overrides("cupy"):
+        return None
+    from .cuda.ops import adamw_flat, adamw_ranges
+    decay, frozen = adamw_ranges(runs, flat.size)
+
+    def step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
+        adamw_flat(p, g, m, v, decay, lr, beta1, beta2, eps, weight_decay, t, frozen=frozen or None)
+    return step
+
+
 def array_module(a):
     """numpy or cupy: the library an array belongs to."""
     return numpy if isinstance(a, numpy.ndarray) else get_xp("cupy")

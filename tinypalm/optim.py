@@ -60,6 +60,8 @@ class AdamW:
             self.m, self.v = params.zeros_like(), params.zeros_like()
         else:
             self.m, self.v = (Stretch(params.flat[shard[0]:shard[1]]).zeros_like() for _ in range(2))
+        from .backend import fused_adamw
+        self.fused = fused_adamw(params.flat, self.runs) if shard is None else None   # one launch on a GPU
 
     def step(self, params, grads, lr):
         from .backend import array_module, map_ranges
@@ -67,6 +69,9 @@ class AdamW:
         b1, b2, eps = self.beta1, self.beta2, self.eps
         m_correction, v_correction = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
         decay = 1.0 - lr * self.weight_decay
+        if self.fused is not None:
+            return self.fused(params.flat, grads.flat, self.m.flat, self.v.flat, lr, b1, b2, eps, self.weight_decay,
+                              self.t)
         xp = array_module(params.flat)
 
         def update(a, b, decayed):
