@@ -11,13 +11,12 @@ Generation also stops when the model emits the end-of-text token (instruction-tu
 """
 
 import argparse
-import codecs
 import sys
 import time
 
 from tinypalm import TinyPalmError
 from tinypalm.cli import HelpFormatter, run_cli
-from tinypalm.generate import generate
+from tinypalm.generate import stream
 from tinypalm.loading import load_model
 
 
@@ -44,52 +43,12 @@ def build_parser():
     return p
 
 
-class StopGenerating(Exception):
-    """Raised from the token callback to end generation early; carries the reason."""
-
-
 def parse_stop(text):
     """A --stop string with its backslash escapes (\\n, \\t, \\x41, \\u00e9) turned into characters."""
     try:
         return text.encode("latin-1", errors="backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as e:
         raise TinyPalmError(f"--stop {text!r}: bad backslash escape ({e.reason}); write a backslash as \\\\") from None
-
-
-class StopStreamer:
-    """Writes new tokens' text as it comes, stopping at end-of-text or before the first stop string.
-
-    Text that could be the start of a stop string is held back until it is clear it is not, so a stop string
-    never reaches the output, even one that spans several tokens."""
-
-    def __init__(self, out, tokenizer, stops):
-        self.out, self.tokenizer, self.stops = out, tokenizer, [s for s in stops if s]
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a character may span tokens
-        self.text, self.shown, self.n_tokens = "", 0, 0
-
-    def __call__(self, token):
-        self.n_tokens += 1
-        if token == self.tokenizer.eot_id:
-            raise StopGenerating("end-of-text")
-        self.text += self.decoder.decode(self.tokenizer.token_bytes(token))
-        start = max(0, self.shown - max((len(s) for s in self.stops), default=0))
-        found = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
-        if found:
-            at, stop = min(found)
-            self._show(at)
-            raise StopGenerating(f"stop string {stop!r}")
-        held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        self._show(len(self.text) - held)
-
-    def _show(self, end):
-        if end > self.shown:
-            self.out.write(self.text[self.shown:end])
-            self.out.flush()
-            self.shown = end
-
-    def finish(self):
-        self.text += self.decoder.decode(b"", final=True)
-        self._show(len(self.text))
 
 
 def read_prompt(args):
@@ -140,20 +99,13 @@ def main(argv=None):
     for i in range(args.num_samples):
         if args.num_samples > 1:
             out.write(f"--- sample {i + 1} ---\n")
-        out.write(tokenizer.decode(prompt_ids))
-        out.flush()
-        stream, stopped = StopStreamer(out, tokenizer, stops), ""
         start = time.perf_counter()
-        try:
-            generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                     seed=args.seed + i, use_cache=not args.no_cache, on_token=stream)
-            stream.finish()
-        except StopGenerating as e:
-            stopped = f"; stopped at {e}"
-        out.write("\n")
+        new, stopped = stream(model, tokenizer, prompt_ids, args.max_new_tokens, out, stops,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + i,
+                              use_cache=not args.no_cache)
         seconds = time.perf_counter() - start
-        print(f"[{stream.n_tokens} tokens in {seconds:.2f}s, {stream.n_tokens / seconds:.1f} tokens/s"
-              f"{', no cache' if args.no_cache else ''}{stopped}]", file=sys.stderr)
+        print(f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / seconds:.1f} tokens/s"
+              f"{', no cache' if args.no_cache else ''}{f'; stopped at {stopped}' if stopped else ''}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

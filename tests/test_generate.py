@@ -61,7 +61,7 @@ def test_stream_writes_each_token_as_it_is_made():
             self.flushes += 1
 
     m, tok, out = model(), ByteTokenizer(), Recorder()
-    new = stream(m, tok, [104, 105], 12, out, temperature=0.0)
-    assert new == generate(m, [104, 105], 12, temperature=0.0)
+    new, stopped = stream(m, tok, [104, 105], 12, out, temperature=0.0)
+    assert stopped == "" and new == generate(m, [104, 105], 12, temperature=0.0)
     assert "".join(out.parts) == "hi" + tok.decode(new) + "\n"
     assert out.flushes >= 12 + 1                      # the prompt, then once per token

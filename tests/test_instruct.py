@@ -14,7 +14,7 @@ import pytest
 from tinypalm import Config, PaLM, checkpoint, ops
 from tinypalm.errors import TinyPalmError
 from tinypalm.instruct import PairsData, is_pairs_file, read_pairs
-from tinypalm.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_dict
+from tinypalm.tokenizer import ByteTokenizer, tokenizer_from_dict
 from gradcheck import assert_grad_close, numerical_grad, rel_error
 from test_cli import ROOT, TINY, assert_user_error, run
 from test_evaluate import run_module
@@ -241,9 +241,10 @@ def load_sample_script():
 
 
 def test_stop_streamer_holds_back_only_what_could_start_a_stop_string():
+    from tinypalm.generate import StopGenerating, StopStreamer
     sample = load_sample_script()
     tok, out = ByteTokenizer(), io.StringIO()
-    stream = sample.StopStreamer(out, tok, ["abc", "éé"])
+    stream = StopStreamer(out, tok, ["abc", "éé"])
     shown = []
     for ch in "xxaby":
         stream(ord(ch))
@@ -255,13 +256,13 @@ def test_stop_streamer_holds_back_only_what_could_start_a_stop_string():
     stream(ord("a"))
     stream(ord("b"))
     assert out.getvalue() == "xxabyé"                        # "ab" is held
-    with pytest.raises(sample.StopGenerating, match="'abc'"):
+    with pytest.raises(StopGenerating, match="'abc'"):
         stream(ord("c"))
     assert out.getvalue() == "xxabyé"                        # everything before the stop string, nothing of it
-    out, stream = io.StringIO(), sample.StopStreamer(io.StringIO(), tok, [])
-    with pytest.raises(sample.StopGenerating, match="end-of-text"):
+    out, stream = io.StringIO(), StopStreamer(io.StringIO(), tok, [])
+    with pytest.raises(StopGenerating, match="end-of-text"):
         stream(tok.eot_id)
-    stream = sample.StopStreamer(out, tok, ["abc"])
+    stream = StopStreamer(out, tok, ["abc"])
     for ch in "zab":
         stream(ord(ch))
     stream.finish()                                          # generation ended: the held-back text is shown

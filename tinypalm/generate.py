@@ -65,19 +65,59 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     return new_ids
 
 
-def stream(model, tokenizer, prompt_ids, max_new_tokens, out, **sampling):
-    """Write the prompt's text to out, then each new token's as it is made; returns the new ids.
+class StopGenerating(Exception):
+    """Raised from the token callback to end generation early; carries the reason."""
 
-    sampling: generate()'s keyword arguments (temperature, top_k, top_p, seed, use_cache)."""
+
+class StopStreamer:
+    """Writes new tokens' text as it comes, stopping at end-of-text or before the first stop string.
+
+    Text that could be the start of a stop string is held back until it is clear it is not, so a stop string
+    never reaches the output, even one that spans several tokens."""
+
+    def __init__(self, out, tokenizer, stops=()):
+        self.out, self.tokenizer, self.stops = out, tokenizer, [s for s in stops if s]
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a character may span tokens
+        self.text, self.shown, self.ids = "", 0, []
+
+    def __call__(self, token):
+        self.ids.append(token)
+        if token == self.tokenizer.eot_id:
+            raise StopGenerating("end-of-text")
+        self.text += self.decoder.decode(self.tokenizer.token_bytes(token))
+        start = max(0, self.shown - max((len(s) for s in self.stops), default=0))
+        found = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        if found:
+            at, stop = min(found)
+            self._show(at)
+            raise StopGenerating(f"stop string {stop!r}")
+        held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        self._show(len(self.text) - held)
+
+    def _show(self, end):
+        if end > self.shown:
+            self.out.write(self.text[self.shown:end])
+            self.out.flush()
+            self.shown = end
+
+    def finish(self):
+        self.text += self.decoder.decode(b"", final=True)
+        self._show(len(self.text))
+
+
+def stream(model, tokenizer, prompt_ids, max_new_tokens, out, stops=(), **sampling):
+    """Write the prompt's text to out, then each new token's as it is made, up to end-of-text or a stop string.
+
+    sampling: generate()'s keyword arguments (temperature, top_k, top_p, seed, use_cache). Returns (the new ids,
+    why generation stopped early: "" when it made max_new_tokens)."""
     out.write(tokenizer.decode(prompt_ids))
     out.flush()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a character may span several tokens
-
-    def write(token):
-        out.write(decoder.decode(tokenizer.token_bytes(token)))
-        out.flush()
-
-    new_ids = generate(model, prompt_ids, max_new_tokens, on_token=write, **sampling)
-    out.write(decoder.decode(b"", final=True) + "\n")
+    streamer, stopped = StopStreamer(out, tokenizer, stops), ""
+    try:
+        generate(model, prompt_ids, max_new_tokens, on_token=streamer, **sampling)
+        streamer.finish()
+    except StopGenerating as e:
+        stopped = str(e)
+    out.write("\n")
     out.flush()
-    return new_ids
+    return streamer.ids, stopped
