@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy
 
 from . import ops
-from .backend import DTYPES, to_numpy
+from .backend import DTYPES, get_xp, to_numpy
 from .cli import run_cli
 from .errors import TinyPalmError
 
@@ -61,14 +61,9 @@ def rel_error(a, b):
 
 def require_gpu():
     try:
-        import cupy
-    except Exception as e:
-        raise TinyPalmError(f"gpucheck needs CuPy and an NVIDIA GPU ({type(e).__name__}); install with "
-                            "`pip install -e '.[cuda13]'` (or cuda12) on a machine with a GPU") from None
-    if not cupy.is_available():
-        raise TinyPalmError("gpucheck needs an NVIDIA GPU, and CuPy sees none on this machine "
-                            "(check `nvidia-smi` and CUDA_VISIBLE_DEVICES)")
-    return cupy
+        return get_xp("cupy")
+    except TinyPalmError as e:
+        raise TinyPalmError(f"gpucheck needs CuPy and an NVIDIA GPU: {e}") from None
 
 
 # --- 1. kernels against their twins ---------------------------------------------------------------------------
