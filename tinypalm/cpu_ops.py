@@ -162,44 +162,59 @@ def ours(*arrays):
 
 
 # --- LayerNorm without bias ---------------------------------------------------------------------------------
+# numpy's mean over a short last axis (D = 128) walks the rows one at a time and costs several passes' worth; a
+# matrix-vector product with a (D,) vector of 1/D (one BLAS gemv) gives the same row means at the cost of one
+# pass, and np.vecdot the row sums of squares. A broadcast op against a (D,) or (N, 1) operand costs ~2 plain
+# passes (numpy's inner loop is one row), so each is used once where it cannot be avoided.
+
+def _row_dots(a, b):
+    # a, b (n, D) -> (n,) row-wise dot products; np.vecdot (numpy >= 2) is one pass, einsum the fallback
+    return np.vecdot(a, b) if hasattr(np, "vecdot") else np.einsum("ij,ij->i", a, b)
+
 
 def layernorm_forward(x, gain, eps):
-    # x (N, D), gain (D,) -> y (N, D), cache (xhat, rstd) as in ops.py
+    # x (N, D), gain (D,) -> y (N, D), cache (xhat, rstd (N, 1)) as in ops.py
     if not ours(x, gain) or x.ndim != 2:
         return ops.layernorm_forward(x, gain, eps)
     N, D = x.shape
     y, xhat, rstd = np.empty_like(x), np.empty_like(x), np.empty((N, 1), x.dtype)
+    mean_weights = np.full(D, 1.0 / D, x.dtype)                   # x @ mean_weights = the row means (N,)
 
     def chunk(r):
-        xc = np.subtract(x[r], x[r].mean(axis=-1, keepdims=True), out=xhat[r])
-        var = np.multiply(xc, xc, out=y[r]).mean(axis=-1, keepdims=True)       # y[r] as scratch
-        np.power(var + eps, -0.5, out=rstd[r])
-        xc *= rstd[r]
+        xc = np.subtract(x[r], (x[r] @ mean_weights)[:, None], out=xhat[r])     # x - mean
+        var = _row_dots(xc, xc)                                                 # (n,) sums of squares
+        var *= 1.0 / D
+        var += eps
+        np.power(var, -0.5, out=rstd[r, 0])
+        xc *= rstd[r]                                                           # xhat
         np.multiply(xc, gain, out=y[r])
     pool.run(chunk, row_chunks(N, D * x.itemsize))
     return y, (xhat, rstd)
 
 
 def layernorm_backward(dy, gain, d_gain, cache):
+    # dxhat = dy * gain; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), means over D.
+    # Both means are gemvs against gain / D: mean(dxhat) = dy @ (gain / D), and mean(dxhat * xhat) =
+    # (dy * xhat) @ (gain / D), where dy * xhat is also what d_gain sums over the rows
     xhat, rstd = cache
-    if not ours(dy, gain, d_gain, xhat) or dy.ndim != 2:
+    if not ours(dy, gain, d_gain, xhat, rstd) or dy.ndim != 2:
         return ops.layernorm_backward(dy, gain, d_gain, cache)
     N, D = dy.shape
     dx, scratch = np.empty_like(dy), np.empty_like(dy)
     chunks = row_chunks(N, D * dy.itemsize)
     partial = np.empty((len(chunks), D), dy.dtype)          # d_gain per chunk, added in chunk order
+    gain_mean = gain / D                                    # (D,)
 
     def chunk(i):
         r = chunks[i]
-        t = np.multiply(dy[r], xhat[r], out=scratch[r])
-        t.sum(axis=0, out=partial[i])
-        dxhat = np.multiply(dy[r], gain, out=dx[r])
-        np.multiply(dxhat, xhat[r], out=t)
-        mean_dxhat_xhat = t.mean(axis=-1, keepdims=True)
-        dxhat -= dxhat.mean(axis=-1, keepdims=True)
-        np.multiply(xhat[r], mean_dxhat_xhat, out=t)
-        dxhat -= t
-        dxhat *= rstd[r]
+        dy_xhat = np.multiply(dy[r], xhat[r], out=scratch[r])                  # (n, D)
+        np.matmul(np.ones(len(dy_xhat), dy.dtype), dy_xhat, out=partial[i])    # column sums: one gemv
+        mean_dxhat_xhat = (dy_xhat @ gain_mean)[:, None]                        # (n, 1)
+        mean_dxhat = (dy[r] @ gain_mean)[:, None]                               # (n, 1)
+        dxr = np.multiply(dy[r], gain, out=dx[r])                               # dxhat
+        dxr -= mean_dxhat
+        dxr -= np.multiply(xhat[r], mean_dxhat_xhat, out=dy_xhat)
+        dxr *= rstd[r]
     pool.run(chunk, range(len(chunks)))
     d_gain += partial.sum(axis=0)
     return dx
@@ -308,39 +323,49 @@ def embedding_backward(xp, d_embed, dx, tokens):
 
 
 # --- rotary position embedding ------------------------------------------------------------------------------
+# out = x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x[Dh/2:], x[:Dh/2]). With the sign folded into
+# a signed sin table, the rotated half is one product over a view of x with its two halves swapped (x as
+# (.., 2, Dh/2) read backwards along the 2), so the op is three passes: x * cos, swapped x * signed sin, and
+# their sum, instead of five over half rows. The tables are repeated over the nh heads (T * nh * Dh: 1/B of x):
+# against a (T, 1, Dh) table numpy's inner loop is one head's Dh, against a (T, nh, Dh) one a whole row.
 
-def _rope(x, cos, sin, sign):
-    # out = x * cos + sign * rotate_half(x) * sin, rotate_half(x) = concat(-x[Dh/2:], x[:Dh/2]); chunks over B
-    B, T = x.shape[:2]
-    h = x.shape[-1] // 2
+def _rope(x, cos, sin, forward):
+    # x (B, T, nh, Dh), cos/sin (T, 1, Dh) -> out (B, T, nh, Dh); chunks over B
+    B, T, nh, Dh = x.shape
+    h = Dh // 2
+    cos_rows = np.broadcast_to(cos, (T, nh, Dh)).astype(x.dtype) if nh > 1 else cos          # (T, nh, Dh)
+    signed_sin = np.empty((T, nh, 2, h), x.dtype)           # multiplies the swapped halves
+    lo, hi = sin[:, :, None, :h], sin[:, :, None, h:]       # (T, 1, 1, h)
+    if forward:           # out_lo = x_lo cos_lo - x_hi sin_lo, out_hi = x_hi cos_hi + x_lo sin_hi
+        np.negative(lo, out=signed_sin[:, :, :1])
+        signed_sin[:, :, 1:] = hi
+    else:                 # the transpose: dx_lo = d_lo cos_lo + d_hi sin_hi, dx_hi = d_hi cos_hi - d_lo sin_lo
+        signed_sin[:, :, :1] = hi
+        np.negative(lo, out=signed_sin[:, :, 1:])
     out = np.empty(x.shape, x.dtype)
-    sin_lo, sin_hi = sin[..., :h], sin[..., h:]
 
     def chunk(b):
-        o, xb = out[b], x[b]
-        np.multiply(xb, cos, out=o)
-        t = np.empty(o[..., :h].shape, x.dtype)
-        if sign > 0:      # forward: lo -= x_hi sin_lo, hi += x_lo sin_hi
-            o[..., :h] -= np.multiply(xb[..., h:], sin_lo, out=t)
-            o[..., h:] += np.multiply(xb[..., :h], sin_hi, out=t)
-        else:             # backward (the transpose): lo += x_hi sin_hi, hi -= x_lo sin_lo
-            o[..., :h] += np.multiply(xb[..., h:], sin_hi, out=t)
-            o[..., h:] -= np.multiply(xb[..., :h], sin_lo, out=t)
+        xb = x[b]
+        n = xb.shape[0]
+        swapped = xb.reshape(n, T, nh, 2, h)[:, :, :, ::-1]                    # (n, T, nh, 2, h) view
+        rotated = np.multiply(swapped, signed_sin, out=np.empty((n, T, nh, 2, h), x.dtype))
+        o = np.multiply(xb, cos_rows, out=out[b])
+        o += rotated.reshape(n, T, nh, Dh)
     pool.run(chunk, row_chunks(B, x[0].nbytes))
     return out
 
 
 def rope_forward(x, cos, sin):
     # x (B, T, nh, Dh), cos/sin (T, 1, Dh)
-    if not ours(x, cos, sin) or x.ndim != 4:
+    if not ours(x, cos, sin) or x.ndim != 4 or x.shape[-1] % 2:
         return ops.rope_forward(x, cos, sin)
-    return _rope(x, cos, sin, +1)
+    return _rope(x, cos, sin, forward=True)
 
 
 def rope_backward(dout, cos, sin):
-    if not ours(dout, cos, sin) or dout.ndim != 4:
+    if not ours(dout, cos, sin) or dout.ndim != 4 or dout.shape[-1] % 2:
         return ops.rope_backward(dout, cos, sin)
-    return _rope(dout, cos, sin, -1)
+    return _rope(dout, cos, sin, forward=False)
 
 
 # --- causal attention with shared key/value heads -----------------------------------------------------------
@@ -398,10 +423,15 @@ def attention_backward(dout, cache):
 
 
 # --- SwiGLU ---------------------------------------------------------------------------------------------------
+# The exp is most of the forward (numpy's float32 exp costs ~10 plain passes); the rest is kept to one pass per
+# result. Chunks of SWIGLU_CHUNK_BYTES per array keep a chunk's five arrays in the L2 cache across the passes.
+SWIGLU_CHUNK_BYTES = 1 << 18
+
 
 def swiglu_forward(xp, gate, up):
-    # gate, up (N, F) -> hidden (N, F), cache (gate, up, sig, silu) as in ops.py. sig = 1 / (1 + exp(-a)):
-    # numpy's exp is faster than its tanh, and exp(-a) = inf (a < -88 in float32) gives sig = 0 exactly
+    # gate, up (N, F) -> hidden (N, F), cache (gate, up, sig, silu) as in ops.py. With s = 1 + exp(-a):
+    # sig = 1 / s and silu = a / s (np.reciprocal is slower than a division). numpy's exp is faster than its
+    # tanh, and exp(-a) = inf (a < -88 in float32) gives sig = 0 and silu = -0 exactly
     if not ours(gate, up) or gate.ndim != 2:
         return ops.swiglu_forward(xp, gate, up)
     N, F = gate.shape
@@ -412,15 +442,20 @@ def swiglu_forward(xp, gate, up):
         with np.errstate(over="ignore"):
             np.exp(s, out=s)
         s += 1.0
-        np.reciprocal(s, out=s)
-        np.multiply(gate[r], s, out=silu[r])
+        np.divide(gate[r], s, out=silu[r])
+        np.divide(1.0, s, out=s)
         np.multiply(silu[r], up[r], out=hidden[r])
-    pool.run(chunk, row_chunks(N, F * gate.itemsize))
+    pool.run(chunk, swiglu_chunks(N, F * gate.itemsize))
     return hidden, (gate, up, sig, silu)
 
 
+def swiglu_chunks(n_rows, row_bytes):
+    """Row chunks of about SWIGLU_CHUNK_BYTES per array, never larger than the pool's element-wise chunks."""
+    return row_chunks(n_rows, row_bytes * max(1, ELEMENTWISE_CHUNK_BYTES // SWIGLU_CHUNK_BYTES))
+
+
 def swiglu_backward(dhidden, cache):
-    # d_up = dh * silu; d_gate = dh * up * sig * (1 + gate * (1 - sig))
+    # d_up = dh * silu; d_gate = dh * up * silu'(a), silu'(a) = sig (1 + a (1 - sig)) = sig (1 + a - silu)
     gate, up, sig, silu = cache
     if not ours(dhidden, gate, up, sig, silu) or dhidden.ndim != 2:
         return ops.swiglu_backward(dhidden, cache)
@@ -429,13 +464,12 @@ def swiglu_backward(dhidden, cache):
 
     def chunk(r):
         np.multiply(dhidden[r], silu[r], out=d_up[r])
-        g = np.subtract(1.0, sig[r], out=d_gate[r])
-        g *= gate[r]
+        g = np.subtract(gate[r], silu[r], out=d_gate[r])
         g += 1.0
         g *= sig[r]
         g *= dhidden[r]
         g *= up[r]
-    pool.run(chunk, row_chunks(N, F * dhidden.itemsize))
+    pool.run(chunk, swiglu_chunks(N, F * dhidden.itemsize))
     return d_gate, d_up
 
 
