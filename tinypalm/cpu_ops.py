@@ -310,16 +310,15 @@ def tied_logits_backward(dlogits, h, embed, d_embed):
 # --- embedding ------------------------------------------------------------------------------------------------
 
 def embedding_backward(xp, d_embed, dx, tokens):
-    # d_embed (V, D) += the rows of dx summed per token: sort the tokens once and add each run of equal ones
-    # with one reduceat, instead of add.at's row-at-a-time scatter
-    if not ours(d_embed, dx):
+    # d_embed (V, D) += the rows of dx summed per token (a token repeated in the batch gets the sum). np.add.at
+    # on the flattened d_embed with one index per element takes numpy's fast 1-D path (numpy >= 1.25), several
+    # times faster than add.at by rows or a sort and np.add.reduceat; it adds in the same order as ops.py's
+    if not ours(d_embed, dx) or not d_embed.flags.c_contiguous:
         return ops.embedding_backward(xp, d_embed, dx, tokens)
-    flat_tokens = np.asarray(tokens).reshape(-1)
-    rows = dx.reshape(-1, dx.shape[-1])
-    order = np.argsort(flat_tokens, kind="stable")
-    sorted_tokens = flat_tokens[order]
-    starts = np.flatnonzero(np.concatenate([[True], sorted_tokens[1:] != sorted_tokens[:-1]]))
-    d_embed[sorted_tokens[starts]] += np.add.reduceat(rows[order], starts, axis=0)
+    D = d_embed.shape[1]
+    flat_tokens = np.asarray(tokens).reshape(-1).astype(np.intp, copy=False)
+    index = (flat_tokens[:, None] * D + np.arange(D)).reshape(-1)          # (N * D,) into d_embed.reshape(-1)
+    np.add.at(d_embed.reshape(-1), index, dx.reshape(-1))
 
 
 # --- rotary position embedding ------------------------------------------------------------------------------
@@ -423,15 +422,22 @@ def attention_backward(dout, cache):
 
 
 # --- SwiGLU ---------------------------------------------------------------------------------------------------
-# The exp is most of the forward (numpy's float32 exp costs ~10 plain passes); the rest is kept to one pass per
-# result. Chunks of SWIGLU_CHUNK_BYTES per array keep a chunk's five arrays in the L2 cache across the passes.
+# Bound by the exp (numpy's float32 exp costs ~10 plain passes) and by memory traffic: gate and up are column
+# blocks of the projection (strided rows) and each (N, F) array is larger than the L2 cache at the small preset.
+# One pass per result, and rows in chunks of SWIGLU_CHUNK_BYTES per array so a chunk stays cached across passes.
+# (Leaving silu out of the cache and recomputing it in the backward measured no faster over forward + backward.)
 SWIGLU_CHUNK_BYTES = 1 << 18
 
 
+def swiglu_chunks(n_rows, row_bytes):
+    """Row chunks of about SWIGLU_CHUNK_BYTES per array (never more than the pool's element-wise chunks)."""
+    return row_chunks(n_rows, row_bytes * max(1, ELEMENTWISE_CHUNK_BYTES // SWIGLU_CHUNK_BYTES))
+
+
 def swiglu_forward(xp, gate, up):
-    # gate, up (N, F) -> hidden (N, F), cache (gate, up, sig, silu) as in ops.py. With s = 1 + exp(-a):
-    # sig = 1 / s and silu = a / s (np.reciprocal is slower than a division). numpy's exp is faster than its
-    # tanh, and exp(-a) = inf (a < -88 in float32) gives sig = 0 and silu = -0 exactly
+    # gate, up (N, F) -> hidden (N, F), cache (gate, up, sig, silu) as in ops.py. sig = 1 / (1 + exp(-a)):
+    # numpy's exp is faster than its tanh, and exp(-a) = inf (a < -88 in float32) gives sig = 0 exactly.
+    # 1 / s as a division: np.reciprocal is slower
     if not ours(gate, up) or gate.ndim != 2:
         return ops.swiglu_forward(xp, gate, up)
     N, F = gate.shape
@@ -442,20 +448,16 @@ def swiglu_forward(xp, gate, up):
         with np.errstate(over="ignore"):
             np.exp(s, out=s)
         s += 1.0
-        np.divide(gate[r], s, out=silu[r])
-        np.divide(1.0, s, out=s)
+        np.divide(1.0, s, out=s)                                   # sig
+        np.multiply(gate[r], s, out=silu[r])
         np.multiply(silu[r], up[r], out=hidden[r])
     pool.run(chunk, swiglu_chunks(N, F * gate.itemsize))
     return hidden, (gate, up, sig, silu)
 
 
-def swiglu_chunks(n_rows, row_bytes):
-    """Row chunks of about SWIGLU_CHUNK_BYTES per array, never larger than the pool's element-wise chunks."""
-    return row_chunks(n_rows, row_bytes * max(1, ELEMENTWISE_CHUNK_BYTES // SWIGLU_CHUNK_BYTES))
-
-
 def swiglu_backward(dhidden, cache):
-    # d_up = dh * silu; d_gate = dh * up * silu'(a), silu'(a) = sig (1 + a (1 - sig)) = sig (1 + a - silu)
+    # d_up = dh * silu; d_gate = dh * up * silu'(a), silu'(a) = sig (1 + a (1 - sig)) = sig (1 + a - silu):
+    # six passes (ops.py: seven)
     gate, up, sig, silu = cache
     if not ours(dhidden, gate, up, sig, silu) or dhidden.ndim != 2:
         return ops.swiglu_backward(dhidden, cache)
@@ -476,21 +478,34 @@ def swiglu_backward(dhidden, cache):
 # --- the loss ---------------------------------------------------------------------------------------------------
 
 def cross_entropy_forward(xp, logits, targets, z_loss):
-    # logits (N, V), targets (N,) -> loss, cache (probs, log_z, targets) as in ops.py
-    if not ours(logits) or logits.ndim != 2:
+    # logits (N, V), targets (N,) -> loss, cache (probs, log_z, targets) as in ops.py.
+    # exp(logits - M) with M the largest logit of the whole batch instead of each row's: one fast reduction and
+    # a scalar subtraction instead of two per-row broadcasts; the row sums are a gemv. No exp overflows (all
+    # exponents <= 0); a row whose logits all lie far below M could underflow, so when some row's sum is below
+    # 2^-64 (its largest logit more than ~40 below M) the whole batch is redone with per-row maxima as in ops.py
+    if not ours(logits) or logits.ndim != 2 or logits.size == 0:
         return ops.cross_entropy_forward(xp, logits, targets, z_loss)
     N, V = logits.shape
     probs, log_z = np.empty_like(logits), np.empty((N, 1), logits.dtype)
+    m = logits.max()
+    ones = np.ones(V, logits.dtype)
+    if not np.isfinite(m):
+        return ops.cross_entropy_forward(xp, logits, targets, z_loss)
+    chunks = row_chunks(N, V * logits.itemsize)
+    underflow = np.zeros(len(chunks), bool)
 
-    def chunk(r):
-        m = logits[r].max(axis=-1, keepdims=True)
+    def chunk(i):
+        r = chunks[i]
         p = np.subtract(logits[r], m, out=probs[r])
         np.exp(p, out=p)
-        total = p.sum(axis=-1, keepdims=True)
-        p /= total
-        np.log(total, out=log_z[r])
+        total = p @ ones                                                        # (n,) row sums
+        underflow[i] = total.min() < 2.0 ** -64
+        p *= (1.0 / total)[:, None]
+        np.log(total, out=log_z[r, 0])
         log_z[r] += m
-    pool.run(chunk, row_chunks(N, V * logits.itemsize))
+    pool.run(chunk, range(len(chunks)))
+    if underflow.any():
+        return ops.cross_entropy_forward(xp, logits, targets, z_loss)
     nll = log_z[:, 0] - logits[np.arange(N), targets]
     loss = nll.mean() + z_loss * (log_z * log_z).mean()
     return loss, (probs, log_z, targets)
