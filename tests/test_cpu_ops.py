@@ -48,16 +48,19 @@ ROWS = [1, 7, 50]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N", ROWS)
-def test_layernorm(dtype, N):
+@pytest.mark.parametrize("D", [24, 128])
+def test_layernorm(dtype, N, D):
     rng = np.random.default_rng(N)
-    x, gain, dy = randn(rng, (N, 24), dtype) * 3 + 1, randn(rng, 24, dtype), randn(rng, (N, 24), dtype)
+    x, gain, dy = randn(rng, (N, D), dtype) * 3 + 1, randn(rng, D, dtype), randn(rng, (N, D), dtype)
     y, cache = cpu_ops.layernorm_forward(x, gain, 1e-5)
     y_ref, cache_ref = ops.layernorm_forward(x, gain, 1e-5)
     assert_same(y, y_ref, dtype)
     assert_same(cache, cache_ref, dtype)
-    d_gain, d_gain_ref = np.full(24, 0.5, dtype), np.full(24, 0.5, dtype)
-    assert_same(cpu_ops.layernorm_backward(dy, gain, d_gain, cache), ops.layernorm_backward(dy, gain, d_gain_ref, cache_ref), dtype)
+    d_gain, d_gain_ref = np.full(D, 0.5, dtype), np.full(D, 0.5, dtype)
+    dx_ref = ops.layernorm_backward(dy, gain, d_gain_ref, cache_ref)
+    assert_same(cpu_ops.layernorm_backward(dy, gain, d_gain, cache), dx_ref, dtype)
     assert_same(d_gain, d_gain_ref, dtype)
+    assert_same(cpu_ops.layernorm_backward(dy, gain, d_gain, cache_ref), dx_ref, dtype)     # ops.py's cache
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -93,10 +96,31 @@ def test_tied_logits_and_cross_entropy(dtype, N):
     assert_same(cache[:2], cache_ref[:2], dtype)
     dlogits = cpu_ops.cross_entropy_backward(np, cache, 1e-2)
     assert_same(dlogits, ops.cross_entropy_backward(np, cache_ref, 1e-2), dtype)
+    assert_same(cpu_ops.cross_entropy_backward(np, cache_ref, 1e-2), dlogits, dtype)       # ops.py's cache
     d_embed, d_embed_ref = np.ones_like(embed), np.ones_like(embed)
     assert_same(cpu_ops.tied_logits_backward(dlogits, h, embed, d_embed),
                 ops.tied_logits_backward(dlogits, h, embed, d_embed_ref), dtype)
     assert_same(d_embed, d_embed_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("low", [-40.0, -200.0, -1e5])
+def test_cross_entropy_rows_far_below_the_batch_max(dtype, low):
+    # the twin shifts by the batch's largest logit: rows far below it must still match ops.py (per-row shifts),
+    # whether their exp underflows (-200, -1e5: redone with per-row maxima) or just gets small (-40)
+    rng = np.random.default_rng(1)
+    logits = randn(rng, (9, 13), dtype) * 3
+    logits[[2, 5]] += low
+    targets = rng.integers(0, 13, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                 # no 1/0 on the way to the fallback
+        loss, cache = cpu_ops.cross_entropy_forward(np, logits, targets, 1e-4)
+    loss_ref, cache_ref = ops.cross_entropy_forward(np, logits, targets, 1e-4)
+    assert np.isfinite(loss)
+    np.testing.assert_allclose(loss, loss_ref, rtol=TOL[dtype]["rtol"] * 10)
+    assert_same(cache[0], cache_ref[0], dtype)
+    np.testing.assert_allclose(cache[1], cache_ref[1], rtol=TOL[dtype]["rtol"])
+    assert_same(cpu_ops.cross_entropy_backward(np, cache, 1e-4), ops.cross_entropy_backward(np, cache_ref, 1e-4), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -110,10 +134,17 @@ def test_embedding_backward_sums_repeated_tokens(dtype):
     cpu_ops.embedding_backward(np, d_embed, dx, tokens)
     ops.embedding_backward(np, d_embed_ref, dx, tokens)
     assert_same(d_embed, d_embed_ref, dtype)
+    cpu_ops.embedding_backward(np, d_embed, dx[:, :5], tokens[:, :5].astype(np.int32))   # strided dx, int32 ids
+    ops.embedding_backward(np, d_embed_ref, dx[:, :5], tokens[:, :5])
+    assert_same(d_embed, d_embed_ref, dtype)
+    wide, wide_ref = np.zeros((10, 12), dtype), np.zeros((10, 12), dtype)
+    cpu_ops.embedding_backward(np, wide[:, 2:10], dx, tokens)                          # a strided gradient view
+    ops.embedding_backward(np, wide_ref[:, 2:10], dx, tokens)
+    assert_same(wide, wide_ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 3, 1, 4), (5, 7, 3, 8), (9, 4, 2, 6)])
+@pytest.mark.parametrize("shape", [(1, 3, 1, 4), (5, 7, 3, 8), (9, 4, 2, 6), (3, 6, 4, 32), (2, 5, 1, 32)])
 def test_rope(dtype, shape):
     rng = np.random.default_rng(sum(shape))
     B, T, nh, Dh = shape
@@ -123,6 +154,8 @@ def test_rope(dtype, shape):
     x = wide[:, :, 1:-1]                                               # a strided view, as q and k are
     assert_same(cpu_ops.rope_forward(x, cos, sin), ops.rope_forward(x, cos, sin), dtype)
     assert_same(cpu_ops.rope_backward(x, cos, sin), ops.rope_backward(x, cos, sin), dtype)
+    dout = randn(rng, (B, T, nh, Dh), dtype)                             # contiguous, as attention's dq, dk
+    assert_same(cpu_ops.rope_backward(dout, cos, sin), ops.rope_backward(dout, cos, sin), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -159,7 +192,10 @@ def test_swiglu(dtype, N):
     hidden_ref, cache_ref = ops.swiglu_forward(np, gate, up)
     assert_same(hidden, hidden_ref, dtype)
     dh = randn(rng, (N, 15), dtype)
-    assert_same(cpu_ops.swiglu_backward(dh, cache), ops.swiglu_backward(dh, cache_ref), dtype)
+    grads_ref = ops.swiglu_backward(dh, cache_ref)
+    assert_same(cpu_ops.swiglu_backward(dh, cache), grads_ref, dtype)
+    assert_same(cpu_ops.swiglu_backward(dh, cache_ref), grads_ref, dtype)                 # ops.py's cache
+    assert_same(ops.swiglu_backward(dh, cache), grads_ref, dtype)                         # and the reverse
 
 
 def test_unhandled_dtypes_go_to_ops():

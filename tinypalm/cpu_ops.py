@@ -422,17 +422,10 @@ def attention_backward(dout, cache):
 
 
 # --- SwiGLU ---------------------------------------------------------------------------------------------------
-# Bound by the exp (numpy's float32 exp costs ~10 plain passes) and by memory traffic: gate and up are column
-# blocks of the projection (strided rows) and each (N, F) array is larger than the L2 cache at the small preset.
-# One pass per result, and rows in chunks of SWIGLU_CHUNK_BYTES per array so a chunk stays cached across passes.
-# (Leaving silu out of the cache and recomputing it in the backward measured no faster over forward + backward.)
-SWIGLU_CHUNK_BYTES = 1 << 18
-
-
-def swiglu_chunks(n_rows, row_bytes):
-    """Row chunks of about SWIGLU_CHUNK_BYTES per array (never more than the pool's element-wise chunks)."""
-    return row_chunks(n_rows, row_bytes * max(1, ELEMENTWISE_CHUNK_BYTES // SWIGLU_CHUNK_BYTES))
-
+# Bound by the exp (numpy's float32 exp costs ~10 plain passes) and by memory traffic (gate and up are column
+# blocks of the projection, read with strided rows): one pass per result. Measured and not kept: chunks small
+# enough to stay in L2 across the passes (the per-call overhead of more, smaller chunks cost more than the cache
+# saved), and leaving silu out of the cache for the backward to recompute (no faster over forward + backward).
 
 def swiglu_forward(xp, gate, up):
     # gate, up (N, F) -> hidden (N, F), cache (gate, up, sig, silu) as in ops.py. sig = 1 / (1 + exp(-a)):
@@ -451,7 +444,7 @@ def swiglu_forward(xp, gate, up):
         np.divide(1.0, s, out=s)                                   # sig
         np.multiply(gate[r], s, out=silu[r])
         np.multiply(silu[r], up[r], out=hidden[r])
-    pool.run(chunk, swiglu_chunks(N, F * gate.itemsize))
+    pool.run(chunk, row_chunks(N, F * gate.itemsize))
     return hidden, (gate, up, sig, silu)
 
 
@@ -471,7 +464,7 @@ def swiglu_backward(dhidden, cache):
         g *= sig[r]
         g *= dhidden[r]
         g *= up[r]
-    pool.run(chunk, swiglu_chunks(N, F * dhidden.itemsize))
+    pool.run(chunk, row_chunks(N, F * dhidden.itemsize))
     return d_gate, d_up
 
 
@@ -499,7 +492,9 @@ def cross_entropy_forward(xp, logits, targets, z_loss):
         p = np.subtract(logits[r], m, out=probs[r])
         np.exp(p, out=p)
         total = p @ ones                                                        # (n,) row sums
-        underflow[i] = total.min() < 2.0 ** -64
+        if total.min() < 2.0 ** -64:
+            underflow[i] = True
+            return
         p *= (1.0 / total)[:, None]
         np.log(total, out=log_z[r, 0])
         log_z[r] += m
