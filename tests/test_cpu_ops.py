@@ -104,17 +104,23 @@ def test_tied_logits_and_cross_entropy(dtype, N):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("low", [-40.0, -200.0, -1e5])
-def test_cross_entropy_rows_far_below_the_batch_max(dtype, low):
-    # the twin shifts by the batch's largest logit: rows far below it must still match ops.py (per-row shifts),
-    # whether their exp underflows (-200, -1e5: redone with per-row maxima) or just gets small (-40)
+@pytest.mark.parametrize("low", [-10.0, -200.0, -1e5])
+@pytest.mark.parametrize("high", [0.0, 100.0])
+def test_cross_entropy_rows_far_below_the_batch_max(dtype, low, high, monkeypatch):
+    # the twin shifts every row alike (by 0, or by the batch's largest logit beyond +-64: high = 100): rows far
+    # below the others must still match ops.py (per-row shifts), whether their exp underflows (-200, -1e5: the
+    # batch is redone by ops.py) or just gets small (-10: the twin's own result)
     rng = np.random.default_rng(1)
-    logits = randn(rng, (9, 13), dtype) * 3
+    logits = randn(rng, (9, 13), dtype) * 3 + dtype(high)
     logits[[2, 5]] += low
     targets = rng.integers(0, 13, 9)
+    redone = []
+    plain = ops.cross_entropy_forward
+    monkeypatch.setattr(ops, "cross_entropy_forward", lambda *args: redone.append(1) or plain(*args))
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                 # no 1/0 on the way to the fallback
         loss, cache = cpu_ops.cross_entropy_forward(np, logits, targets, 1e-4)
+    assert len(redone) == (low < -100)
     loss_ref, cache_ref = ops.cross_entropy_forward(np, logits, targets, 1e-4)
     assert np.isfinite(loss)
     np.testing.assert_allclose(loss, loss_ref, rtol=TOL[dtype]["rtol"] * 10)

@@ -499,32 +499,34 @@ def swiglu_backward(dhidden, cache):
 
 def cross_entropy_forward(xp, logits, targets, z_loss):
     # logits (N, V), targets (N,) -> loss, cache (probs, log_z, targets) as in ops.py.
-    # exp(logits - M) with M the largest logit of the whole batch instead of each row's: one fast reduction and
-    # a scalar subtraction instead of two per-row broadcasts; the row sums are a gemv. No exp overflows (all
-    # exponents <= 0); a row whose logits all lie far below M could underflow, so when some row's sum is below
-    # 2^-64 (its largest logit more than ~40 below M) the whole batch is redone with per-row maxima as in ops.py
+    # One shift M for the whole batch instead of each row's maximum (ops.py): one fast reduction instead of a
+    # per-row max and a broadcast subtraction, and the row sums are a gemv. M = 0 while the largest logit is
+    # within +-64 (exp(logits) itself then neither overflows nor loses a row: no subtraction pass at all), else
+    # that largest logit. No exp overflows (sums stay below V e^64); a row whose logits all lie far below M
+    # could underflow, so when some row's sum is below 2^-64 the whole batch is redone by ops.py, per row
     if not ours(logits) or logits.ndim != 2 or logits.size == 0:
         return ops.cross_entropy_forward(xp, logits, targets, z_loss)
     N, V = logits.shape
-    probs, log_z = np.empty_like(logits), np.empty((N, 1), logits.dtype)
-    m = logits.max()
-    ones = np.ones(V, logits.dtype)
-    if not np.isfinite(m):
+    largest = logits.max()
+    if not np.isfinite(largest) or V > 2 ** 20:
         return ops.cross_entropy_forward(xp, logits, targets, z_loss)
+    shift = largest if abs(largest) > 64 else 0.0
+    probs, log_z = np.empty_like(logits), np.empty((N, 1), logits.dtype)
+    ones = np.ones(V, logits.dtype)
     chunks = row_chunks(N, V * logits.itemsize)
     underflow = np.zeros(len(chunks), bool)
 
     def chunk(i):
         r = chunks[i]
-        p = np.subtract(logits[r], m, out=probs[r])
-        np.exp(p, out=p)
+        p = np.subtract(logits[r], shift, out=probs[r]) if shift else logits[r]
+        p = np.exp(p, out=probs[r])
         total = p @ ones                                                        # (n,) row sums
         if total.min() < 2.0 ** -64:
             underflow[i] = True
             return
         p *= (1.0 / total)[:, None]
         np.log(total, out=log_z[r, 0])
-        log_z[r] += m
+        log_z[r] += shift
     pool.run(chunk, range(len(chunks)))
     if underflow.any():
         return ops.cross_entropy_forward(xp, logits, targets, z_loss)
