@@ -381,15 +381,20 @@ def _rope(x, cos, sin, forward):
     return out
 
 
+def _rope_shapes(x, cos, sin):
+    # what _rope handles: x (B, T, nh, Dh) with Dh even, tables (T, 1, Dh)
+    return x.ndim == 4 and x.shape[-1] % 2 == 0 and cos.shape == sin.shape == (x.shape[1], 1, x.shape[3])
+
+
 def rope_forward(x, cos, sin):
     # x (B, T, nh, Dh), cos/sin (T, 1, Dh)
-    if not ours(x, cos, sin) or x.ndim != 4 or x.shape[-1] % 2:
+    if not ours(x, cos, sin) or not _rope_shapes(x, cos, sin):
         return ops.rope_forward(x, cos, sin)
     return _rope(x, cos, sin, forward=True)
 
 
 def rope_backward(dout, cos, sin):
-    if not ours(dout, cos, sin) or dout.ndim != 4 or dout.shape[-1] % 2:
+    if not ours(dout, cos, sin) or not _rope_shapes(dout, cos, sin):
         return ops.rope_backward(dout, cos, sin)
     return _rope(dout, cos, sin, forward=False)
 
