@@ -454,35 +454,38 @@ def attention_backward(dout, cache):
 
 
 # --- SwiGLU ---------------------------------------------------------------------------------------------------
-# Bound by the exp (numpy's float32 exp costs ~10 plain passes) and by memory traffic (gate and up are column
-# blocks of the projection, read with strided rows): one pass per result. Measured and not kept: chunks small
-# enough to stay in L2 across the passes (the per-call overhead of more, smaller chunks cost more than the cache
-# saved), and leaving silu out of the cache for the backward to recompute (no faster over forward + backward).
+# Bound by the exp (numpy's float32 exp costs ~10 plain passes) and by memory: gate and up are column blocks of
+# the projection, and a pass reading their strided rows costs 2-4 times one over a contiguous array. So one pass
+# per result, and the forward reads gate once (ops.py: twice). Measured and not kept: chunks small enough to
+# stay in L2 across the passes (the per-call overhead of more, smaller chunks cost more than the cache saved),
+# and leaving silu out of the cache for the backward to recompute (no faster over forward + backward).
 
 def swiglu_forward(xp, gate, up):
-    # gate, up (N, F) -> hidden (N, F), cache (gate, up, sig, silu) as in ops.py. sig = 1 / (1 + exp(-a)):
-    # numpy's exp is faster than its tanh, and exp(-a) = inf (a < -88 in float32) gives sig = 0 exactly.
-    # 1 / s as a division: np.reciprocal is slower
+    # gate, up (N, F) -> hidden (N, F), cache (gate, up, sig, silu) as in ops.py. With s = 1 + exp(-a):
+    # sig = 1 / s, silu = a / s, both from -a (the one read of gate) and -s. numpy's exp is faster than its tanh,
+    # and exp(-a) = inf (a < -88 in float32) gives sig = 0 and silu = -0 exactly
     if not ours(gate, up) or gate.ndim != 2:
         return ops.swiglu_forward(xp, gate, up)
     N, F = gate.shape
     sig, silu, hidden = np.empty((N, F), gate.dtype), np.empty((N, F), gate.dtype), np.empty((N, F), gate.dtype)
 
     def chunk(r):
-        s = np.negative(gate[r], out=sig[r])
+        minus_a = np.negative(gate[r], out=silu[r])
+        minus_s = sig[r]
         with np.errstate(over="ignore"):
-            np.exp(s, out=s)
-        s += 1.0
-        np.divide(1.0, s, out=s)                                   # sig
-        np.multiply(gate[r], s, out=silu[r])
+            np.exp(minus_a, out=minus_s)
+        np.subtract(-1.0, minus_s, out=minus_s)                    # -s = -(1 + exp(-a))
+        np.divide(minus_a, minus_s, out=silu[r])                   # a / s
+        np.divide(-1.0, minus_s, out=sig[r])                       # 1 / s
         np.multiply(silu[r], up[r], out=hidden[r])
     pool.run(chunk, row_chunks(N, F * gate.itemsize))
     return hidden, (gate, up, sig, silu)
 
 
 def swiglu_backward(dhidden, cache):
-    # d_up = dh * silu; d_gate = dh * up * silu'(a), silu'(a) = sig (1 + a (1 - sig)) = sig (1 + a - silu):
-    # six passes (ops.py: seven)
+    # d_up = dh * silu; d_gate = dh * up * silu'(a), silu'(a) = sig (1 + a (1 - sig)) = sig (1 + a - silu).
+    # dh (strided, a column block of the output projection's gradient) is read once, into d_up: one more pass
+    # than reading it twice, but a contiguous one
     gate, up, sig, silu = cache
     if not ours(dhidden, gate, up, sig, silu) or dhidden.ndim != 2:
         return ops.swiglu_backward(dhidden, cache)
@@ -490,12 +493,14 @@ def swiglu_backward(dhidden, cache):
     d_gate, d_up = np.empty((N, F), dhidden.dtype), np.empty((N, F), dhidden.dtype)
 
     def chunk(r):
-        np.multiply(dhidden[r], silu[r], out=d_up[r])
+        dh = d_up[r]
+        np.copyto(dh, dhidden[r])
         g = np.subtract(gate[r], silu[r], out=d_gate[r])
         g += 1.0
         g *= sig[r]
-        g *= dhidden[r]
+        g *= dh
         g *= up[r]
+        dh *= silu[r]                                               # d_up
     pool.run(chunk, row_chunks(N, F * dhidden.itemsize))
     return d_gate, d_up
 
