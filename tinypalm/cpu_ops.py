@@ -373,6 +373,11 @@ def _rope(x, cos, sin, forward):
     def chunk(b):
         xb = x[b]
         n = xb.shape[0]
+        if nh > 1 and not xb.flags.c_contiguous:
+            # q: a column block of the projection, strided rows: read once (see SwiGLU). Not k: its rows (one
+            # head) are too short for the copy to pay
+            xb = out[b]
+            np.copyto(xb, x[b])
         swapped = xb.reshape(n, T, nh, 2, h)[:, :, :, ::-1]                    # (n, T, nh, 2, h) view
         rotated = np.multiply(swapped, signed_sin, out=np.empty((n, T, nh, 2, h), x.dtype))
         o = np.multiply(xb, cos_rows, out=out[b])
