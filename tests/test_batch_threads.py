@@ -112,3 +112,15 @@ def test_work_inside_a_pool_task_runs_inline_with_the_callers_numpy_settings():
             pool.run(outer, range(6))
     assert sorted(seen) == list(range(6))
     assert all(len(threads) == 1 for threads in seen.values())     # each outer task's inner tasks: one thread
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_forward_in_pieces(monkeypatch, threads):
+    with_threads(monkeypatch, threads)
+    model, tokens, _ = model_and_batch()
+    logits = model.forward(tokens)
+    split, model.split_batch = model.split_batch, None
+    np.testing.assert_allclose(logits, model.forward(tokens), rtol=1e-12, atol=1e-12)
+    model.split_batch = split
+    cache = model.new_kv_cache(len(tokens))                  # with a cache: the batch in one piece, as always
+    np.testing.assert_allclose(model.forward(tokens[:, :4], cache), logits[:, :4], rtol=1e-12, atol=1e-12)

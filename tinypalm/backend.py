@@ -62,12 +62,13 @@ def op_overrides(backend):
 
 
 def batch_splitter(backend):
-    """How loss_and_grads runs a batch on this backend: None, all of it in one pass through the model (what a GPU
-    wants), or on numpy batch_threads.loss_and_grads, its rows cut into one piece per thread."""
+    """How a model runs a batch on this backend: None, all of it in one pass through the model (what a GPU
+    wants), or on numpy the module batch_threads, whose loss_and_grads and forward cut its rows into one piece
+    per thread."""
     if backend != "numpy":
         return None
     from . import batch_threads
-    return batch_threads.loss_and_grads
+    return batch_threads
 
 
 def fused_adamw(flat, runs):

@@ -57,6 +57,21 @@ def loss_and_grads(model, tokens, targets, dropout, dropout_seed, grads, loss_ma
     return loss, grads
 
 
+def forward(model, tokens):
+    """model.forward without a cache, the batch's rows cut into pieces, one per thread: logits (B, T, V)."""
+    rows = pieces(len(tokens))
+    if len(rows) == 1:
+        logits, _ = model._forward(tokens)
+        return logits.reshape(*tokens.shape, -1)
+    out = [None] * len(rows)
+
+    def run(p):
+        a, b = rows[p]
+        out[p], _ = model._forward(tokens[a:b])
+    cpu_ops.pool.run(run, range(len(rows)))
+    return model.xp.concatenate(out).reshape(*tokens.shape, -1)
+
+
 def _piece_grads(model, n):
     """n zeroed gradient Flats for pieces 1.., kept on the model from step to step (allocating them anew costs
     as much as zeroing them, and page faults besides)."""

@@ -229,16 +229,19 @@ class PaLM:
         return tokens
 
     def forward(self, tokens, kv_cache=None):
-        """tokens (B, T) -> logits (B, T, V). With a KVCache, tokens continue the cached positions."""
+        """tokens (B, T) -> logits (B, T, V). With a KVCache, tokens continue the cached positions. On numpy,
+        without a cache, the batch's rows are cut into one piece per thread (batch_threads.py)."""
         tokens = self._tokens(tokens)
+        if kv_cache is None and self.split_batch is not None:
+            return self.split_batch.forward(self, tokens)
         logits, _ = self._forward(tokens, kv_cache)
         return logits.reshape(*tokens.shape, -1)
 
     def loss(self, tokens, targets, loss_mask=None):
         """The training loss without the backward pass (for evaluation), as a Python float (read from the device);
         loss_mask as in loss_and_grads."""
-        logits, _ = self._forward(self._tokens(tokens))
-        loss, _, _ = self._loss_forward(logits, self._tokens(targets), loss_mask)
+        logits = self.forward(tokens)
+        loss, _, _ = self._loss_forward(logits.reshape(-1, logits.shape[-1]), self._tokens(targets), loss_mask)
         return float(to_numpy(loss))
 
     def _loss_forward(self, logits, targets, loss_mask):
@@ -305,7 +308,7 @@ class PaLM:
                 raise ValueError(f"loss_mask must have the targets' shape {targets.shape}, got {loss_mask.shape}")
         grads = self.grads_like() if grads is None else grads
         if self.split_batch is not None:
-            return self.split_batch(self, tokens, targets, dropout, dropout_seed, grads, loss_mask)
+            return self.split_batch.loss_and_grads(self, tokens, targets, dropout, dropout_seed, grads, loss_mask)
         return self.batch_loss_and_grads(tokens, targets, dropout, dropout_seed, grads, loss_mask)
 
     def batch_loss_and_grads(self, tokens, targets, dropout, dropout_seed, grads, loss_mask, scale=1.0, first_row=0):
