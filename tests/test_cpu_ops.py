@@ -123,9 +123,8 @@ def test_cross_entropy_rows_far_below_the_batch_max(dtype, low, high, monkeypatc
     assert len(redone) == (low < -100)
     loss_ref, cache_ref = ops.cross_entropy_forward(np, logits, targets, 1e-4)
     assert np.isfinite(loss)
-    np.testing.assert_allclose(loss, loss_ref, rtol=TOL[dtype]["rtol"] * 10)
-    assert_same(cache[0], cache_ref[0], dtype)
-    np.testing.assert_allclose(cache[1], cache_ref[1], rtol=TOL[dtype]["rtol"])
+    assert_same(loss, loss_ref, dtype)
+    assert_same(cache[:2], cache_ref[:2], dtype)
     assert_same(cpu_ops.cross_entropy_backward(np, cache, 1e-4), ops.cross_entropy_backward(np, cache_ref, 1e-4), dtype)
 
 

@@ -191,8 +191,9 @@ def ours(*arrays):
 # --- LayerNorm without bias ---------------------------------------------------------------------------------
 # numpy's mean over a short last axis (D = 128) walks the rows one at a time and costs several passes' worth; a
 # matrix-vector product with a (D,) vector of 1/D (one BLAS gemv) gives the same row means at the cost of one
-# pass, and np.vecdot the row sums of squares. A broadcast op against a (D,) or (N, 1) operand costs ~2 plain
-# passes (numpy's inner loop is one row), so each is used once where it cannot be avoided.
+# pass, and np.vecdot the row sums of squares. An element-wise op against a (D,) or (N, 1) operand costs about
+# two plain passes (numpy's inner loop is one row): the forward has three (x - mean, * rstd, * gain), the
+# backward four, and the backward's statistics come from gemvs against gain / D without forming dxhat first.
 
 def _row_dots(a, b):
     # a, b (n, D) -> (n,) row-wise dot products; np.vecdot (numpy >= 2) is one pass, einsum the fallback
