@@ -353,82 +353,97 @@ def rope_backward(dout, cos, sin):
 # row t*G + g is head j*G + g at position t, so a block of positions is a block of rows, and with one key/value
 # head q (B, T, H, Dh) already is these rows, (B, T*G, Dh), and so is out: no transposing copies either way.
 #
-# Softmax without a normalised matrix. E = exp(scores) and its row sums l come out of one product with v and a
-# column of ones: E [v | 1] = [E v | l], and out = (E v) / l. The (rows, keys) matrix is written by the scores'
-# product and rewritten once by exp, where the plain softmax makes five passes (max, subtract, exp, sum, divide).
-# exp(scores) without the row maximum subtracted is safe while every row sum l is within EXP_RANGE (a check on l,
-# R numbers per block); a block outside it is computed again with the maximum subtracted.
-# The backward, with p = E / l, dp = dout v^T, dscores = p (dp - c'), c' = rowsum(p dp) = rowsum(dout out):
-#   dout_l = dout / l,  c = rowsum(dout_l out) = c' / l  ->  dscores = E (dout_l v^T - c) = E ([dout_l | -c] [v | 1]^T)
-#   dv = p^T dout = E^T dout_l,   dq = dscores k / sqrt(Dh),   dk = dscores^T q / sqrt(Dh)
+# Key-major probabilities. A block's scores are computed transposed, (keys L, rows R) = k q^T: the diagonal keys
+# [first + a, first + e) are then one contiguous slab that the mask is added to, and the per-row softmax sums and
+# scales run along whole contiguous rows of R numbers (numpy is slow on many short rows).
+#
+# Softmax without the row maximum. exp(scores) is computed directly, and the row sums checked: while every one is
+# within EXP_RANGE nothing overflowed and the largest terms are normal numbers, so p = exp(s) / sum exp(s) is as
+# accurate as with the maximum subtracted, without the max and subtract passes. A block outside it is computed
+# again the usual way.
+#
 # 1/sqrt(Dh) is folded into whichever of q (T*G rows) and k (S rows) has fewer rows: k in training, q when
-# generating one token against a long cache. The scaled one is a copy the cache keeps; the other a view.
+# generating one token against a long cache. The scaled one is a copy the cache keeps; the other stays a view.
+#
+# Backward, per block: dp = dout v^T, dscores = p (dp - c) with c = rowsum(p dp) = rowsum(dout out), then
+# dv = p^T dout, dk = dscores^T q, dq = dscores k (each times 1/sqrt(Dh) where it was not folded in);
+# dk and dv add up over the blocks.
 #
 # Any other mask (checked: one comparison over the mask) goes to ops.py's full computation, and so does a cache
-# that came from it (attention_backward takes both).
+# that came from there (attention_backward takes both).
 
 ATTENTION_BLOCK = 32                      # query positions per block: smaller skips more masked scores, larger
                                           # makes fewer, larger products
 EXP_RANGE = (2.0 ** -60, 2.0 ** 60)       # row sums of exp(scores) in this range: no overflow, no subnormals
-_causal_rows = {}                         # (T, S, first, dtype) -> one head's causal mask (T, S), the ones seen
+_causal_layouts = {}                      # (T, S, first, G, block, dtype) -> (one head's mask (T, S), tiles)
 
 
-def _causal_first_pos(mask, T, S, G):
-    """first_pos if mask is exactly ops.causal_mask(np, T, S, first_pos, G, mask.dtype) (row g*T + t: zeros for
-    keys 0 .. first_pos + t, -inf after), else None."""
+def _causal_layout(mask, T, S, G):
+    """(first_pos, blocks) if mask is exactly ops.causal_mask(np, T, S, first_pos, G, mask.dtype) (row g*T + t:
+    zeros for keys 0 .. first_pos + t, -inf after), else None. blocks: [(a, e, lo, L, tile)] per block of query
+    positions [a, e): it sees keys [0, L), those before lo unmasked, and tile (L - lo, (e - a)*G) is the mask of
+    keys [lo, L), key-major, for the position-major rows (None where it is all zero)."""
     if mask.shape != (G * T, S):
         return None
     first = int(np.count_nonzero(mask[0] == 0)) - 1               # row 0 sees keys 0 .. first
     if first < 0:
         return None
-    key = (T, S, first, mask.dtype)
-    if key not in _causal_rows:
-        if len(_causal_rows) > 64:
-            _causal_rows.clear()
-        _causal_rows[key] = ops.causal_mask(np, T, S, first, 1, mask.dtype)
-    return first if (mask.reshape(G, T, S) == _causal_rows[key]).all() else None
+    key = (T, S, first, G, ATTENTION_BLOCK, mask.dtype)
+    if key not in _causal_layouts:
+        if len(_causal_layouts) > 64:
+            _causal_layouts.clear()
+        head = ops.causal_mask(np, T, S, first, 1, mask.dtype)    # (T, S)
+        blocks = []
+        for a in range(0, T, ATTENTION_BLOCK):
+            e = min(a + ATTENTION_BLOCK, T)
+            L = min(S, first + e)
+            lo = min(first + a, L)
+            tile = np.ascontiguousarray(np.repeat(head[a:e, lo:L].T, G, axis=1))      # (L - lo, (e - a)*G)
+            blocks.append((a, e, lo, L, tile if tile.any() else None))
+        _causal_layouts[key] = (head, blocks)
+    head, blocks = _causal_layouts[key]
+    return (first, blocks) if (mask.reshape(G, T, S) == head).all() else None
 
 
 class CausalAttentionCache:
     """What attention_backward needs from attention_forward's causal path (the full path's cache is ops.py's)."""
 
-    def __init__(self, shape, first, scale, scale_on_q, chunks, blocks, pieces):
+    def __init__(self, shape, scale, scale_on_q, chunks, blocks, out_rows, pieces):
         self.shape = shape                # (B, T, S, Hkv, G, Dh)
-        self.first = first                # position of query 0
         self.scale = scale                # 1 / sqrt(Dh), folded into q if scale_on_q, else into k
         self.scale_on_q = scale_on_q
         self.chunks = chunks              # slices of the batch rows, one pool task each
-        self.blocks = blocks              # [(a, e)]: blocks of query positions
-        self.pieces = pieces              # [chunk * Hkv + j] -> (q_rows, k_rows, v_ones, [(E, o, r) per block])
+        self.blocks = blocks              # [(a, e, lo, L, tile)] as _causal_layout gives them
+        self.out_rows = out_rows          # (B, Hkv, T*G, Dh): the output, position-major (for Hkv == 1 the
+                                          # returned out itself: the caller leaves it as it is, as it leaves q, k, v)
+        self.pieces = pieces              # [chunk * Hkv + j] -> (q_rows, k_rows, v_rows, [probs^T (n, L, R) per block])
 
 
-def _block_probs(q_blk, k_rows, v_ones, diag, lo, L, subtract_max):
-    # q_blk (n, R, Dh), k_rows (n, S, Dh), v_ones (n, S, Dh+1) = [v | 1], diag: the mask's rows of this block (tb, S)
-    # -> E (n, R, L) = exp(scores - max if subtract_max), o (n, R, Dh+1) = [E v | rowsum E]
-    n, R = q_blk.shape[:2]
-    E = np.matmul(q_blk, k_rows[:, :L].swapaxes(-1, -2))          # (n, R, L) scores
-    if L - lo > 1:                                                 # the diagonal: keys some rows of the block see
-        E.reshape(n, diag.shape[0], R // diag.shape[0], L)[..., lo:L] += diag[:, None, lo:L]
+def _block_probs(q_blk, k_rows, lo, L, tile, subtract_max):
+    # q_blk (n, R, Dh), k_rows (n, S, Dh) -> probs^T (n, L, R) and the row sums of exp (n, 1, R), before dividing
+    pt = np.matmul(k_rows[:, :L], q_blk.swapaxes(-1, -2))         # (n, L, R) scores^T
+    if tile is not None:
+        pt[:, lo:] += tile                                         # the diagonal keys: a contiguous slab
     if subtract_max:
-        E -= E.max(axis=-1, keepdims=True)
-    np.exp(E, out=E)
-    return E, np.matmul(E, v_ones[:, :L])
+        pt -= pt.max(axis=1, keepdims=True)
+    np.exp(pt, out=pt)
+    return pt, pt.sum(axis=1, keepdims=True)
 
 
 def attention_forward(xp, q, k, v, mask):
-    # q (B, T, H, Dh), k/v (B, S, Hkv, Dh), mask (G*T, S) -> out (B, T, H, Dh), cache (CausalAttentionCache when
-    # mask is causal; otherwise ops.py's result). One chunk = a few batch rows, all their blocks.
+    # q (B, T, H, Dh), k/v (B, S, Hkv, Dh), mask (G*T, S) -> out (B, T, H, Dh), cache (a CausalAttentionCache when
+    # mask is causal, else ops.py's). One chunk = a few batch rows, all their blocks.
     if not ours(q, k, v, mask) or mask.ndim != 2 or 0 in q.shape[:2] or k.shape[1] == 0:
         return ops.attention_forward(xp, q, k, v, mask)
     B, T, H, Dh = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
-    first = _causal_first_pos(mask, T, S, G)
-    if first is None:                                              # not a causal mask: every score, as ops.py
+    layout = _causal_layout(mask, T, S, G)
+    if layout is None:                                             # not a causal mask: every score, as ops.py
         return ops.attention_forward(xp, q, k, v, mask)
+    first, blocks = layout
     scale = 1.0 / math.sqrt(Dh)
     scale_on_q = T * G < S
-    blocks = [(a, min(a + ATTENTION_BLOCK, T)) for a in range(0, T, ATTENTION_BLOCK)]
     q5 = q.reshape(B, T, Hkv, G, Dh)
     out_rows = np.empty((B, Hkv, T * G, Dh), q.dtype)              # position-major rows per key/value head
     chunks = row_chunks(B, Hkv * G * T * S * q.itemsize, 2)
@@ -439,33 +454,26 @@ def attention_forward(xp, q, k, v, mask):
         n = b.stop - b.start
         for j in range(Hkv):
             q_rows = q5[b, :, j].reshape(n, T * G, Dh)             # a view when q is contiguous and Hkv == 1
-            k_rows = k[b, :, j]                                    # (n, S, Dh)
+            k_rows, v_rows = k[b, :, j], v[b, :, j]                # (n, S, Dh) views
             if scale_on_q:
                 q_rows = q_rows * scale
             else:
                 k_rows = k_rows * scale
-            v_ones = np.empty((n, S, Dh + 1), q.dtype)             # [v | 1]: E v_ones = [E v | rowsum E]
-            v_ones[..., :Dh] = v[b, :, j]
-            v_ones[..., Dh] = 1
-            saved = []
-            for a, e in blocks:
+            probs = []
+            for a, e, lo, L, tile in blocks:
                 rows = slice(a * G, e * G)
-                L = min(S, first + e)                              # keys this block sees
-                lo = min(first + a, L)                             # keys before lo: seen by every row
                 with np.errstate(over="ignore"):
-                    E, o = _block_probs(q_rows[:, rows], k_rows, v_ones, mask[a:e], lo, L, False)
-                l = o[..., Dh:]                                    # (n, R, 1)
-                if not (EXP_RANGE[0] <= l.min() and l.max() <= EXP_RANGE[1]):     # NaN fails too
-                    E, o = _block_probs(q_rows[:, rows], k_rows, v_ones, mask[a:e], lo, L, True)
-                    l = o[..., Dh:]
-                r = 1.0 / l                                        # (n, R, 1)
-                np.multiply(o[..., :Dh], r, out=out_rows[b, j, rows])
-                saved.append((E, o, r))
-            pieces[i * Hkv + j] = (q_rows, k_rows, v_ones, saved)
+                    pt, total = _block_probs(q_rows[:, rows], k_rows, lo, L, tile, False)
+                if not (EXP_RANGE[0] <= total.min() and total.max() <= EXP_RANGE[1]):     # NaN fails too
+                    pt, total = _block_probs(q_rows[:, rows], k_rows, lo, L, tile, True)
+                pt *= 1.0 / total
+                np.matmul(pt.swapaxes(-1, -2), v_rows[:, :L], out=out_rows[b, j, rows])   # (n, R, Dh)
+                probs.append(pt)
+            pieces[i * Hkv + j] = (q_rows, k_rows, v_rows, probs)
     pool.run(chunk, range(len(chunks)))
     # (B, Hkv, T, G, Dh) -> (B, T, Hkv, G, Dh): free for Hkv == 1 (a size-1 axis moves)
     out = np.ascontiguousarray(out_rows.reshape(B, Hkv, T, G, Dh).transpose(0, 2, 1, 3, 4)).reshape(B, T, H, Dh)
-    return out, CausalAttentionCache((B, T, S, Hkv, G, Dh), first, scale, scale_on_q, chunks, blocks, pieces)
+    return out, CausalAttentionCache((B, T, S, Hkv, G, Dh), scale, scale_on_q, chunks, blocks, out_rows, pieces)
 
 
 def attention_backward(dout, cache):
@@ -473,10 +481,10 @@ def attention_backward(dout, cache):
     if not isinstance(cache, CausalAttentionCache):                # ops.py's cache: its backward
         return ops.attention_backward(dout, cache)
     B, T, S, Hkv, G, Dh = cache.shape
-    dtype = cache.pieces[0][0].dtype
+    dtype = cache.out_rows.dtype
     if not ours(dout) or dout.dtype != dtype:                      # e.g. float64 dout for a float32 forward
         return tuple(g.astype(dout.dtype) for g in attention_backward(np.asarray(dout, dtype), cache))
-    first, scale, scale_on_q, chunks, blocks = cache.first, cache.scale, cache.scale_on_q, cache.chunks, cache.blocks
+    scale, scale_on_q, chunks = cache.scale, cache.scale_on_q, cache.chunks
     dout5 = dout.reshape(B, T, Hkv, G, Dh)
     dq_rows = np.empty((B, Hkv, T * G, Dh), dtype)
     dk_rows, dv_rows = np.zeros((B, Hkv, S, Dh), dtype), np.zeros((B, Hkv, S, Dh), dtype)
@@ -485,23 +493,18 @@ def attention_backward(dout, cache):
         b = chunks[i]
         n = b.stop - b.start
         for j in range(Hkv):
-            q_rows, k_rows, v_ones, saved = cache.pieces[i * Hkv + j]
+            q_rows, k_rows, v_rows, probs = cache.pieces[i * Hkv + j]
             dk, dv = dk_rows[b, j], dv_rows[b, j]                  # (n, S, Dh)
-            for (a, e), (E, o, r) in zip(blocks, saved):
+            for (a, e, lo, L, tile), pt in zip(cache.blocks, probs):
                 rows = slice(a * G, e * G)
-                L = E.shape[-1]
-                # dout_ones = [dout / l | -c]  (n, R, Dh+1)
-                dout_ones = np.empty(o.shape, dtype)
-                dout_l = dout_ones[..., :Dh]
-                np.multiply(dout5[b, a:e, j], r.reshape(n, e - a, G, 1), out=dout_l.reshape(n, e - a, G, Dh))
-                c = np.einsum("nrd,nrd->nr", dout_l, o[..., :Dh])[..., None]
-                np.multiply(c, r, out=dout_ones[..., Dh:])
-                np.negative(dout_ones[..., Dh:], out=dout_ones[..., Dh:])
-                dscores = np.matmul(dout_ones, v_ones[:, :L].swapaxes(-1, -2))    # (n, R, L) = dout_l v^T - c
-                dscores *= E
-                dv[:, :L] += np.matmul(E.swapaxes(-1, -2), dout_l)                 # (n, L, Dh)
-                dk[:, :L] += np.matmul(dscores.swapaxes(-1, -2), q_rows[:, rows])
-                dq = np.matmul(dscores, k_rows[:, :L], out=dq_rows[b, j, rows])   # (n, R, Dh)
+                dout_blk = dout5[b, a:e, j].reshape(n, -1, Dh)     # (n, R, Dh): a copy, dout is a strided view
+                c = np.einsum("nrd,nrd->nr", dout_blk, cache.out_rows[b, j, rows])[:, None, :]     # (n, 1, R)
+                dst = np.matmul(v_rows[:, :L], dout_blk.swapaxes(-1, -2))                       # (n, L, R) dp^T
+                dst -= c
+                dst *= pt                                          # dscores^T
+                dv[:, :L] += np.matmul(pt, dout_blk)
+                dk[:, :L] += np.matmul(dst, q_rows[:, rows])
+                dq = np.matmul(dst.swapaxes(-1, -2), k_rows[:, :L], out=dq_rows[b, j, rows])    # (n, R, Dh)
                 if scale_on_q:
                     dq *= scale
             if not scale_on_q:
