@@ -374,35 +374,39 @@ def rope_backward(dout, cos, sin):
 
 ATTENTION_BLOCK = 32                      # query positions per block: smaller skips more masked scores, larger
                                           # makes fewer, larger products
-EXP_RANGE = (2.0 ** -60, 2.0 ** 60)       # row sums of exp(scores) in this range: no overflow, no subnormals
-_causal_layouts = {}                      # (T, S, first, G, block, dtype) -> (one head's mask (T, S), tiles)
+ATTENTION_MIN_ROWS = 64                   # fewer query rows (T*G: generating a token or a few) go to ops.py
+EXP_RANGE = 2.0 ** 60                     # row sums of exp(scores) in [1 / EXP_RANGE, EXP_RANGE]: no overflow,
+                                          # no subnormals among the terms that count
+_triangles = {}                           # (m, G, dtype) -> the mask of m positions against the same m keys
 
 
-def _causal_layout(mask, T, S, G):
-    """(first_pos, blocks) if mask is exactly ops.causal_mask(np, T, S, first_pos, G, mask.dtype) (row g*T + t:
-    zeros for keys 0 .. first_pos + t, -inf after), else None. blocks: [(a, e, lo, L, tile)] per block of query
-    positions [a, e): it sees keys [0, L), those before lo unmasked, and tile (L - lo, (e - a)*G) is the mask of
-    keys [lo, L), key-major, for the position-major rows (None where it is all zero)."""
+def _triangle(m, G, dtype):
+    """The causal mask of m query positions against the same m keys: zeros on and below the diagonal, -inf above.
+    key-major and with each position's G rows: (m keys, m*G rows), column t*G + g."""
+    key = (m, G, dtype)
+    if key not in _triangles:
+        if len(_triangles) > 64:
+            _triangles.clear()
+        upper = ops.causal_mask(np, m, m, 0, 1, dtype)              # (m, m): position t sees keys 0 .. t
+        _triangles[key] = np.ascontiguousarray(np.repeat(upper.T, G, axis=1))
+    return _triangles[key]
+
+
+def _causal_first_pos(mask, T, S, G):
+    """first_pos if mask is exactly ops.causal_mask(np, T, S, first_pos, G, mask.dtype) (row g*T + t: zeros for
+    keys 0 .. first_pos + t, -inf after), else None."""
     if mask.shape != (G * T, S):
         return None
-    first = int(np.count_nonzero(mask[0] == 0)) - 1               # row 0 sees keys 0 .. first
-    if first < 0:
+    heads = mask.reshape(G, T, S)
+    if S >= T:                              # the model's first_pos = S - T: zeros, then the triangle of T keys
+        first = S - T
+        seen, diagonal = heads[:, :, :first], heads[:, :, first:]
+        if not seen.any() and (diagonal == _triangle(T, 1, mask.dtype).T).all():
+            return first
+    first = int(np.count_nonzero(mask[0] == 0)) - 1               # any other first_pos: row 0 sees keys 0 .. first
+    if first < 0 or not (heads == ops.causal_mask(np, T, S, first, 1, mask.dtype)).all():
         return None
-    key = (T, S, first, G, ATTENTION_BLOCK, mask.dtype)
-    if key not in _causal_layouts:
-        if len(_causal_layouts) > 64:
-            _causal_layouts.clear()
-        head = ops.causal_mask(np, T, S, first, 1, mask.dtype)    # (T, S)
-        blocks = []
-        for a in range(0, T, ATTENTION_BLOCK):
-            e = min(a + ATTENTION_BLOCK, T)
-            L = min(S, first + e)
-            lo = min(first + a, L)
-            tile = np.ascontiguousarray(np.repeat(head[a:e, lo:L].T, G, axis=1))      # (L - lo, (e - a)*G)
-            blocks.append((a, e, lo, L, tile if tile.any() else None))
-        _causal_layouts[key] = (head, blocks)
-    head, blocks = _causal_layouts[key]
-    return (first, blocks) if (mask.reshape(G, T, S) == head).all() else None
+    return first
 
 
 class CausalAttentionCache:
@@ -413,7 +417,7 @@ class CausalAttentionCache:
         self.scale = scale                # 1 / sqrt(Dh), folded into q if scale_on_q, else into k
         self.scale_on_q = scale_on_q
         self.chunks = chunks              # slices of the batch rows, one pool task each
-        self.blocks = blocks              # [(a, e, lo, L, tile)] as _causal_layout gives them
+        self.blocks = blocks              # [(a, e, lo, L, tile)] as attention_forward makes them
         self.out_rows = out_rows          # (B, Hkv, T*G, Dh): the output, position-major (for Hkv == 1 the
                                           # returned out itself: the caller leaves it as it is, as it leaves q, k, v)
         self.pieces = pieces              # [chunk * Hkv + j] -> (q_rows, k_rows, v_rows, [probs^T (n, L, R) per block])
@@ -427,7 +431,7 @@ def _block_probs(q_blk, k_rows, lo, L, tile, subtract_max):
     if subtract_max:
         pt -= pt.max(axis=1, keepdims=True)
     np.exp(pt, out=pt)
-    return pt, pt.sum(axis=1, keepdims=True)
+    return pt, np.add.reduce(pt, axis=1, keepdims=True)
 
 
 def attention_forward(xp, q, k, v, mask):
@@ -438,10 +442,18 @@ def attention_forward(xp, q, k, v, mask):
     B, T, H, Dh = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
-    layout = _causal_layout(mask, T, S, G)
-    if layout is None:                                             # not a causal mask: every score, as ops.py
+    if T * G < ATTENTION_MIN_ROWS:          # few rows, no masked half worth skipping: ops.py's few larger calls
         return ops.attention_forward(xp, q, k, v, mask)
-    first, blocks = layout
+    first = _causal_first_pos(mask, T, S, G)
+    if first is None:                                              # not a causal mask: every score, as ops.py
+        return ops.attention_forward(xp, q, k, v, mask)
+    # block [a, e) sees keys [0, L); those before lo are unmasked, and keys [lo, L) take the triangle's first rows
+    blocks = []
+    for a in range(0, T, ATTENTION_BLOCK):
+        e = min(a + ATTENTION_BLOCK, T)
+        L = min(S, first + e)
+        lo = min(first + a, L)
+        blocks.append((a, e, lo, L, _triangle(e - a, G, q.dtype)[:L - lo] if L - lo > 1 else None))
     scale = 1.0 / math.sqrt(Dh)
     scale_on_q = T * G < S
     q5 = q.reshape(B, T, Hkv, G, Dh)
@@ -450,6 +462,10 @@ def attention_forward(xp, q, k, v, mask):
     pieces = [None] * (len(chunks) * Hkv)
 
     def chunk(i):
+        with np.errstate(over="ignore"):                           # exp(scores) may overflow: then done again
+            chunk_rows(i)
+
+    def chunk_rows(i):
         b = chunks[i]
         n = b.stop - b.start
         for j in range(Hkv):
@@ -462,11 +478,12 @@ def attention_forward(xp, q, k, v, mask):
             probs = []
             for a, e, lo, L, tile in blocks:
                 rows = slice(a * G, e * G)
-                with np.errstate(over="ignore"):
-                    pt, total = _block_probs(q_rows[:, rows], k_rows, lo, L, tile, False)
-                if not (EXP_RANGE[0] <= total.min() and total.max() <= EXP_RANGE[1]):     # NaN fails too
+                pt, total = _block_probs(q_rows[:, rows], k_rows, lo, L, tile, False)
+                r = 1.0 / total
+                if not np.maximum.reduce(np.maximum(total, r), axis=None) <= EXP_RANGE:     # NaN fails too
                     pt, total = _block_probs(q_rows[:, rows], k_rows, lo, L, tile, True)
-                pt *= 1.0 / total
+                    r = 1.0 / total
+                pt *= r
                 np.matmul(pt.swapaxes(-1, -2), v_rows[:, :L], out=out_rows[b, j, rows])   # (n, R, Dh)
                 probs.append(pt)
             pieces[i * Hkv + j] = (q_rows, k_rows, v_rows, probs)
