@@ -11,7 +11,9 @@ so they cost one trip to memory. The pool has one thread per core the process ma
 sets it (1: everything on the calling thread).
 
 Each function has exactly the signature and the cache format of its ops.py twin (so a twin's backward also
-accepts the plain forward's cache) and is tested against it (tests/test_cpu_ops.py). Inputs these twins do
+accepts the plain forward's cache) and is tested against it (tests/test_cpu_ops.py). Attention is the exception:
+its twin skips the masked half of causal attention, and its cache is its own (its backward takes ops.py's
+cache too; tests/test_cpu_attention.py). Inputs these twins do
 not handle (any dtype other than float32 and float64, e.g. bfloat16) go to the ops.py function unchanged.
 """
 
@@ -384,12 +386,14 @@ def _triangle(m, G, dtype):
     """The causal mask of m query positions against the same m keys: zeros on and below the diagonal, -inf above.
     key-major and with each position's G rows: (m keys, m*G rows), column t*G + g."""
     key = (m, G, dtype)
-    if key not in _triangles:
+    triangle = _triangles.get(key)          # (a local: another thread may clear the dict meanwhile)
+    if triangle is None:
+        upper = ops.causal_mask(np, m, m, 0, 1, dtype)              # (m, m): position t sees keys 0 .. t
+        triangle = np.ascontiguousarray(np.repeat(upper.T, G, axis=1))
         if len(_triangles) > 64:
             _triangles.clear()
-        upper = ops.causal_mask(np, m, m, 0, 1, dtype)              # (m, m): position t sees keys 0 .. t
-        _triangles[key] = np.ascontiguousarray(np.repeat(upper.T, G, axis=1))
-    return _triangles[key]
+        _triangles[key] = triangle
+    return triangle
 
 
 def _causal_first_pos(mask, T, S, G):
@@ -462,8 +466,8 @@ def attention_forward(xp, q, k, v, mask):
     pieces = [None] * (len(chunks) * Hkv)
 
     def chunk(i):
-        with np.errstate(over="ignore"):                           # exp(scores) may overflow: then done again
-            chunk_rows(i)
+        with np.errstate(over="ignore", divide="ignore"):          # exp(scores) may overflow or underflow to 0:
+            chunk_rows(i)                                          # then that block is done again
 
     def chunk_rows(i):
         b = chunks[i]
