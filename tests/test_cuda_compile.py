@@ -171,13 +171,14 @@ def test_row_layout_reads_a_projection_slice_in_place():
 def test_dropout_key_and_formula_match_the_twin(seed):
     key_array = ops._mix32(np, np.asarray([seed & 0xFFFFFFFF], dtype=np.uint32))
     assert cuda_ops.mix32(seed) == int(key_array[0])
-    for rate, shape in [(0.1, (7, 13)), (0.5, (3, 4, 5)), (0.0, (9,)), (0.999, (64,))]:
+    for (rate, shape), first in zip([(0.1, (7, 13)), (0.5, (3, 4, 5)), (0.0, (9,)), (0.999, (64,))],
+                                    [0, 1000, 2**32 - 5, 2**33 + 3]):
         key, threshold = cuda_ops.dropout_key_threshold(rate, seed)
         i = np.arange(np.prod(shape), dtype=np.uint32)
-        # the kernel: keep[i] = mix32((uint32)i * 0x9E3779B1 + key) >= threshold, in wrapping uint32 arithmetic
-        h = i * np.uint32(0x9E3779B1) + np.uint32(key)
+        # the kernel: keep[i] = mix32(((uint32)i + first) * 0x9E3779B1 + key) >= threshold, wrapping uint32 arithmetic
+        h = (i + np.uint32(first & 0xFFFFFFFF)) * np.uint32(0x9E3779B1) + np.uint32(key)
         keep = np.array([cuda_ops.mix32(int(x)) for x in h]) >= threshold
-        np.testing.assert_array_equal(keep.reshape(shape), ops.dropout_mask(np, shape, rate, seed))
+        np.testing.assert_array_equal(keep.reshape(shape), ops.dropout_mask(np, shape, rate, seed, first))
 
 
 # --- the Python around the kernels, with each kernel emulated in numpy ------------------------------------------
@@ -323,8 +324,8 @@ def emu_embedding_backward(grid, block, d_embed, dx, tokens, n, D):
     np.add.at(memory(d_embed, (tok.max() + 1) * D), tok[i // D] * D + i % D, _f64(memory(dx, n)))
 
 
-def emu_dropout_mask(grid, block, keep, n, key, threshold):
-    h = np.arange(n, dtype=np.uint32) * np.uint32(0x9E3779B1) + np.uint32(key)
+def emu_dropout_mask(grid, block, keep, n, first, key, threshold):
+    h = (np.arange(n, dtype=np.uint32) + np.uint32(first)) * np.uint32(0x9E3779B1) + np.uint32(key)
     memory(keep, n)[:] = _mix32(h) >= threshold
 
 

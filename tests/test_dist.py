@@ -328,6 +328,7 @@ def test_each_bucket_is_all_reduced_as_soon_as_the_backward_of_its_layers_is_don
     """The overlap's bookkeeping, on the CPU with stand-ins for cupy's streams and NCCL (their GPU run is not here)."""
     from types import SimpleNamespace
     model, log = tiny_model(), []
+    model.split_batch = None                  # NCCL runs on GPUs, where a batch goes through the model in one piece
     block_backward = model._block_backward
 
     def logged_block_backward(dx, layer, d_layer, cache):

@@ -127,6 +127,8 @@ def test_dropout():
     assert (ops.dropout_mask(np, x.shape, 0.25, seed=8) != keep).any()
     np.testing.assert_allclose(ops.dropout_forward(x, 0.25, keep)[keep], x[keep] / 0.75)
     assert ops.dropout_mask(np, x.shape, 0.0, seed=7).all()
+    rows = ops.dropout_mask(np, (15, 50), 0.25, seed=7, first=25 * 50)     # rows 25..39 of the same mask
+    np.testing.assert_array_equal(rows, keep[25:])
 
 
 def test_tied_logits():

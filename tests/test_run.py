@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from tinypalm import Config, PaLM, TinyPalmError, checkpoint, run
+from tinypalm import Config, PaLM, TinyPalmError, checkpoint, cpu_ops, run
 from tinypalm.bench import build_parser as bench_parser
 from tinypalm.generate import generate
 from tinypalm.optim import AdamW, lr_at
@@ -97,8 +97,11 @@ def test_memory_estimate_and_refusal(monkeypatch):
     weights = sum(p.nbytes for p in model.params.values())
     assert run.training_bytes(model.config, 4, 16, 4) > 4 * weights
     monkeypatch.setattr(run, "available_bytes", lambda backend: 64 * 2**30)
+    monkeypatch.setattr(cpu_ops, "pool", cpu_ops.ChunkPool(3))     # numpy: a gradient buffer per piece of the batch
+    need = run.training_bytes(cfg, 16, 128, 4, gradient_buffers=3)
+    assert need == run.training_bytes(cfg, 16, 128, 4) + 2 * 4 * cfg.n_params()
     expected = f"--preset palm-8b ({cfg.n_params() / 1e9:.2f}B parameters) needs about {need / 2**30:.1f} GiB"
-    with pytest.raises(TinyPalmError, match=re.escape(expected) + ".* only 64.0 GiB of memory is free"):
+    with pytest.raises(TinyPalmError, match=re.escape(expected) + r" .*3 gradient buffers.* only 64.0 GiB of memory"):
         run.check_memory(cfg, "numpy", 16, 128, 4, "--preset palm-8b")
     run.check_memory(Config.preset("small"), "numpy", 16, 128, 4, "--preset small")        # fits: no error
     monkeypatch.setattr(run, "available_bytes", lambda backend: None)                       # unknown: no refusal

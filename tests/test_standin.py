@@ -104,6 +104,7 @@ def test_float32_on_the_standin_is_numpy_bit_for_bit(cp, n_kv_heads):
     cfg = Config(n_kv_heads=n_kv_heads, **CFG)
     gpu, cpu = PaLM(cfg, "cupy", "float32", seed=2), PaLM(cfg, "numpy", "float32", seed=2)
     cpu.ops = plain_ops()
+    cpu.split_batch = None                    # the batch in one piece, as on the GPU: the same sums in the same order
     assert isinstance(gpu.params.flat, cp.ndarray)
     x, y = batch()
     loss_gpu, grads_gpu = gpu.loss_and_grads(x, y, dropout=0.2, dropout_seed=4)

@@ -61,6 +61,16 @@ def op_overrides(backend):
     return dict(OVERRIDES)
 
 
+def batch_splitter(backend):
+    """How a model runs a batch on this backend: None, all of it in one pass through the model (what a GPU
+    wants), or on numpy the module batch_threads, whose loss_and_grads and forward cut its rows into one piece
+    per thread."""
+    if backend != "numpy":
+        return None
+    from . import batch_threads
+    return batch_threads
+
+
 def fused_adamw(flat, runs):
     """AdamW's whole step over one flat vector as a single kernel launch, where the backend has one (the CUDA
     kernel of tinypalm.cuda): a function (p, g, m, v, lr, beta1, beta2, eps, weight_decay, t), or None, and then

@@ -18,11 +18,13 @@ import argparse
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
 
 import numpy
 
+from . import batch_threads
 from .cli import HelpFormatter, run_cli
 from .config import PRESETS, Config
 from .errors import TinyPalmError
@@ -76,28 +78,29 @@ def time_steps(step, xp, n):
     return times
 
 
-def profile_ops(step, model, n):
+def profile_ops(step, model, n, threads=1):
     """Seconds per step inside each op function the model calls, and the step's total, from n instrumented steps.
 
-    Only outermost calls count (softmax runs inside attention and is counted there)."""
+    Only outermost calls count (softmax runs inside attention and is counted there). threads: how many threads
+    run pieces of the batch at once (batch_threads.py); each op's time is summed over them and divided by it."""
     xp, ops = model.xp, model.ops
     spent = defaultdict(float)
-    depth = [0]
+    local = threading.local()
     originals = {name: getattr(ops, name) for name in vars(ops) if name.endswith(("_forward", "_backward"))}
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
-            if depth[0]:
+            if getattr(local, "depth", 0):
                 return fn(*args, **kwargs)
-            depth[0] += 1
+            local.depth = 1
             synchronize(xp)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 synchronize(xp)
-                spent[name] += time.perf_counter() - start
-                depth[0] -= 1
+                spent[name] += time.perf_counter() - start         # += on a float: one thread at a time (the GIL)
+                local.depth = 0
         return wrapper
 
     for name, fn in originals.items():
@@ -107,7 +110,7 @@ def profile_ops(step, model, n):
     finally:
         for name, fn in originals.items():
             setattr(ops, name, fn)
-    return {name: t / n for name, t in spent.items()}, total / n
+    return {name: t / n / threads for name, t in spent.items()}, total / n
 
 
 def busy_processes(n):
@@ -218,10 +221,13 @@ def main(argv=None):
     if xp is not numpy:
         print(f"peak GPU memory (pool): {xp.get_default_memory_pool().total_bytes() / 2**30:.2f} GiB")
 
-    per_op, total = profile_ops(step, model, max(3, args.steps // 3))
+    threads = len(batch_threads.pieces(args.batch_size)) if model.split_batch is not None else 1
+    per_op, total = profile_ops(step, model, max(3, args.steps // 3), threads)
     matmul = sum(t for name, t in per_op.items() if name in MATMUL_OPS)
     attention = sum(t for name, t in per_op.items() if name.startswith("attention"))
-    print(f"where the time goes (instrumented step: {total * 1e3:.1f} ms):")
+    print(f"where the time goes (instrumented step: {total * 1e3:.1f} ms"
+          + (f"; the batch ran as {threads} pieces on {threads} threads at once, each op's time is their sum / "
+             f"{threads}" if threads > 1 else "") + "):")
     print(f"  matmuls (linear, tied logits) {matmul / total:6.1%}   attention {attention / total:6.1%}   "
           f"other ops {(sum(per_op.values()) - matmul - attention) / total:6.1%}   "
           f"outside ops (AdamW, clipping, glue) {(total - sum(per_op.values())) / total:6.1%}")

@@ -17,6 +17,7 @@ cache too; tests/test_cpu_attention.py). Inputs these twins do
 not handle (any dtype other than float32 and float64, e.g. bfloat16) go to the ops.py function unchanged.
 """
 
+import contextvars
 import itertools
 import math
 import os
@@ -45,6 +46,7 @@ class _Job:
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.error, self.cancelled, self.active = None, False, 0
+        self.context = contextvars.copy_context()  # the caller's settings (numpy's errstate) for the workers too
 
     def work(self, worker=False):
         while True:
@@ -56,7 +58,11 @@ class _Job:
                     self.active += 1
             try:
                 if not self.cancelled:
-                    self.fn(self.tasks[i])
+                    with _in_task():
+                        if worker:
+                            self.context.copy().run(self.fn, self.tasks[i])
+                        else:
+                            self.fn(self.tasks[i])
             except BaseException as e:           # re-raised by the caller's thread
                 self.error = self.error or e
             finally:
@@ -76,10 +82,28 @@ class _Job:
             time.sleep(0.001)
 
 
+_task = threading.local()                    # .depth > 0 while this thread runs a pool task
+
+
+class _in_task:
+    def __enter__(self):
+        _task.depth = getattr(_task, "depth", 0) + 1
+
+    def __exit__(self, *exc):
+        _task.depth -= 1
+
+
+def inline():
+    """True where pool.run would run its tasks one after another on the calling thread: one thread, or a caller
+    that is itself a pool task (a piece of a batch cut over the threads, batch_threads.py)."""
+    return pool.n_threads == 1 or getattr(_task, "depth", 0) > 0
+
+
 class ChunkPool:
     """`run(fn, tasks)` calls fn(task) for every task on n_threads threads (the caller's and n_threads - 1
     daemon workers), handing tasks out dynamically, and returns when all are done (also when interrupted:
-    no worker writes into the caller's arrays after run returns or raises)."""
+    no worker writes into the caller's arrays after run returns or raises). Called from inside one of its own
+    tasks, it runs the tasks inline: the threads are busy with the outer job already."""
 
     def __init__(self, n_threads):
         self.n_threads = n_threads
@@ -100,7 +124,7 @@ class ChunkPool:
             job.work(worker=True)
 
     def run(self, fn, tasks):
-        if self.n_threads == 1 or len(tasks) == 1:
+        if self.n_threads == 1 or len(tasks) == 1 or getattr(_task, "depth", 0) > 0:
             for task in tasks:
                 fn(task)
             return
@@ -149,7 +173,10 @@ def gemm_chunks(n, flops_per_unit):
     2 per thread and at least GEMM_MIN_CHUNKS (beyond that, the repeated packing of the shared operand costs
     more than a finer balance gains), and more for a large matmul, so that no piece exceeds GEMM_MAX_CHUNK_FLOPS
     (a thread that loses its core mid-piece holds the others up for the rest of that piece). The cut depends on
-    the thread count only above GEMM_MIN_CHUNKS / 2 threads: 1 and 2 threads give bit-identical results."""
+    the thread count only above GEMM_MIN_CHUNKS / 2 threads. Run inline, a matmul is one piece: one GEMM call
+    packs the shared operand once."""
+    if inline():
+        return [slice(0, n)]
     total = n * flops_per_unit
     most = max(GEMM_MIN_CHUNKS, 2 * pool.n_threads, math.ceil(total / GEMM_MAX_CHUNK_FLOPS))
     pieces = max(1, min(most, int(total // GEMM_CHUNK_FLOPS), n))

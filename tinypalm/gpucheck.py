@@ -250,9 +250,11 @@ class KernelChecks:
             self.compare("embedding_backward", f"{dtype.name} ({B}, {T}) V{V} D{D}", d_embed, d_embed64, dtype)
 
     def masks(self):
-        for shape, rate, seed in [((7, 13), 0.1, 0), ((1000, 768), 0.5, 123456789), ((3, 4, 5), 0.9, 2**40 + 3)]:
-            self.exact("dropout_mask", f"{shape} rate {rate} seed {seed}",
-                       self.k.dropout_mask(self.cp, shape, rate, seed), ops.dropout_mask(numpy, shape, rate, seed))
+        for shape, rate, seed, first in [((7, 13), 0.1, 0, 0), ((1000, 768), 0.5, 123456789, 0),
+                                         ((3, 4, 5), 0.9, 2**40 + 3, 2**32 - 7)]:
+            self.exact("dropout_mask", f"{shape} rate {rate} seed {seed} first {first}",
+                       self.k.dropout_mask(self.cp, shape, rate, seed, first),
+                       ops.dropout_mask(numpy, shape, rate, seed, first))
         for Tq, S, first, G in [(5, 5, 0, 1), (3, 10, 7, 4)]:
             self.exact("causal_mask", f"Tq {Tq} S {S} first {first} G {G}",
                        self.k.causal_mask(self.cp, Tq, S, first, G, numpy.float32),

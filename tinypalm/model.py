@@ -27,7 +27,7 @@ import math
 
 import numpy
 
-from .backend import get_xp, get_ops, check_dtype, compute_dtype, to_numpy
+from .backend import get_xp, get_ops, batch_splitter, check_dtype, compute_dtype, to_numpy
 from .config import Config
 from .flat import Layout
 
@@ -119,6 +119,7 @@ class PaLM:
         self.config = cfg = config
         self.xp = xp = get_xp(backend)
         self.ops = ops = get_ops(backend)
+        self.split_batch = batch_splitter(backend)     # numpy: a batch's rows cut over the threads (batch_threads.py)
         self.backend, self.dtype = backend, check_dtype(dtype)
         self.master_dtype = compute_dtype(self.dtype)            # float32 for bfloat16, else dtype itself
         self.layout = Layout(storage_shapes(cfg), named=canonical_views(cfg))
@@ -167,8 +168,9 @@ class PaLM:
             self._masks[key] = self.ops.causal_mask(self.xp, n_queries, n_keys, first_pos, groups, self.master_dtype)
         return self._masks[key]
 
-    def _block_forward(self, x, layer, pos, kv_cache=None, i=0, dropout=0.0, dropout_seed=0):
-        # x (B, T, D) -> x + Attn(LN(x)) + MLP(LN(x)), one parallel block
+    def _block_forward(self, x, layer, pos, kv_cache=None, i=0, dropout=0.0, dropout_seed=0, first_row=0):
+        # x (B, T, D) -> x + Attn(LN(x)) + MLP(LN(x)), one parallel block. first_row: these rows' place in the
+        # batch, when they are a piece of it (batch_threads.py), so dropout draws exactly their rows of its mask
         cfg, xp, ops = self.config, self.xp, self.ops
         B, T, D = x.shape
         H, Hkv, Dh, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
@@ -196,12 +198,12 @@ class PaLM:
         lora_out = self.adapter.out_forward(i, branches, y) if self.adapter is not None else None
         keep = None
         if dropout > 0.0:
-            keep = ops.dropout_mask(xp, y.shape, dropout, dropout_seed)
+            keep = ops.dropout_mask(xp, y.shape, dropout, dropout_seed, first_row * T * D)
             y = ops.dropout_forward(y, dropout, keep)
         cache = (ln_cache, h, cos, sin, attn_cache, swiglu_cache, branches, keep, dropout, lora_in, lora_out)
         return x + y.reshape(B, T, D), cache
 
-    def _forward(self, tokens, kv_cache=None, dropout=0.0, dropout_seed=0):
+    def _forward(self, tokens, kv_cache=None, dropout=0.0, dropout_seed=0, first_row=0):
         # tokens (B, T) int -> logits (N, V) and everything the backward needs
         cfg, ops = self.config, self.ops
         B, T = tokens.shape
@@ -211,7 +213,8 @@ class PaLM:
         x = ops.embedding_forward(self.embed, tokens)                                       # (B, T, D)
         block_caches = []
         for i, layer in enumerate(self.layers):
-            x, cache = self._block_forward(x, layer, pos, kv_cache, i, dropout, dropout_seed * 1000003 + i)
+            x, cache = self._block_forward(x, layer, pos, kv_cache, i, dropout, dropout_seed * 1000003 + i,
+                                           first_row)
             block_caches.append(cache)
         h, ln_cache = ops.layernorm_forward(x.reshape(B * T, cfg.d_model), self.norm, cfg.norm_eps)
         logits = ops.tied_logits_forward(h, self.embed)                                     # (N, V)
@@ -226,16 +229,19 @@ class PaLM:
         return tokens
 
     def forward(self, tokens, kv_cache=None):
-        """tokens (B, T) -> logits (B, T, V). With a KVCache, tokens continue the cached positions."""
+        """tokens (B, T) -> logits (B, T, V). With a KVCache, tokens continue the cached positions. On numpy,
+        without a cache, the batch's rows are cut into one piece per thread (batch_threads.py)."""
         tokens = self._tokens(tokens)
+        if kv_cache is None and self.split_batch is not None:
+            return self.split_batch.forward(self, tokens)
         logits, _ = self._forward(tokens, kv_cache)
         return logits.reshape(*tokens.shape, -1)
 
     def loss(self, tokens, targets, loss_mask=None):
         """The training loss without the backward pass (for evaluation), as a Python float (read from the device);
         loss_mask as in loss_and_grads."""
-        logits, _ = self._forward(self._tokens(tokens))
-        loss, _, _ = self._loss_forward(logits, self._tokens(targets), loss_mask)
+        logits = self.forward(tokens)
+        loss, _, _ = self._loss_forward(logits.reshape(-1, logits.shape[-1]), self._tokens(targets), loss_mask)
         return float(to_numpy(loss))
 
     def _loss_forward(self, logits, targets, loss_mask):
@@ -291,11 +297,27 @@ class PaLM:
         canonical name -> gradient, with `.flat`. Given `grads` (from an earlier call), the gradients are added
         to it: gradient accumulation. Given loss_mask (B, T), 1 where a target counts and 0 where not, the mean
         is over the counted positions only (instruction tuning counts the responses). With adapters (model.adapter),
-        their gradients are `grads.adapter`, a Flat like adapter.params."""
-        xp, cfg, ops = self.xp, self.config, self.ops
+        their gradients are `grads.adapter`, a Flat like adapter.params.
+
+        On numpy the batch's rows are cut into one piece per thread, run side by side (batch_threads.py): the
+        same result up to rounding, dropout included."""
         tokens, targets = self._tokens(tokens), self._tokens(targets)
+        if loss_mask is not None:
+            loss_mask = self.xp.asarray(loss_mask)
+            if loss_mask.shape != targets.shape:
+                raise ValueError(f"loss_mask must have the targets' shape {targets.shape}, got {loss_mask.shape}")
+        grads = self.grads_like() if grads is None else grads
+        if self.split_batch is not None:
+            return self.split_batch.loss_and_grads(self, tokens, targets, dropout, dropout_seed, grads, loss_mask)
+        return self.batch_loss_and_grads(tokens, targets, dropout, dropout_seed, grads, loss_mask)
+
+    def batch_loss_and_grads(self, tokens, targets, dropout, dropout_seed, grads, loss_mask, scale=1.0, first_row=0):
+        """loss_and_grads for these rows in one pass through the model, the gradients of scale * loss added to
+        grads. A piece of a batch (batch_threads.py) weighs its loss by its share of the batch, and first_row is
+        its place in the batch."""
+        xp, cfg, ops = self.xp, self.config, self.ops
         B, T = tokens.shape
-        logits, (block_caches, ln_cache, h) = self._forward(tokens, None, dropout, dropout_seed)
+        logits, (block_caches, ln_cache, h) = self._forward(tokens, None, dropout, dropout_seed, first_row)
         loss, ce_cache, ce_backward = self._loss_forward(logits, targets, loss_mask)
 
         grads = self.grads_like() if grads is None else grads
@@ -304,6 +326,8 @@ class PaLM:
         d_embed, d_norm = grads.stored["embed"], grads.stored["norm"]
         d_layers = [Layer(cfg, grads.stored, i) for i in range(cfg.n_layers)]
         dlogits = ce_backward(xp, ce_cache, cfg.z_loss)                                     # (N, V)
+        if scale != 1.0:
+            dlogits *= scale
         dh = ops.tied_logits_backward(dlogits, h, self.embed, d_embed)                      # (N, D)
         dx = ops.layernorm_backward(dh, self.norm, d_norm, ln_cache).reshape(B, T, cfg.d_model)
         for layer, d_layer, cache in reversed(list(zip(self.layers, d_layers, block_caches))):

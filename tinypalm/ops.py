@@ -232,11 +232,13 @@ def _mix32(xp, h):
     return h
 
 
-def dropout_mask(xp, shape, rate, seed):
-    # keep-mask scaled by 1/(1-rate): element i is dropped when hash(seed, i) < rate * 2^32
+def dropout_mask(xp, shape, rate, seed, first=0):
+    # keep-mask scaled by 1/(1-rate): element i is dropped when hash(seed, i) < rate * 2^32. first: the index of
+    # the mask's first element in a larger one, so that a piece of a batch draws exactly its rows of the batch's mask
     n = math.prod(shape)
     key = _mix32(xp, xp.asarray([seed & 0xFFFFFFFF], dtype=xp.uint32))
-    h = _mix32(xp, xp.arange(n, dtype=xp.uint32) * xp.uint32(0x9E3779B1) + key)
+    i = xp.arange(n, dtype=xp.uint32) + xp.uint32(first & 0xFFFFFFFF)       # uint32: wraps as the hash expects
+    h = _mix32(xp, i * xp.uint32(0x9E3779B1) + key)
     keep = h >= xp.uint32(min(int(rate * 2**32), 2**32 - 1))
     return keep.reshape(shape)
 

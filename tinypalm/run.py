@@ -93,15 +93,16 @@ class Progress:
 # ------------------------------------------------------------------------------------------------------ memory
 
 
-def training_bytes(cfg, batch_size, seq_len, itemsize, grad_accum=1):
-    """About the peak memory of one training step: weights, gradients, AdamW's two moments, and the activations
-    the backward pass keeps (per token and layer: the block's inputs, projections, attention weights, SwiGLU and
-    branch outputs; then the logits). An estimate, meant to catch what cannot fit, not to budget to the byte."""
+def training_bytes(cfg, batch_size, seq_len, itemsize, grad_accum=1, gradient_buffers=1):
+    """About the peak memory of one training step: weights, gradients (gradient_buffers of them: on numpy one per
+    piece of the batch, batch_threads.py), AdamW's two moments, and the activations the backward pass keeps (per
+    token and layer: the block's inputs, projections, attention weights, SwiGLU and branch outputs; then the
+    logits). An estimate, meant to catch what cannot fit, not to budget to the byte."""
     D, F, H = cfg.d_model, cfg.d_ff, cfg.n_heads
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     per_token = cfg.n_layers * (4 * D + 3 * q_dim + 3 * kv_dim + 6 * F + H * seq_len) + 3 * cfg.vocab_size
     activations = batch_size * seq_len * per_token
-    return itemsize * (4 * cfg.n_params() + activations)
+    return itemsize * ((3 + gradient_buffers) * cfg.n_params() + activations)
 
 
 def available_bytes(backend):
@@ -127,12 +128,18 @@ def available_bytes(backend):
 
 def check_memory(cfg, backend, batch_size, seq_len, itemsize, what):
     """Refuse, before allocating anything, a model that cannot fit; `what` names it for the message."""
-    need, have = training_bytes(cfg, batch_size, seq_len, itemsize), available_bytes(backend)
+    buffers = 1
+    if backend == "numpy":
+        from . import batch_threads
+        buffers = len(batch_threads.pieces(batch_size))
+    need, have = training_bytes(cfg, batch_size, seq_len, itemsize, gradient_buffers=buffers), available_bytes(backend)
     if have is not None and need > have:
         where = "GPU memory" if backend == "cupy" else "memory"
+        threads = (f" ({buffers} gradient buffers, one per thread: TINYPALM_NUM_THREADS=1 needs one)"
+                   if buffers > 1 else "")
         raise TinyPalmError(f"{what} ({cfg.n_params() / 1e9:.2f}B parameters) needs about {gib(need)} for weights, "
-                            f"gradients, AdamW state and activations at batch {batch_size} x {seq_len}, and only "
-                            f"{gib(have)} of {where} is free; use a smaller preset or shape, or a smaller batch")
+                            f"gradients{threads}, AdamW state and activations at batch {batch_size} x {seq_len}, and "
+                            f"only {gib(have)} of {where} is free; use a smaller preset or shape, or a smaller batch")
 
 
 def gib(n_bytes):

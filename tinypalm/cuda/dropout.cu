@@ -1,5 +1,5 @@
 // Dropout, twin of ops.dropout_mask / dropout_forward / dropout_backward. The mask is the same counter hash as
-// the twin's, bit for bit: element i is kept when mix32(i * 0x9E3779B1 + key) >= threshold, with uint32
+// the twin's, bit for bit: element i is kept when mix32((first + i) * 0x9E3779B1 + key) >= threshold, with uint32
 // arithmetic wrapping as numpy's does; key = mix32(seed) and threshold = rate * 2^32 come from the host.
 
 // murmur3's 32-bit finaliser
@@ -12,8 +12,9 @@ __device__ __forceinline__ unsigned int mix32(unsigned int h) {
     return h;
 }
 
-__global__ void dropout_mask(bool* keep, long long n, unsigned int key, unsigned int threshold) {
-    FOR_EACH(i, n) keep[i] = mix32((unsigned int)i * 0x9E3779B1u + key) >= threshold;
+// first: the index of keep[0] in a larger mask (a piece of a batch draws its rows of the batch's mask)
+__global__ void dropout_mask(bool* keep, long long n, unsigned int first, unsigned int key, unsigned int threshold) {
+    FOR_EACH(i, n) keep[i] = mix32(((unsigned int)i + first) * 0x9E3779B1u + key) >= threshold;
 }
 
 // y = x * keep / (1 - rate), scale = 1 / (1 - rate); the same kernel serves the backward

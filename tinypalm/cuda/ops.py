@@ -288,14 +288,14 @@ def dropout_key_threshold(rate, seed):
     return mix32(seed & 0xFFFFFFFF), min(int(rate * 2**32), 2**32 - 1)
 
 
-def dropout_mask(xp, shape, rate, seed):
+def dropout_mask(xp, shape, rate, seed, first=0):
     # keep (shape) bool, bit-identical to the twin's
     cp = _cupy()
     n = math.prod(shape)
     key, threshold = dropout_key_threshold(rate, seed)
     keep = cp.empty(shape, dtype=numpy.bool_)
-    kernel("dropout", "dropout_mask")((_blocks(n),), (BLOCK,), (keep, _i64(n), numpy.uint32(key),
-                                                                numpy.uint32(threshold)))
+    kernel("dropout", "dropout_mask")((_blocks(n),), (BLOCK,), (keep, _i64(n), numpy.uint32(first & 0xFFFFFFFF),
+                                                                numpy.uint32(key), numpy.uint32(threshold)))
     return keep
 
 

@@ -1,0 +1,103 @@
+"""On the CPU, a training batch cut into one piece per thread, each piece run through the whole model at once.
+
+Why. Cutting every op into chunks for the threads (cpu_ops.py) hands work between threads hundreds of times per
+step: each hand-over wakes a sleeping thread and passes Python's lock back and forth, and every piece of every
+matmul packs the shared weight matrix again. A piece of the batch per thread hands over once per step: each
+thread runs the forward and backward of its rows with every op on that one thread (cpu_ops.pool runs work that a
+pool task asks for inline), and numpy and BLAS release Python's lock while they compute, so the threads really
+run side by side.
+
+The math is the model's. A piece's loss is the mean over its own positions, so the batch's loss is the pieces'
+losses weighted by their share of the positions (of the counted positions, with a loss mask), and the gradients
+add with the same weights: piece p's backward starts from its dlogits times its weight (`scale`). Dropout draws
+each piece's rows of the batch's mask (`first_row`). Piece 0 adds into the caller's gradients, the others into
+buffers of their own, added in piece order at the end, so the result does not depend on which thread ran which
+piece; the number of pieces (one per thread, at most one per row) changes its rounding only.
+"""
+
+from . import cpu_ops
+
+def pieces(batch_size):
+    """Row ranges cutting a batch into one piece per pool thread, as even as they go: [(start, stop)]."""
+    n = 1 if cpu_ops.inline() else min(cpu_ops.pool.n_threads, batch_size)
+    bounds = [round(p * batch_size / n) for p in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def loss_and_grads(model, tokens, targets, dropout, dropout_seed, grads, loss_mask):
+    """model.loss_and_grads over the batch's rows cut into pieces, one per thread (arguments and result as there;
+    grads is the caller's Flat, which the gradients are added to)."""
+    rows = pieces(len(tokens))
+    if len(rows) == 1:
+        return model.batch_loss_and_grads(tokens, targets, dropout, dropout_seed, grads, loss_mask)
+    if loss_mask is None:
+        weights = [(b - a) / len(tokens) for a, b in rows]
+    else:
+        counted = [float(loss_mask[a:b].sum()) for a, b in rows]
+        weights = [c / max(sum(counted), 1.0) for c in counted]
+    buffers = _piece_grads(model, len(rows) - 1)
+    losses = [None] * len(rows)
+
+    def run(p):
+        a, b = rows[p]
+        piece_grads = grads if p == 0 else buffers[p - 1]
+        mask = None if loss_mask is None else loss_mask[a:b]
+        losses[p], _ = model.batch_loss_and_grads(tokens[a:b], targets[a:b], dropout, dropout_seed, piece_grads, mask,
+                                                  scale=weights[p], first_row=a)
+    cpu_ops.pool.run(run, range(len(rows)))
+
+    totals = [(grads.flat, [g.flat for g in buffers])]
+    if model.adapter is not None:
+        totals.append((grads.adapter.flat, [g.adapter.flat for g in buffers]))
+    for total, parts in totals:
+        _add_in_order(total, parts)
+    loss = losses[0] * weights[0]
+    for p in range(1, len(rows)):
+        loss += losses[p] * weights[p]
+    return loss, grads
+
+
+def forward(model, tokens):
+    """model.forward without a cache, the batch's rows cut into pieces, one per thread: logits (B, T, V)."""
+    rows = pieces(len(tokens))
+    if len(rows) == 1:
+        logits, _ = model._forward(tokens)
+        return logits.reshape(*tokens.shape, -1)
+    out = [None] * len(rows)
+
+    def run(p):
+        a, b = rows[p]
+        out[p], _ = model._forward(tokens[a:b])
+    cpu_ops.pool.run(run, range(len(rows)))
+    return model.xp.concatenate(out).reshape(*tokens.shape, -1)
+
+
+def _piece_grads(model, n):
+    """n zeroed gradient Flats for pieces 1.., kept on the model from step to step (allocating them anew costs
+    as much as zeroing them, and page faults besides)."""
+    kept = model.__dict__.setdefault("_piece_grads", [])
+    if kept and kept[0].layout is not model.layout:
+        kept.clear()
+    while len(kept) < n:
+        kept.append(model.grads_like())
+    chunk = max(1, cpu_ops.ELEMENTWISE_CHUNK_BYTES // kept[0].flat.itemsize)
+    size = kept[0].flat.size
+
+    def zero(start):
+        for g in kept[:n]:
+            g.flat[start:start + chunk] = 0
+    cpu_ops.pool.run(zero, range(0, size, chunk))
+    for g in kept[:n]:
+        g.adapter = None                     # the model makes the adapters' gradients, if it has adapters
+    return kept[:n]
+
+
+def _add_in_order(total, parts):
+    # total += parts[0] + parts[1] + ..., in that order for every element, cut into chunks for the threads
+    chunk = max(1, cpu_ops.ELEMENTWISE_CHUNK_BYTES // total.itemsize)
+
+    def add(start):
+        piece = slice(start, start + chunk)
+        for part in parts:
+            total[piece] += part[piece]
+    cpu_ops.pool.run(add, range(0, total.size, chunk))
