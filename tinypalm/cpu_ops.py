@@ -398,8 +398,10 @@ def rope_backward(dout, cos, sin):
 # dv = p^T dout, dk = dscores^T q, dq = dscores k (each times 1/sqrt(Dh) where it was not folded in);
 # dk and dv add up over the blocks.
 #
-# Any other mask (checked: one comparison over the mask) goes to ops.py's full computation, and so does a cache
-# that came from there (attention_backward takes both).
+# Any other mask (checked: one comparison over the mask) goes to ops.py's full computation, and so do few query
+# rows (generating a token: T*G < ATTENTION_MIN_ROWS, where ops.py's few larger calls are faster and there is no
+# masked half to skip); attention_backward takes ops.py's cache as well as its own.
+# The cache keeps the probabilities of the blocks only (about half of ops.py's (G*T, S) per row).
 
 ATTENTION_BLOCK = 32                      # query positions per block: smaller skips more masked scores, larger
                                           # makes fewer, larger products
@@ -545,7 +547,8 @@ def attention_backward(dout, cache):
             dk, dv = dk_rows[b, j], dv_rows[b, j]                  # (n, S, Dh)
             for (a, e, lo, L, tile), pt in zip(cache.blocks, probs):
                 rows = slice(a * G, e * G)
-                dout_blk = dout5[b, a:e, j].reshape(n, -1, Dh)     # (n, R, Dh): a copy, dout is a strided view
+                dout_blk = dout5[b, a:e, j].reshape(n, -1, Dh)     # (n, R, Dh): a copy where dout is a strided
+                                                                   # view (the model's is)
                 c = np.einsum("nrd,nrd->nr", dout_blk, cache.out_rows[b, j, rows])[:, None, :]     # (n, 1, R)
                 dst = np.matmul(v_rows[:, :L], dout_blk.swapaxes(-1, -2))                       # (n, L, R) dp^T
                 dst -= c
