@@ -178,7 +178,6 @@ def test_attention(dtype, heads, positions):
     out, cache = cpu_ops.attention_forward(np, q, k, v, mask)
     out_ref, cache_ref = ops.attention_forward(np, q, k, v, mask)
     assert_same(out, out_ref, dtype)
-    assert_same(cache[:4], cache_ref[:4], dtype)
     dout = randn(rng, out.shape, dtype)
     assert_same(cpu_ops.attention_backward(dout, cache), ops.attention_backward(dout, cache_ref), dtype)
 

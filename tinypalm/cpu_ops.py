@@ -11,7 +11,9 @@ so they cost one trip to memory. The pool has one thread per core the process ma
 sets it (1: everything on the calling thread).
 
 Each function has exactly the signature and the cache format of its ops.py twin (so a twin's backward also
-accepts the plain forward's cache) and is tested against it (tests/test_cpu_ops.py). Inputs these twins do
+accepts the plain forward's cache) and is tested against it (tests/test_cpu_ops.py). Attention is the exception:
+its twin skips the masked half of causal attention, and its cache is its own (its backward takes ops.py's
+cache too; tests/test_cpu_attention.py). Inputs these twins do
 not handle (any dtype other than float32 and float64, e.g. bfloat16) go to the ops.py function unchanged.
 """
 
@@ -406,57 +408,196 @@ def rope_backward(dout, cos, sin):
 
 
 # --- causal attention with shared key/value heads -----------------------------------------------------------
+#
+# ops.py computes all T x S scores and lets the causal mask zero half of them. Here the query positions are cut
+# into blocks of ATTENTION_BLOCK: the block of positions [a, e) sees keys [0, first + e) only (first = first_pos,
+# the position of query 0), and of those only the last few, [first + a, first + e), need the mask (the diagonal).
+#
+# Rows. Key/value head j serves the G query heads j*G .. j*G + G-1. Its query rows are ordered position-major:
+# row t*G + g is head j*G + g at position t, so a block of positions is a block of rows, and with one key/value
+# head q (B, T, H, Dh) already is these rows, (B, T*G, Dh), and so is out: no transposing copies either way.
+#
+# Key-major probabilities. A block's scores are computed transposed, (keys L, rows R) = k q^T: the diagonal keys
+# [first + a, first + e) are then one contiguous slab that the mask is added to, and the per-row softmax sums and
+# scales run along whole contiguous rows of R numbers (numpy is slow on many short rows).
+#
+# Softmax without the row maximum. exp(scores) is computed directly, and the row sums checked: while every one is
+# within EXP_RANGE nothing overflowed and the largest terms are normal numbers, so p = exp(s) / sum exp(s) is as
+# accurate as with the maximum subtracted, without the max and subtract passes. A block outside it is computed
+# again the usual way.
+#
+# 1/sqrt(Dh) is folded into whichever of q (T*G rows) and k (S rows) has fewer rows: k in training, q when
+# generating one token against a long cache. The scaled one is a copy the cache keeps; the other stays a view.
+#
+# Backward, per block: dp = dout v^T, dscores = p (dp - c) with c = rowsum(p dp) = rowsum(dout out), then
+# dv = p^T dout, dk = dscores^T q, dq = dscores k (each times 1/sqrt(Dh) where it was not folded in);
+# dk and dv add up over the blocks.
+#
+# Any other mask (checked: one comparison over the mask) goes to ops.py's full computation, and so do few query
+# rows (generating a token: T*G < ATTENTION_MIN_ROWS, where ops.py's few larger calls are faster and there is no
+# masked half to skip); attention_backward takes ops.py's cache as well as its own.
+# The cache keeps the probabilities of the blocks only (about half of ops.py's (G*T, S) per row).
+
+ATTENTION_BLOCK = 32                      # query positions per block: smaller skips more masked scores, larger
+                                          # makes fewer, larger products
+ATTENTION_MIN_ROWS = 64                   # fewer query rows (T*G: generating a token or a few) go to ops.py
+EXP_RANGE = 2.0 ** 60                     # row sums of exp(scores) in [1 / EXP_RANGE, EXP_RANGE]: no overflow,
+                                          # no subnormals among the terms that count
+_triangles = {}                           # (m, G, dtype) -> the mask of m positions against the same m keys
+
+
+def _triangle(m, G, dtype):
+    """The causal mask of m query positions against the same m keys: zeros on and below the diagonal, -inf above.
+    key-major and with each position's G rows: (m keys, m*G rows), column t*G + g."""
+    key = (m, G, dtype)
+    triangle = _triangles.get(key)          # (a local: another thread may clear the dict meanwhile)
+    if triangle is None:
+        upper = ops.causal_mask(np, m, m, 0, 1, dtype)              # (m, m): position t sees keys 0 .. t
+        triangle = np.ascontiguousarray(np.repeat(upper.T, G, axis=1))
+        if len(_triangles) > 64:
+            _triangles.clear()
+        _triangles[key] = triangle
+    return triangle
+
+
+def _causal_first_pos(mask, T, S, G):
+    """first_pos if mask is exactly ops.causal_mask(np, T, S, first_pos, G, mask.dtype) (row g*T + t: zeros for
+    keys 0 .. first_pos + t, -inf after), else None."""
+    if mask.shape != (G * T, S):
+        return None
+    heads = mask.reshape(G, T, S)
+    if S >= T:                              # the model's first_pos = S - T: zeros, then the triangle of T keys
+        first = S - T
+        seen, diagonal = heads[:, :, :first], heads[:, :, first:]
+        if not seen.any() and (diagonal == _triangle(T, 1, mask.dtype).T).all():
+            return first
+    first = int(np.count_nonzero(mask[0] == 0)) - 1               # any other first_pos: row 0 sees keys 0 .. first
+    if first < 0 or not (heads == ops.causal_mask(np, T, S, first, 1, mask.dtype)).all():
+        return None
+    return first
+
+
+class CausalAttentionCache:
+    """What attention_backward needs from attention_forward's causal path (the full path's cache is ops.py's)."""
+
+    def __init__(self, shape, scale, scale_on_q, chunks, blocks, out_rows, pieces):
+        self.shape = shape                # (B, T, S, Hkv, G, Dh)
+        self.scale = scale                # 1 / sqrt(Dh), folded into q if scale_on_q, else into k
+        self.scale_on_q = scale_on_q
+        self.chunks = chunks              # slices of the batch rows, one pool task each
+        self.blocks = blocks              # [(a, e, lo, L, tile)] as attention_forward makes them
+        self.out_rows = out_rows          # (B, Hkv, T*G, Dh): the output, position-major (for Hkv == 1 the
+                                          # returned out itself: the caller leaves it as it is, as it leaves q, k, v)
+        self.pieces = pieces              # [chunk * Hkv + j] -> (q_rows, k_rows, v_rows, [probs^T (n, L, R) per block])
+
+
+def _block_probs(q_blk, k_rows, lo, L, tile, subtract_max):
+    # q_blk (n, R, Dh), k_rows (n, S, Dh) -> probs^T (n, L, R) and the row sums of exp (n, 1, R), before dividing
+    pt = np.matmul(k_rows[:, :L], q_blk.swapaxes(-1, -2))         # (n, L, R) scores^T
+    if tile is not None:
+        pt[:, lo:] += tile                                         # the diagonal keys: a contiguous slab
+    if subtract_max:
+        pt -= pt.max(axis=1, keepdims=True)
+    np.exp(pt, out=pt)
+    return pt, np.add.reduce(pt, axis=1, keepdims=True)
+
 
 def attention_forward(xp, q, k, v, mask):
-    # q (B, T, H, Dh), k/v (B, S, Hkv, Dh), mask (G*T, S) -> out (B, T, H, Dh); cache as in ops.py.
-    # One chunk = a few batch rows: their scores, softmax and output, all while the scores sit in the cache.
-    if not ours(q, k, v, mask):
+    # q (B, T, H, Dh), k/v (B, S, Hkv, Dh), mask (G*T, S) -> out (B, T, H, Dh), cache (a CausalAttentionCache when
+    # mask is causal, else ops.py's). One chunk = a few batch rows, all their blocks.
+    if not ours(q, k, v, mask) or mask.ndim != 2 or 0 in q.shape[:2] or k.shape[1] == 0:
         return ops.attention_forward(xp, q, k, v, mask)
     B, T, H, Dh = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
+    if T * G < ATTENTION_MIN_ROWS:          # few rows, no masked half worth skipping: ops.py's few larger calls
+        return ops.attention_forward(xp, q, k, v, mask)
+    first = _causal_first_pos(mask, T, S, G)
+    if first is None:                                              # not a causal mask: every score, as ops.py
+        return ops.attention_forward(xp, q, k, v, mask)
+    # block [a, e) sees keys [0, L); those before lo are unmasked, and keys [lo, L) take the triangle's first rows
+    blocks = []
+    for a in range(0, T, ATTENTION_BLOCK):
+        e = min(a + ATTENTION_BLOCK, T)
+        L = min(S, first + e)
+        lo = min(first + a, L)
+        blocks.append((a, e, lo, L, _triangle(e - a, G, q.dtype)[:L - lo] if L - lo > 1 else None))
     scale = 1.0 / math.sqrt(Dh)
-    qg = np.empty((B, Hkv, G * T, Dh), q.dtype)
-    probs = np.empty((B, Hkv, G * T, S), q.dtype)
-    out = np.empty((B, T, H, Dh), q.dtype)
-    kt = k.transpose(0, 2, 3, 1)                                   # (B, Hkv, Dh, S)
-    vt = v.transpose(0, 2, 1, 3)                                   # (B, Hkv, S, Dh)
+    scale_on_q = T * G < S
+    q5 = q.reshape(B, T, Hkv, G, Dh)
+    out_rows = np.empty((B, Hkv, T * G, Dh), q.dtype)              # position-major rows per key/value head
+    chunks = row_chunks(B, Hkv * G * T * S * q.itemsize, 2)
+    pieces = [None] * (len(chunks) * Hkv)
 
-    def chunk(b):
-        n = len(range(B)[b])
-        qg[b].reshape(n, Hkv, G, T, Dh)[...] = (q[b] * scale).reshape(n, T, Hkv, G, Dh).transpose(0, 2, 3, 1, 4)
-        scores = np.matmul(qg[b], kt[b], out=probs[b])             # (n, Hkv, G*T, S)
-        scores += mask
-        ops.softmax_forward(np, scores)
-        o = scores @ vt[b]                                         # (n, Hkv, G*T, Dh)
-        out[b].reshape(n, T, Hkv, G, Dh)[...] = o.reshape(n, Hkv, G, T, Dh).transpose(0, 3, 1, 2, 4)
-    pool.run(chunk, row_chunks(B, Hkv * G * T * S * q.itemsize, 2))
-    return out, (qg, kt, vt, probs, scale)
+    def chunk(i):
+        with np.errstate(over="ignore", divide="ignore"):          # exp(scores) may overflow or underflow to 0:
+            chunk_rows(i)                                          # then that block is done again
+
+    def chunk_rows(i):
+        b = chunks[i]
+        n = b.stop - b.start
+        for j in range(Hkv):
+            q_rows = q5[b, :, j].reshape(n, T * G, Dh)             # a view when q is contiguous and Hkv == 1
+            k_rows, v_rows = k[b, :, j], v[b, :, j]                # (n, S, Dh) views
+            if scale_on_q:
+                q_rows = q_rows * scale
+            else:
+                k_rows = k_rows * scale
+            probs = []
+            for a, e, lo, L, tile in blocks:
+                rows = slice(a * G, e * G)
+                pt, total = _block_probs(q_rows[:, rows], k_rows, lo, L, tile, False)
+                r = 1.0 / total
+                if not np.maximum.reduce(np.maximum(total, r), axis=None) <= EXP_RANGE:     # NaN fails too
+                    pt, total = _block_probs(q_rows[:, rows], k_rows, lo, L, tile, True)
+                    r = 1.0 / total
+                pt *= r
+                np.matmul(pt.swapaxes(-1, -2), v_rows[:, :L], out=out_rows[b, j, rows])   # (n, R, Dh)
+                probs.append(pt)
+            pieces[i * Hkv + j] = (q_rows, k_rows, v_rows, probs)
+    pool.run(chunk, range(len(chunks)))
+    # (B, Hkv, T, G, Dh) -> (B, T, Hkv, G, Dh): free for Hkv == 1 (a size-1 axis moves)
+    out = np.ascontiguousarray(out_rows.reshape(B, Hkv, T, G, Dh).transpose(0, 2, 1, 3, 4)).reshape(B, T, H, Dh)
+    return out, CausalAttentionCache((B, T, S, Hkv, G, Dh), scale, scale_on_q, chunks, blocks, out_rows, pieces)
 
 
 def attention_backward(dout, cache):
-    # returns dq (B, T, H, Dh), dk, dv (B, S, Hkv, Dh), contiguous; chunks over the batch as in the forward
-    qg, kt, vt, probs, scale = cache
-    if not ours(dout, qg, kt, vt, probs):
+    # dout (B, T, H, Dh) -> dq (B, T, H, Dh), dk, dv (B, S, Hkv, Dh), contiguous; chunks as in the forward
+    if not isinstance(cache, CausalAttentionCache):                # ops.py's cache: its backward
         return ops.attention_backward(dout, cache)
-    B, Hkv, GT, Dh = qg.shape
-    T, S = dout.shape[1], kt.shape[-1]
-    G = GT // T
-    dq = np.empty((B, T, Hkv * G, Dh), dout.dtype)
-    dk, dv = np.empty((B, S, Hkv, Dh), dout.dtype), np.empty((B, S, Hkv, Dh), dout.dtype)
+    B, T, S, Hkv, G, Dh = cache.shape
+    dtype = cache.out_rows.dtype
+    if not ours(dout) or dout.dtype != dtype:                      # e.g. float64 dout for a float32 forward
+        return tuple(g.astype(dout.dtype) for g in attention_backward(np.asarray(dout, dtype), cache))
+    scale, scale_on_q, chunks = cache.scale, cache.scale_on_q, cache.chunks
+    dout5 = dout.reshape(B, T, Hkv, G, Dh)
+    dq_rows = np.empty((B, Hkv, T * G, Dh), dtype)
+    dk_rows, dv_rows = np.zeros((B, Hkv, S, Dh), dtype), np.zeros((B, Hkv, S, Dh), dtype)
 
-    def chunk(b):
-        n = len(range(B)[b])
-        dout_g = np.ascontiguousarray(dout[b].reshape(n, T, Hkv, G, Dh).transpose(0, 2, 3, 1, 4)).reshape(n, Hkv, GT, Dh)
-        dprobs = dout_g @ vt[b].swapaxes(-1, -2)                   # (n, Hkv, G*T, S)
-        dv[b] = (probs[b].swapaxes(-1, -2) @ dout_g).transpose(0, 2, 1, 3)      # summed over the G heads
-        dscores = ops.softmax_backward(dprobs, probs[b])
-        dqg = dscores @ kt[b].swapaxes(-1, -2)                     # (n, Hkv, G*T, Dh)
-        dqg *= scale
-        dk[b] = (qg[b].swapaxes(-1, -2) @ dscores).transpose(0, 3, 1, 2)
-        dq[b].reshape(n, T, Hkv, G, Dh)[...] = dqg.reshape(n, Hkv, G, T, Dh).transpose(0, 3, 1, 2, 4)
-    pool.run(chunk, row_chunks(B, Hkv * GT * S * dout.itemsize, 2))
-    return dq, dk, dv
+    def chunk(i):
+        b = chunks[i]
+        n = b.stop - b.start
+        for j in range(Hkv):
+            q_rows, k_rows, v_rows, probs = cache.pieces[i * Hkv + j]
+            dk, dv = dk_rows[b, j], dv_rows[b, j]                  # (n, S, Dh)
+            for (a, e, lo, L, tile), pt in zip(cache.blocks, probs):
+                rows = slice(a * G, e * G)
+                dout_blk = dout5[b, a:e, j].reshape(n, -1, Dh)     # (n, R, Dh): a copy where dout is a strided
+                                                                   # view (the model's is)
+                c = np.einsum("nrd,nrd->nr", dout_blk, cache.out_rows[b, j, rows])[:, None, :]     # (n, 1, R)
+                dst = np.matmul(v_rows[:, :L], dout_blk.swapaxes(-1, -2))                       # (n, L, R) dp^T
+                dst -= c
+                dst *= pt                                          # dscores^T
+                dv[:, :L] += np.matmul(pt, dout_blk)
+                dk[:, :L] += np.matmul(dst, q_rows[:, rows])
+                dq = np.matmul(dst.swapaxes(-1, -2), k_rows[:, :L], out=dq_rows[b, j, rows])    # (n, R, Dh)
+                if scale_on_q:
+                    dq *= scale
+            if not scale_on_q:
+                dk *= scale
+    pool.run(chunk, range(len(chunks)))
+    dq = np.ascontiguousarray(dq_rows.reshape(B, Hkv, T, G, Dh).transpose(0, 2, 1, 3, 4)).reshape(B, T, Hkv * G, Dh)
+    return dq, np.ascontiguousarray(dk_rows.transpose(0, 2, 1, 3)), np.ascontiguousarray(dv_rows.transpose(0, 2, 1, 3))
 
 
 # --- SwiGLU ---------------------------------------------------------------------------------------------------
