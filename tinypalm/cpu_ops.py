@@ -8,13 +8,14 @@ matmuls made training 20x slower). Here BLAS runs single-threaded, and a small p
 loses its core just takes fewer chunks. numpy and BLAS release the GIL while they compute, so the threads
 really run in parallel. A chunk stays in the cache while an element-wise op makes its several passes over it,
 so they cost one trip to memory. The pool has one thread per core the process may use; TINYPALM_NUM_THREADS=n
-sets it (1: everything on the calling thread).
+sets it (1: everything on the calling thread). Training goes one level up (batch_threads.py): each thread runs a
+piece of the batch through the whole model, and the twins it calls run their chunks inline on that thread.
 
 Each function has exactly the signature and the cache format of its ops.py twin (so a twin's backward also
 accepts the plain forward's cache) and is tested against it (tests/test_cpu_ops.py). Attention is the exception:
 its twin skips the masked half of causal attention, and its cache is its own (its backward takes ops.py's
-cache too; tests/test_cpu_attention.py). Inputs these twins do
-not handle (any dtype other than float32 and float64, e.g. bfloat16) go to the ops.py function unchanged.
+cache too; tests/test_cpu_attention.py). Inputs these twins do not handle (any dtype other than float32 and
+float64, e.g. bfloat16) go to the ops.py function unchanged.
 """
 
 import contextvars
