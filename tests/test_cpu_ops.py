@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-from tinypalm import Config, PaLM, TinyPalmError, backend, cpu_ops, ops
+from tinypalm import Config, PaLM, TinyPalmError, cpu_ops, ops
 from tinypalm.flat import flatten
 from tinypalm.optim import AdamW
 

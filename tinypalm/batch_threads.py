@@ -17,6 +17,7 @@ piece; the number of pieces (one per thread, at most one per row) changes its ro
 
 from . import cpu_ops
 
+
 def pieces(batch_size):
     """Row ranges cutting a batch into one piece per pool thread, as even as they go: [(start, stop)]."""
     n = 1 if cpu_ops.inline() else min(cpu_ops.pool.n_threads, batch_size)
