@@ -143,6 +143,16 @@ def test_token_file_large_tokenizer_dict(tmp_path):
     np.testing.assert_array_equal(tokens, np.arange(100))
 
 
+def test_token_file_write_leaves_other_writers_temporaries(tmp_path):
+    path = tmp_path / "t.bin"
+    other = tmp_path / "t.bin.tmp"                  # another process's half-written file, by an older name
+    other.write_bytes(b"in progress")
+    data.write_token_file(path, [np.arange(10)], {"vocab_size": 10})
+    assert other.read_bytes() == b"in progress"
+    np.testing.assert_array_equal(data.open_token_file(path)[0], np.arange(10))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.bin", "t.bin.tmp"]      # its own temporary is gone
+
+
 def test_token_file_errors(tmp_path):
     path = tmp_path / "t.bin"
     data.write_token_file(path, [np.arange(1000)], {"vocab_size": 1000})

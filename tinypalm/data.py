@@ -136,7 +136,7 @@ def write_token_file(path, ids_chunks, tokenizer_dict, vocab_size=None):
     dtype = _DTYPES[itemsize]
     meta = json.dumps(tokenizer_dict, separators=(",", ":")).encode("utf-8")
     offset = -(-(_PREFIX.size + len(meta)) // _ALIGN) * _ALIGN
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"        # this process's own: another writer of the same path keeps its file
     count = 0
     try:
         with open(tmp, "wb") as f:
