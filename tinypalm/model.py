@@ -240,9 +240,19 @@ class PaLM:
     def loss(self, tokens, targets, loss_mask=None):
         """The training loss without the backward pass (for evaluation), as a Python float (read from the device);
         loss_mask as in loss_and_grads."""
-        logits = self.forward(tokens)
-        loss, _, _ = self._loss_forward(logits.reshape(-1, logits.shape[-1]), self._tokens(targets), loss_mask)
+        logits, targets = self.forward(tokens), self._tokens(targets)
+        loss_mask = self._loss_mask(loss_mask, targets)
+        loss, _, _ = self._loss_forward(logits.reshape(-1, logits.shape[-1]), targets, loss_mask)
         return float(to_numpy(loss))
+
+    def _loss_mask(self, loss_mask, targets):
+        # None, or loss_mask as a device array of the targets' shape (B, T)
+        if loss_mask is None:
+            return None
+        loss_mask = self.xp.asarray(loss_mask)
+        if loss_mask.shape != targets.shape:
+            raise ValueError(f"loss_mask must have the targets' shape {targets.shape}, got {loss_mask.shape}")
+        return loss_mask
 
     def _loss_forward(self, logits, targets, loss_mask):
         # (loss, cache, its backward): over every position, or the mean over those loss_mask (B, T) counts
@@ -250,9 +260,6 @@ class PaLM:
         if loss_mask is None:
             loss, cache = ops.cross_entropy_forward(xp, logits, targets.reshape(-1), z_loss)
             return loss, cache, ops.cross_entropy_backward
-        loss_mask = xp.asarray(loss_mask)
-        if loss_mask.shape != targets.shape:
-            raise ValueError(f"loss_mask must have the targets' shape {targets.shape}, got {loss_mask.shape}")
         loss, cache = ops.masked_cross_entropy_forward(xp, logits, targets.reshape(-1), loss_mask.reshape(-1), z_loss)
         return loss, cache, ops.masked_cross_entropy_backward
 
@@ -302,10 +309,7 @@ class PaLM:
         On numpy the batch's rows are cut into one piece per thread, run side by side (batch_threads.py): the
         same result up to rounding, dropout included."""
         tokens, targets = self._tokens(tokens), self._tokens(targets)
-        if loss_mask is not None:
-            loss_mask = self.xp.asarray(loss_mask)
-            if loss_mask.shape != targets.shape:
-                raise ValueError(f"loss_mask must have the targets' shape {targets.shape}, got {loss_mask.shape}")
+        loss_mask = self._loss_mask(loss_mask, targets)
         grads = self.grads_like() if grads is None else grads
         if self.split_batch is not None:
             return self.split_batch.loss_and_grads(self, tokens, targets, dropout, dropout_seed, grads, loss_mask)
@@ -320,7 +324,6 @@ class PaLM:
         logits, (block_caches, ln_cache, h) = self._forward(tokens, None, dropout, dropout_seed, first_row)
         loss, ce_cache, ce_backward = self._loss_forward(logits, targets, loss_mask)
 
-        grads = self.grads_like() if grads is None else grads
         if self.adapter is not None and getattr(grads, "adapter", None) is None:
             grads.adapter = self.adapter.grads_like()
         d_embed, d_norm = grads.stored["embed"], grads.stored["norm"]
