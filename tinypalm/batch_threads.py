@@ -16,6 +16,7 @@ piece; the number of pieces (one per thread, at most one per row) changes its ro
 """
 
 from . import cpu_ops
+from .backend import map_ranges
 
 
 def pieces(batch_size):
@@ -77,28 +78,21 @@ def _piece_grads(model, n):
     """n zeroed gradient Flats for pieces 1.., kept on the model from step to step (allocating them anew costs
     as much as zeroing them, and page faults besides)."""
     kept = model.__dict__.setdefault("_piece_grads", [])
-    if kept and kept[0].layout is not model.layout:
-        kept.clear()
     while len(kept) < n:
         kept.append(model.grads_like())
-    chunk = max(1, cpu_ops.ELEMENTWISE_CHUNK_BYTES // kept[0].flat.itemsize)
-    size = kept[0].flat.size
 
-    def zero(start):
+    def zero(a, b):
         for g in kept[:n]:
-            g.flat[start:start + chunk] = 0
-    cpu_ops.pool.run(zero, range(0, size, chunk))
+            g.flat[a:b] = 0
+    map_ranges(kept[0].flat, [(0, kept[0].flat.size)], zero)
     for g in kept[:n]:
         g.adapter = None                     # the model makes the adapters' gradients, if it has adapters
     return kept[:n]
 
 
 def _add_in_order(total, parts):
-    # total += parts[0] + parts[1] + ..., in that order for every element, cut into chunks for the threads
-    chunk = max(1, cpu_ops.ELEMENTWISE_CHUNK_BYTES // total.itemsize)
-
-    def add(start):
-        piece = slice(start, start + chunk)
+    # total += parts[0] + parts[1] + ..., in that order for every element, in chunks for the threads
+    def add(a, b):
         for part in parts:
-            total[piece] += part[piece]
-    cpu_ops.pool.run(add, range(0, total.size, chunk))
+            total[a:b] += part[a:b]
+    map_ranges(total, [(0, total.size)], add)
