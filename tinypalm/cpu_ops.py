@@ -253,17 +253,14 @@ def layernorm_backward(dy, gain, d_gain, cache):
 
 # --- linear (no bias) ---------------------------------------------------------------------------------------
 
-def linear_forward(x, w):
-    # x (N, in), w (in, out) -> y (N, out): row chunks of x, each one single-threaded GEMM
-    if not ours(x, w) or x.ndim != 2:
-        return ops.linear_forward(x, w)
-    N, n_in = x.shape
-    y = np.empty((N, w.shape[1]), x.dtype)
-
-    def chunk(r):
-        np.matmul(x[r], w, out=y[r])
-    pool.run(chunk, gemm_chunks(N, 2 * n_in * w.shape[1]))
-    return y
+def _product_tasks(out, a, b, scale=None):
+    """Tasks writing out = scale * a @ b (a (N, k), b (k, m), out (N, m)), one per row chunk of a: each chunk is
+    one single-threaded GEMM, scaled while it is still in the cache."""
+    def rows(r):
+        np.matmul(a[r], b, out=out[r])
+        if scale is not None:
+            out[r] *= scale
+    return [(rows, r) for r in gemm_chunks(len(a), 2 * a.shape[1] * b.shape[1])]
 
 
 def _weight_grad_tasks(dw, x, dy, scale=None):
@@ -271,37 +268,37 @@ def _weight_grad_tasks(dw, x, dy, scale=None):
     n_in, n_out = dw.shape
     N = x.shape[0]
 
-    def rows(r):                                 # dw[r] += x[:, r]^T dy
-        t = x[:, r].T @ dy
+    def part(cut):                               # dw[r, c] += x[:, r]^T dy[:, c], one of r and c all of it
+        r, c = cut
+        t = x[:, r].T @ dy[:, c]
         if scale is not None:
             t *= scale
-        dw[r] += t
-
-    def cols(c):                                 # dw[:, c] += x^T dy[:, c]
-        t = x.T @ dy[:, c]
-        if scale is not None:
-            t *= scale
-        dw[:, c] += t
+        dw[r, c] += t
+    every = slice(None)
     if n_in >= n_out:
-        return [(rows, r) for r in gemm_chunks(n_in, 2 * N * n_out)]
-    return [(cols, c) for c in gemm_chunks(n_out, 2 * N * n_in)]
+        return [(part, (r, every)) for r in gemm_chunks(n_in, 2 * N * n_out)]
+    return [(part, (every, c)) for c in gemm_chunks(n_out, 2 * N * n_in)]
 
 
 def _run_tasks(tasks):
     pool.run(lambda task: task[0](task[1]), tasks)
 
 
+def linear_forward(x, w):
+    # x (N, in), w (in, out) -> y (N, out): row chunks of x, each one single-threaded GEMM
+    if not ours(x, w) or x.ndim != 2:
+        return ops.linear_forward(x, w)
+    y = np.empty((len(x), w.shape[1]), x.dtype)
+    _run_tasks(_product_tasks(y, x, w))
+    return y
+
+
 def linear_backward(dy, x, w, dw):
     # dw (in, out) accumulates x^T dy; returns dx = dy w^T. Both GEMMs' chunks go to the pool as one job.
     if not ours(dy, x, w, dw) or dy.ndim != 2:
         return ops.linear_backward(dy, x, w, dw)
-    N, n_out = dy.shape
-    dx = np.empty((N, w.shape[0]), dy.dtype)
-
-    def dx_rows(r):
-        np.matmul(dy[r], w.T, out=dx[r])
-    tasks = _weight_grad_tasks(dw, x, dy) + [(dx_rows, r) for r in gemm_chunks(N, 2 * n_out * w.shape[0])]
-    _run_tasks(tasks)
+    dx = np.empty((len(dy), w.shape[0]), dy.dtype)
+    _run_tasks(_weight_grad_tasks(dw, x, dy) + _product_tasks(dx, dy, w.T))
     return dx
 
 
@@ -311,14 +308,8 @@ def tied_logits_forward(h, embed):
     # h (N, D), embed (V, D) -> logits (N, V) = h @ embed^T / sqrt(D)
     if not ours(h, embed) or h.ndim != 2:
         return ops.tied_logits_forward(h, embed)
-    N, D = h.shape
-    logits = np.empty((N, embed.shape[0]), h.dtype)
-    scale = 1.0 / math.sqrt(D)
-
-    def chunk(r):
-        np.matmul(h[r], embed.T, out=logits[r])
-        logits[r] *= scale
-    pool.run(chunk, gemm_chunks(N, 2 * D * embed.shape[0]))
+    logits = np.empty((len(h), embed.shape[0]), h.dtype)
+    _run_tasks(_product_tasks(logits, h, embed.T, 1.0 / math.sqrt(h.shape[1])))
     return logits
 
 
@@ -326,15 +317,9 @@ def tied_logits_backward(dlogits, h, embed, d_embed):
     # d_embed (V, D) accumulates dlogits^T h / sqrt(D); returns dh = dlogits embed / sqrt(D)
     if not ours(dlogits, h, embed, d_embed) or h.ndim != 2:
         return ops.tied_logits_backward(dlogits, h, embed, d_embed)
-    N, V = dlogits.shape
     scale = 1.0 / math.sqrt(embed.shape[1])
     dh = np.empty_like(h)
-
-    def dh_rows(r):
-        np.matmul(dlogits[r], embed, out=dh[r])
-        dh[r] *= scale
-    _run_tasks(_weight_grad_tasks(d_embed, dlogits, h, scale)
-               + [(dh_rows, r) for r in gemm_chunks(N, 2 * V * embed.shape[1])])
+    _run_tasks(_weight_grad_tasks(d_embed, dlogits, h, scale) + _product_tasks(dh, dlogits, embed, scale))
     return dh
 
 
