@@ -199,8 +199,8 @@ def ours(*arrays):
 # backward four, and the backward's statistics come from gemvs against gain / D without forming dxhat first.
 
 def _row_dots(a, b):
-    # a, b (n, D) -> (n,) row-wise dot products; np.vecdot (numpy >= 2) is one pass, einsum the fallback
-    return np.vecdot(a, b) if hasattr(np, "vecdot") else np.einsum("ij,ij->i", a, b)
+    # a, b (..., D) -> (...) dot products along the last axis; np.vecdot (numpy >= 2) is one pass, einsum the fallback
+    return np.vecdot(a, b) if hasattr(np, "vecdot") else np.einsum("...i,...i->...", a, b)
 
 
 def layernorm_forward(x, gain, eps):
@@ -570,7 +570,7 @@ def attention_backward(dout, cache):
                 rows = slice(a * G, e * G)
                 dout_blk = dout5[b, a:e, j].reshape(n, -1, Dh)     # (n, R, Dh): a copy where dout is a strided
                                                                    # view (the model's is)
-                c = np.einsum("nrd,nrd->nr", dout_blk, cache.out_rows[b, j, rows])[:, None, :]     # (n, 1, R)
+                c = _row_dots(dout_blk, cache.out_rows[b, j, rows])[:, None, :]                   # (n, 1, R)
                 dst = np.matmul(v_rows[:, :L], dout_blk.swapaxes(-1, -2))                       # (n, L, R) dp^T
                 dst -= c
                 dst *= pt                                          # dscores^T
