@@ -217,16 +217,6 @@ def _f64(a):
     return np.asarray(a).astype(np.float64)
 
 
-def _mix32(h):
-    h = h.astype(np.uint32)
-    h ^= h >> np.uint32(16)
-    h *= np.uint32(0x85EBCA6B)
-    h ^= h >> np.uint32(13)
-    h *= np.uint32(0xC2B2AE35)
-    h ^= h >> np.uint32(16)
-    return h
-
-
 def emu_layernorm_forward(grid, block, x, gain, y, mean, rstd, D, eps):
     N = grid[0]
     X, G = _f64(memory(x, N * D)).reshape(N, D), _f64(memory(gain, D))
@@ -326,7 +316,7 @@ def emu_embedding_backward(grid, block, d_embed, dx, tokens, n, D):
 
 def emu_dropout_mask(grid, block, keep, n, first, key, threshold):
     h = (np.arange(n, dtype=np.uint32) + np.uint32(first)) * np.uint32(0x9E3779B1) + np.uint32(key)
-    memory(keep, n)[:] = _mix32(h) >= threshold
+    memory(keep, n)[:] = ops._mix32(np, h) >= threshold
 
 
 def emu_dropout_apply(grid, block, x, keep, y, n, scale):
