@@ -57,8 +57,7 @@ def op_overrides(backend):
     import cupy
     if not hasattr(cupy, "RawModule"):
         return {}
-    from .cuda.ops import OVERRIDES
-    return dict(OVERRIDES)
+    return cuda_overrides()
 
 
 def batch_splitter(backend):
