@@ -2,8 +2,10 @@
 
 import argparse
 import importlib.util
+import io
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -169,3 +171,33 @@ def test_run_cli_turns_os_errors_and_ctrl_c_into_exit_statuses(capsys):
     with pytest.raises(SystemExit) as exit:
         run_cli(ctrl_c)
     assert exit.value.code == 130
+
+
+def test_ctrl_c_message_while_a_print_is_under_way(monkeypatch):
+    # the signal lands inside a print to stdout (here: during the buffered writer's flush): the handler's own
+    # message must not print into the same stream again, which raises "reentrant call"
+    read_end, write_end = os.pipe()
+    stop = None
+
+    class Raw(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def fileno(self):
+            return write_end
+
+        def write(self, data):
+            if not stop.requested:
+                stop.handle(signal.SIGINT, None)
+            return os.write(write_end, data)
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BufferedWriter(Raw())))
+    stop = run.StopRequest()
+    try:
+        print("step 3/100", flush=True)
+    finally:
+        stop.release()
+        os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        written = pipe.read()
+    assert stop.requested
+    assert "Ctrl-C: finishing this step, saving and stopping" in written and "step 3/100" in written

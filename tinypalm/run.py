@@ -51,7 +51,10 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: finishing this step, saving and stopping (Ctrl-C again to quit at once)", flush=True)
+        # os.write, not print: the signal may arrive while the main thread is inside a print to the same stream,
+        # and a second print there raises "reentrant call" instead of stopping cleanly
+        os.write(sys.stdout.fileno(), b"\nCtrl-C: finishing this step, saving and stopping (Ctrl-C again to quit "
+                                      b"at once)\n")
 
     def release(self):
         """From here on Ctrl-C interrupts at once (exit status 130): nothing is left unsaved."""
