@@ -121,7 +121,7 @@ def busy_processes(n):
 def compare(args, cfg, model, step):
     """Median step times of tinypalm (and with --vs-torch, of the same step in PyTorch, the two alternating
     step by step so that both see the same machine), as the machine is and, with --load N, while N busy
-    processes run."""
+    processes run (each program's steps then in a block of their own)."""
     steps = {"tinypalm": step}
     if args.vs_torch:
         from .bench_torch import import_torch, make_torch_step
@@ -134,13 +134,18 @@ def compare(args, cfg, model, step):
           + (f"; PyTorch {torch.__version__} eager, {torch.get_num_threads()} threads, alternating with tinypalm"
              if args.vs_torch else ""))
 
-    def measure():
-        for fn in steps.values():
-            time_steps(fn, model.xp, args.warmup)
+    def measure(alternate=True):
         times = {name: [] for name in steps}
-        for _ in range(args.steps):
+        if alternate:
+            for fn in steps.values():
+                time_steps(fn, model.xp, args.warmup)
+            for _ in range(args.steps):
+                for name, fn in steps.items():
+                    times[name] += time_steps(fn, model.xp, 1)
+        else:
             for name, fn in steps.items():
-                times[name] += time_steps(fn, model.xp, 1)
+                time_steps(fn, model.xp, args.warmup)
+                times[name] = time_steps(fn, model.xp, args.steps)
         return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
     def report(label, timed):
@@ -156,7 +161,9 @@ def compare(args, cfg, model, step):
     if args.load:
         busy = busy_processes(args.load)
         try:
-            loaded = measure()
+            # each program's steps in a block of their own: alternating under load, PyTorch's OpenMP workers (they
+            # spin for a while after each parallel region) took time from tinypalm's next step, 10-20% of it
+            loaded = measure(alternate=False)
         finally:
             for proc in busy:
                 proc.terminate()

@@ -1,0 +1,40 @@
+"""python -m tinypalm.bench's comparison: the order it times the steps in, without PyTorch installed (a stand-in
+peer records its calls)."""
+
+import types
+
+from tinypalm import bench, bench_torch
+
+
+def test_vs_torch_alternates_idle_and_times_blocks_under_load(monkeypatch, capsys):
+    calls = []
+    busy = []
+
+    def make_step(model, batch_size, seq_len):
+        real = real_make_step(model, batch_size, seq_len)
+
+        def step():
+            calls.append("tinypalm")
+            return real()
+        return step
+
+    def busy_processes(n):
+        procs = real_busy_processes(n)
+        busy.extend(procs)
+        calls.append(f"{n} busy")
+        return procs
+
+    real_make_step, real_busy_processes = bench.make_step, bench.busy_processes
+    monkeypatch.setattr(bench, "make_step", make_step)
+    monkeypatch.setattr(bench, "busy_processes", busy_processes)
+    monkeypatch.setattr(bench_torch, "import_torch", lambda: types.SimpleNamespace(__version__="peer",
+                                                                                 get_num_threads=lambda: 1))
+    monkeypatch.setattr(bench_torch, "make_torch_step", lambda *a, **k: lambda: calls.append("torch"))
+
+    bench.main(["--vs-torch", "--load", "1", "--steps", "3", "--warmup", "1", "--batch-size", "2", "--seq-len", "8"])
+    idle = ["tinypalm", "torch"] + ["tinypalm", "torch"] * 3                    # warm-up, then in turn
+    loaded = ["1 busy"] + ["tinypalm"] * 4 + ["torch"] * 4                     # each in a block of its own
+    assert calls == idle + loaded
+    assert busy and all(p.poll() is not None for p in busy)                    # the busy processes are gone
+    out = capsys.readouterr().out
+    assert "with load / without (medians): tinypalm" in out and "torch" in out.splitlines()[-1]
