@@ -163,6 +163,23 @@ def test_rope(dtype, shape):
     assert_same(cpu_ops.rope_backward(dout, cos, sin), ops.rope_backward(dout, cos, sin), dtype)
 
 
+def test_rope_kept_tables_follow_the_tables_passed():
+    # the twin keeps its repeated tables from call to call; tables of the same shape but other positions, or
+    # changed in place, must not get the kept ones
+    rng = np.random.default_rng(7)
+    cos, sin = ops.rope_tables(np, 24, 8, 10000.0, np.float64)
+    x = randn(rng, (2, 6, 3, 8), np.float64)
+    for first in (0, 5, 0, 11):                                        # same shape, other positions, and back
+        c, s = cos[first:first + 6, None], sin[first:first + 6, None]
+        assert_same(cpu_ops.rope_forward(x, c, s), ops.rope_forward(x, c, s), np.float64)
+        assert_same(cpu_ops.rope_backward(x, c, s), ops.rope_backward(x, c, s), np.float64)
+    c, s = cos[:6, None].copy(), sin[:6, None].copy()
+    cpu_ops.rope_forward(x, c, s)
+    c[2] *= -1.0
+    s[3] += 0.5
+    assert_same(cpu_ops.rope_forward(x, c, s), ops.rope_forward(x, c, s), np.float64)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", [(4, 1), (4, 2), (3, 3)])
 @pytest.mark.parametrize("positions", [(6, 6, 0), (3, 8, 5)])            # training; a cached continuation

@@ -344,12 +344,21 @@ def embedding_backward(xp, d_embed, dx, tokens):
 # their sum, instead of five over half rows. The tables are repeated over the nh heads (T * nh * Dh: 1/B of x):
 # against a (T, 1, Dh) table numpy's inner loop is one head's Dh, against a (T, nh, Dh) one a whole row.
 
-def _rope(x, cos, sin, forward):
-    # x (B, T, nh, Dh), cos/sin (T, 1, Dh) -> out (B, T, nh, Dh); chunks over B
-    B, T, nh, Dh = x.shape
+_rope_tables = {}                         # (T, nh, Dh, dtype, forward) -> (cos, sin, cos_rows, signed_sin)
+
+
+def _rope_rows(cos, sin, nh, dtype, forward):
+    """cos repeated over the nh heads (T, nh, Dh), and the signed sin that multiplies the swapped halves
+    (T, nh, 2, Dh/2). Kept from call to call (the model passes the same tables every time, and building them
+    costs as much as a quarter of the op): a kept pair is used only when its cos and sin equal these."""
+    T, _, Dh = cos.shape
+    key = (T, nh, Dh, dtype, forward)
+    kept = _rope_tables.get(key)            # (a local: another thread may clear the dict meanwhile)
+    if kept is not None and np.array_equal(kept[0], cos) and np.array_equal(kept[1], sin):
+        return kept[2], kept[3]
     h = Dh // 2
-    cos_rows = np.broadcast_to(cos, (T, nh, Dh)).astype(x.dtype) if nh > 1 else cos          # (T, nh, Dh)
-    signed_sin = np.empty((T, nh, 2, h), x.dtype)           # multiplies the swapped halves
+    cos_rows = np.broadcast_to(cos, (T, nh, Dh)).astype(dtype)
+    signed_sin = np.empty((T, nh, 2, h), dtype)
     lo, hi = sin[:, :, None, :h], sin[:, :, None, h:]       # (T, 1, 1, h)
     if forward:           # out_lo = x_lo cos_lo - x_hi sin_lo, out_hi = x_hi cos_hi + x_lo sin_hi
         np.negative(lo, out=signed_sin[:, :, :1])
@@ -357,6 +366,17 @@ def _rope(x, cos, sin, forward):
     else:                 # the transpose: dx_lo = d_lo cos_lo + d_hi sin_hi, dx_hi = d_hi cos_hi - d_lo sin_lo
         signed_sin[:, :, :1] = hi
         np.negative(lo, out=signed_sin[:, :, 1:])
+    if len(_rope_tables) > 64:
+        _rope_tables.clear()
+    _rope_tables[key] = (cos.copy(), sin.copy(), cos_rows, signed_sin)
+    return cos_rows, signed_sin
+
+
+def _rope(x, cos, sin, forward):
+    # x (B, T, nh, Dh), cos/sin (T, 1, Dh) -> out (B, T, nh, Dh); chunks over B
+    B, T, nh, Dh = x.shape
+    h = Dh // 2
+    cos_rows, signed_sin = _rope_rows(cos, sin, nh, x.dtype, forward)
     out = np.empty(x.shape, x.dtype)
 
     def chunk(b):
