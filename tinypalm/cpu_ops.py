@@ -344,17 +344,18 @@ def embedding_backward(xp, d_embed, dx, tokens):
 # their sum, instead of five over half rows. The tables are repeated over the nh heads (T * nh * Dh: 1/B of x):
 # against a (T, 1, Dh) table numpy's inner loop is one head's Dh, against a (T, nh, Dh) one a whole row.
 
-_rope_tables = {}                         # (T, nh, Dh, dtype, forward) -> (cos, sin, cos_rows, signed_sin)
+_rope_tables = {}                         # (shapes, dtypes, nh, forward) -> (cos bytes, sin bytes, cos_rows, signed_sin)
 
 
 def _rope_rows(cos, sin, nh, dtype, forward):
     """cos repeated over the nh heads (T, nh, Dh), and the signed sin that multiplies the swapped halves
     (T, nh, 2, Dh/2). Kept from call to call (the model passes the same tables every time, and building them
-    costs as much as a quarter of the op): a kept pair is used only when its cos and sin equal these."""
+    costs as much as a quarter of the op): a kept pair is used only when the tables passed have the same bytes."""
     T, _, Dh = cos.shape
-    key = (T, nh, Dh, dtype, forward)
+    key = (cos.shape, cos.dtype, sin.shape, sin.dtype, nh, dtype, forward)
+    cos_bytes, sin_bytes = cos.tobytes(), sin.tobytes()
     kept = _rope_tables.get(key)            # (a local: another thread may clear the dict meanwhile)
-    if kept is not None and np.array_equal(kept[0], cos) and np.array_equal(kept[1], sin):
+    if kept is not None and kept[0] == cos_bytes and kept[1] == sin_bytes:
         return kept[2], kept[3]
     h = Dh // 2
     cos_rows = np.broadcast_to(cos, (T, nh, Dh)).astype(dtype)
@@ -368,7 +369,7 @@ def _rope_rows(cos, sin, nh, dtype, forward):
         np.negative(lo, out=signed_sin[:, :, 1:])
     if len(_rope_tables) > 64:
         _rope_tables.clear()
-    _rope_tables[key] = (cos.copy(), sin.copy(), cos_rows, signed_sin)
+    _rope_tables[key] = (cos_bytes, sin_bytes, cos_rows, signed_sin)
     return cos_rows, signed_sin
 
 
