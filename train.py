@@ -333,6 +333,7 @@ def main(argv=None):
     model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=args.seed)
     comm.attach(model, zero=args.zero, micro_batches=args.grad_accum)
     frozen = frozen_params(args, model)
+    model.frozen = frozenset(frozen)                   # the backward skips their gradients
     optimizer = AdamW(model.params, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, frozen=frozen,
                       shard=comm.shard)
     start_step, best_val = 0, math.inf
@@ -343,6 +344,7 @@ def main(argv=None):
         if comm.size > 1:
             raise TinyPalmError("--lora-rank trains in one process: run it without mpiexec")
         adapter, base_hash = lora.start_training(args, model, ckpt)
+        model.frozen = frozenset(model.params.stored)   # the whole base: only the adapters' gradients are made
         optimizer = AdamW(adapter.params, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
         trained, trained_grads = adapter.params, (lambda grads: grads.adapter)
     if args.resume:

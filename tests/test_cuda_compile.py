@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import as_strided
 
-from tinypalm import ops
+from tinypalm import batch_threads, ops
 from tinypalm.cuda import ops as cuda_ops
 from tinypalm.cuda import gemm as gemm_module
 from tinypalm.cuda import source
@@ -420,7 +420,7 @@ def test_a_wrong_argument_width_is_caught(emulated):
     np.testing.assert_array_equal(d_embed, [[1] * 4, [2] * 4, [0] * 4, [0] * 4, [0] * 4])
 
 
-def test_the_model_on_kernel_backed_ops_matches_float64(emulated):
+def test_the_model_on_kernel_backed_ops_matches_float64(emulated, monkeypatch):
     # the model as the cupy backend builds it (ops.py with the overrides laid over it), numpy playing cupy:
     # loss and every gradient against the plain float64 model, with dropout, and generation with the KV cache
     import types
@@ -444,6 +444,21 @@ def test_the_model_on_kernel_backed_ops_matches_float64(emulated):
     launched = {instance.split("<")[0] for instance in emulated.launched}
     assert {"layernorm_forward", "rope", "causal_softmax_forward", "causal_softmax_backward", "swiglu_backward",
             "cross_entropy_backward", "embedding_backward", "dropout_mask", "dropout_apply"} <= launched
+    # a frozen embedding, weight and gains: their gradients skipped, the others' as before
+    frozen = frozenset({"embed", "layers.0.w_in", "layers.1.norm", "norm"})
+    products = []
+    monkeypatch.setattr(gemm_module, "_cublas_gemm", lambda *args: (products.append(args), fake_cublas_gemm(*args)))
+    model.loss_and_grads(tokens, targets, dropout=0.2, dropout_seed=4)
+    unfrozen_products, products[:] = len(products), []
+    model.frozen = frozen
+    _, frozen_grads = model.loss_and_grads(tokens, targets, dropout=0.2, dropout_seed=4)
+    pieces = len(batch_threads.pieces(len(tokens)))
+    assert len(products) == unfrozen_products - 2 * pieces          # no w_in and no tied-embedding gradient product
+    for name, g in frozen_grads.stored.items():
+        if name in frozen:
+            assert not g.any(), name
+        else:
+            np.testing.assert_allclose(g, grads.stored[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_adamw_flat_matches_optim_adamw(emulated):

@@ -87,6 +87,18 @@ def test_adapter_gradients_accumulate():
     np.testing.assert_allclose(grads.adapter.flat, 2 * once, rtol=1e-12)
 
 
+def test_a_frozen_base_leaves_the_adapter_gradients_as_they_were():
+    # train.py freezes the whole base under LoRA: no base weight gradients, the adapters' exactly as before
+    model = small_model()
+    with_random_adapter(model)
+    tokens, targets = batch()
+    _, full = model.loss_and_grads(tokens, targets, dropout=0.1, dropout_seed=5)
+    model.frozen = frozenset(model.params.stored)
+    _, grads = model.loss_and_grads(tokens, targets, dropout=0.1, dropout_seed=5)
+    np.testing.assert_allclose(grads.adapter.flat, full.adapter.flat, rtol=1e-12, atol=1e-15)
+    assert not grads.flat.any()
+
+
 def test_step_zero_is_the_base_and_merge_matches():
     model = small_model()
     tokens, _ = batch()

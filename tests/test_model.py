@@ -200,3 +200,37 @@ def test_gradients_accumulate_into_a_given_buffer():
     _, both = model.loss_and_grads(t2, y2, grads=both)
     np.testing.assert_allclose(both.flat, g1.flat + g2.flat, rtol=1e-12, atol=1e-14)
     assert np.shares_memory(both["layers.0.wq"], both.flat)
+
+
+FROZEN = frozenset({"embed", "layers.0.w_in", "layers.1.norm", "layers.1.w_out", "norm"})
+
+
+@pytest.mark.parametrize("ops_kind", ["cpu twins, batch in pieces", "cpu twins, one piece", "ops.py"])
+def test_frozen_arrays_get_no_gradient_and_the_others_the_same(ops_kind, monkeypatch):
+    # model.frozen: the backward skips those arrays' gradients (their entries are left as they are) and makes
+    # every other one exactly as without it
+    from tinypalm import batch_threads, cpu_ops, ops
+    model = small_model()
+    if ops_kind != "cpu twins, batch in pieces":
+        model.split_batch = None
+    if ops_kind == "ops.py":
+        model.ops = ops
+    products = []                                     # the twins' weight-gradient products
+    weight_grad_tasks = cpu_ops._weight_grad_tasks
+    monkeypatch.setattr(cpu_ops, "_weight_grad_tasks", lambda *a, **k: products.append(1) or weight_grad_tasks(*a, **k))
+    tokens, targets = batch(model, B=3, T=6)
+    _, full = model.loss_and_grads(tokens, targets)
+    unfrozen_products, products[:] = len(products), []
+    model.frozen = FROZEN
+    grads = model.grads_like()
+    for name in FROZEN:
+        grads.stored[name][...] = 7.0
+    _, grads = model.loss_and_grads(tokens, targets, grads=grads)
+    if ops_kind != "ops.py":                          # embed (tied logits), layers.0.w_in, layers.1.w_out: 3 a piece
+        pieces = len(batch_threads.pieces(len(tokens))) if model.split_batch is not None else 1
+        assert len(products) == unfrozen_products - 3 * pieces
+    for name, g in grads.stored.items():
+        if name in FROZEN:
+            assert (g == 7.0).all(), name
+        else:
+            np.testing.assert_allclose(g, full.stored[name], rtol=1e-12, atol=1e-15, err_msg=name)

@@ -185,6 +185,11 @@ def gemm_chunks(n, flops_per_unit):
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+def _given(grad):
+    # a gradient argument as the arrays ours() checks: none when it is None (a frozen parameter)
+    return () if grad is None else (grad,)
+
+
 def ours(*arrays):
     """True when every array is a numpy float32 or float64 array of one dtype (else: use the ops.py function)."""
     dtype = arrays[0].dtype
@@ -228,7 +233,7 @@ def layernorm_backward(dy, gain, d_gain, cache):
     # Both means are gemvs against gain / D: mean(dxhat) = dy @ (gain / D), and mean(dxhat * xhat) =
     # (dy * xhat) @ (gain / D), where dy * xhat is also what d_gain sums over the rows
     xhat, rstd = cache
-    if not ours(dy, gain, d_gain, xhat, rstd) or dy.ndim != 2:
+    if not ours(dy, gain, xhat, rstd, *_given(d_gain)) or dy.ndim != 2:
         return ops.layernorm_backward(dy, gain, d_gain, cache)
     N, D = dy.shape
     dx, scratch = np.empty_like(dy), np.empty_like(dy)
@@ -239,7 +244,8 @@ def layernorm_backward(dy, gain, d_gain, cache):
     def chunk(i):
         r = chunks[i]
         dy_xhat = np.multiply(dy[r], xhat[r], out=scratch[r])                  # (n, D)
-        np.matmul(np.ones(len(dy_xhat), dy.dtype), dy_xhat, out=partial[i])    # column sums: one gemv
+        if d_gain is not None:
+            np.matmul(np.ones(len(dy_xhat), dy.dtype), dy_xhat, out=partial[i])    # column sums: one gemv
         mean_dxhat_xhat = (dy_xhat @ gain_mean)[:, None]                        # (n, 1)
         mean_dxhat = (dy[r] @ gain_mean)[:, None]                               # (n, 1)
         dxr = np.multiply(dy[r], gain, out=dx[r])                               # dxhat
@@ -247,7 +253,8 @@ def layernorm_backward(dy, gain, d_gain, cache):
         dxr -= np.multiply(xhat[r], mean_dxhat_xhat, out=dy_xhat)
         dxr *= rstd[r]
     pool.run(chunk, range(len(chunks)))
-    d_gain += partial.sum(axis=0)
+    if d_gain is not None:
+        d_gain += partial.sum(axis=0)
     return dx
 
 
@@ -294,11 +301,12 @@ def linear_forward(x, w):
 
 
 def linear_backward(dy, x, w, dw):
-    # dw (in, out) accumulates x^T dy; returns dx = dy w^T. Both GEMMs' chunks go to the pool as one job.
-    if not ours(dy, x, w, dw) or dy.ndim != 2:
+    # dw (in, out) accumulates x^T dy (None: frozen); returns dx = dy w^T. Both GEMMs' chunks go to the pool as
+    # one job.
+    if not ours(dy, x, w, *_given(dw)) or dy.ndim != 2:
         return ops.linear_backward(dy, x, w, dw)
     dx = np.empty((len(dy), w.shape[0]), dy.dtype)
-    _run_tasks(_weight_grad_tasks(dw, x, dy) + _product_tasks(dx, dy, w.T))
+    _run_tasks((_weight_grad_tasks(dw, x, dy) if dw is not None else []) + _product_tasks(dx, dy, w.T))
     return dx
 
 
@@ -314,12 +322,13 @@ def tied_logits_forward(h, embed):
 
 
 def tied_logits_backward(dlogits, h, embed, d_embed):
-    # d_embed (V, D) accumulates dlogits^T h / sqrt(D); returns dh = dlogits embed / sqrt(D)
-    if not ours(dlogits, h, embed, d_embed) or h.ndim != 2:
+    # d_embed (V, D) accumulates dlogits^T h / sqrt(D) (None: frozen); returns dh = dlogits embed / sqrt(D)
+    if not ours(dlogits, h, embed, *_given(d_embed)) or h.ndim != 2:
         return ops.tied_logits_backward(dlogits, h, embed, d_embed)
     scale = 1.0 / math.sqrt(embed.shape[1])
     dh = np.empty_like(h)
-    _run_tasks(_weight_grad_tasks(d_embed, dlogits, h, scale) + _product_tasks(dh, dlogits, embed, scale))
+    _run_tasks((_weight_grad_tasks(d_embed, dlogits, h, scale) if d_embed is not None else [])
+               + _product_tasks(dh, dlogits, embed, scale))
     return dh
 
 

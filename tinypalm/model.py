@@ -91,6 +91,13 @@ class Layer:
                       "wo": self.w_out[:q], "w_down": self.w_out[q:]}
 
 
+class LayerGrads:
+    """One block's gradients as _block_backward accumulates them: norm (D,), w_in, w_out, each None if frozen."""
+
+    def __init__(self, norm, w_in, w_out):
+        self.norm, self.w_in, self.w_out = norm, w_in, w_out
+
+
 class KVCache:
     """Keys and values of the positions seen so far, per layer: (B, max_seq_len, Hkv, Dh) each."""
 
@@ -133,6 +140,10 @@ class PaLM:
                                                        self.master_dtype)
         self._masks = {}
         self.adapter = None                  # LoRA adapters (lora.py), run beside the fused projections when set
+        # storage names (embed, layers.i.norm, layers.i.w_in, layers.i.w_out, norm) whose gradients the backward
+        # skips, their entries in grads left as they are: a frozen base (LoRA, --freeze-layers) costs no
+        # weight-gradient products
+        self.frozen = frozenset()
         self.load_params(init_params(cfg, seed))
 
     def load_params(self, arrays):
@@ -269,8 +280,9 @@ class PaLM:
     # --- backward ---------------------------------------------------------------------------------------------
 
     def _block_backward(self, dx, layer, d_layer, cache, d_adapter=None):
-        # dx (B, T, D): gradient at the block's output; accumulates into d_layer (and d_adapter, the adapters'
-        # gradients, when the model has adapters), returns the gradient at its input
+        # dx (B, T, D): gradient at the block's output; accumulates into d_layer (a None member is frozen: no
+        # gradient) and d_adapter (the adapters' gradients, when the model has adapters); returns the gradient
+        # at its input
         cfg, ops = self.config, self.ops
         B, T, D = dx.shape
         q_dim, kv_dim = layer.q_dim, layer.kv_dim
@@ -326,8 +338,9 @@ class PaLM:
 
         if self.adapter is not None and getattr(grads, "adapter", None) is None:
             grads.adapter = self.adapter.grads_like()
-        d_embed, d_norm = grads.stored["embed"], grads.stored["norm"]
-        d_layers = [Layer(cfg, grads.stored, i) for i in range(cfg.n_layers)]
+        d_embed, d_norm = self._trained_grad(grads, "embed"), self._trained_grad(grads, "norm")
+        d_layers = [LayerGrads(*(self._trained_grad(grads, name) for name in layer_storage_names(i)))
+                    for i in range(cfg.n_layers)]
         dlogits = ce_backward(xp, ce_cache, cfg.z_loss)                                     # (N, V)
         if scale != 1.0:
             dlogits *= scale
@@ -336,5 +349,10 @@ class PaLM:
         for layer, d_layer, cache in reversed(list(zip(self.layers, d_layers, block_caches))):
             extra = () if self.adapter is None else (grads.adapter,)     # the adapters' gradients, with LoRA
             dx = self._block_backward(dx, layer, d_layer, cache, *extra)
-        ops.embedding_backward(xp, d_embed, dx, tokens)
+        if d_embed is not None:
+            ops.embedding_backward(xp, d_embed, dx, tokens)
         return loss, grads
+
+    def _trained_grad(self, grads, name):
+        # the gradient the backward accumulates into for stored array `name`, or None where it is frozen
+        return None if name in self.frozen else grads.stored[name]

@@ -72,10 +72,12 @@ def layernorm_forward(x, gain, eps):
 
 
 def layernorm_backward(dy, gain, d_gain, cache):
-    # y = xhat * gain, xhat = (x - mean) * rstd. d_gain (D,) accumulates; returns dx (N, D)
+    # y = xhat * gain, xhat = (x - mean) * rstd. d_gain (D,) accumulates (None: a frozen gain, no gradient);
+    # returns dx (N, D)
     xhat, rstd = cache
     dyf, xhat = _up(dy), _up(xhat)
-    d_gain += (dyf * xhat).sum(axis=0)
+    if d_gain is not None:
+        d_gain += (dyf * xhat).sum(axis=0)
     dxhat = dyf * gain
     # the chain rule through the mean and the variance, both taken over D
     dx = dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
@@ -91,9 +93,11 @@ def linear_forward(x, w):
 
 
 def linear_backward(dy, x, w, dw):
-    # dw (in, out) accumulates x^T dy; returns dx = dy w^T. In bf16 runs dw is float32: numpy's bf16 product is
-    # float32 already, CuPy's comes back rounded to bf16 (its CUDA twin writes the float32 product directly)
-    dw += x.T @ dy
+    # dw (in, out) accumulates x^T dy (None: a frozen weight, no gradient); returns dx = dy w^T. In bf16 runs dw
+    # is float32: numpy's bf16 product is float32 already, CuPy's comes back rounded to bf16 (its CUDA twin
+    # writes the float32 product directly)
+    if dw is not None:
+        dw += x.T @ dy
     return _down(dy @ w.T, dy.dtype)
 
 
@@ -262,12 +266,13 @@ def tied_logits_forward(h, embed):
 
 
 def tied_logits_backward(dlogits, h, embed, d_embed):
-    # d_embed (V, D) accumulates dlogits^T h / sqrt(D) (the embedding's second use); returns dh (N, D).
-    # The scale goes on the two (., D) products rather than on the (N, V) dlogits
+    # d_embed (V, D) accumulates dlogits^T h / sqrt(D) (the embedding's second use; None: frozen); returns
+    # dh (N, D). The scale goes on the two (., D) products rather than on the (N, V) dlogits
     scale = 1.0 / math.sqrt(embed.shape[1])
-    d_embed_use = _up(dlogits.T @ h)
-    d_embed_use *= scale
-    d_embed += d_embed_use
+    if d_embed is not None:
+        d_embed_use = _up(dlogits.T @ h)
+        d_embed_use *= scale
+        d_embed += d_embed_use
     dh = _up(dlogits @ embed)
     dh *= scale
     return _down(dh, h.dtype)

@@ -116,11 +116,11 @@ def layernorm_forward(x, gain, eps):
 
 
 def layernorm_backward(dy, gain, d_gain, cache):
-    # d_gain (D,) accumulates sum(dy * xhat); returns dx (N, D)
+    # d_gain (D,) accumulates sum(dy * xhat) (None: frozen); returns dx (N, D)
     if not isinstance(cache, _Cache):
         return twin.layernorm_backward(dy, gain, d_gain, cache)
     x, mean, rstd = cache
-    if d_gain.dtype != numpy.float32 or not d_gain.flags.c_contiguous:       # the twin's cache, then the twin
+    if d_gain is not None and (d_gain.dtype != numpy.float32 or not d_gain.flags.c_contiguous):  # twin's cache, twin
         xhat = (x.astype(d_gain.dtype) - mean[:, None]) * rstd[:, None]
         return twin.layernorm_backward(dy.astype(d_gain.dtype), gain.astype(d_gain.dtype), d_gain,
                                        (xhat, rstd[:, None].astype(d_gain.dtype)))
@@ -130,6 +130,8 @@ def layernorm_backward(dy, gain, d_gain, cache):
     N, D = x.shape
     dx = cp.empty_like(x)
     kernel("layernorm", f"layernorm_backward_dx<{T}, {W}>")((N,), (BLOCK,), (dy, x, gain, mean, rstd, dx, _i32(D)))
+    if d_gain is None:
+        return dx
     rows_per_chunk = max(32, -(-N // 512))
     grid = (-(-D // BLOCK), -(-N // rows_per_chunk))
     kernel("layernorm", f"layernorm_backward_dgain<{T}>")(
@@ -139,12 +141,19 @@ def layernorm_backward(dy, gain, d_gain, cache):
 
 # --- linear: the weight gradient accumulates in float32 inside cuBLAS -----------------------------------------
 
+def _accumulable(grad):
+    # None (a frozen parameter: nothing to accumulate), or a gradient cuBLAS can accumulate into with beta = 1
+    return grad is None or (ctype(grad.dtype) is not None
+                            and row_layout(grad.shape, grad.strides, grad.itemsize, 1) is not None)
+
+
 def linear_backward(dy, x, w, dw):
-    # dw (in, out) += x^T dy (beta = 1: no temporary, and a float32 dw takes bf16 inputs); returns dx = dy w^T
-    if (ctype(dy.dtype) is None or x.dtype != dy.dtype or w.dtype != dy.dtype or ctype(dw.dtype) is None
-            or row_layout(dw.shape, dw.strides, dw.itemsize, 1) is None):
+    # dw (in, out) += x^T dy (beta = 1: no temporary, and a float32 dw takes bf16 inputs; None: frozen); returns
+    # dx = dy w^T
+    if ctype(dy.dtype) is None or x.dtype != dy.dtype or w.dtype != dy.dtype or not _accumulable(dw):
         return twin.linear_backward(dy, x, w, dw)
-    gemm(x, dy, transa=True, beta=1.0, out=dw)
+    if dw is not None:
+        gemm(x, dy, transa=True, beta=1.0, out=dw)
     return gemm(dy, w, transb=True)
 
 
@@ -330,12 +339,14 @@ def tied_logits_forward(h, embed):
 
 
 def tied_logits_backward(dlogits, h, embed, d_embed):
-    # d_embed (V, D) += dlogits^T h / sqrt(D), accumulated by cuBLAS (float32 d_embed, bf16 inputs); returns dh
+    # d_embed (V, D) += dlogits^T h / sqrt(D), accumulated by cuBLAS (float32 d_embed, bf16 inputs; None:
+    # frozen); returns dh
     if (ctype(dlogits.dtype) is None or h.dtype != dlogits.dtype or embed.dtype != dlogits.dtype
-            or ctype(d_embed.dtype) is None or row_layout(d_embed.shape, d_embed.strides, d_embed.itemsize, 1) is None):
+            or not _accumulable(d_embed)):
         return twin.tied_logits_backward(dlogits, h, embed, d_embed)
     scale = 1.0 / math.sqrt(embed.shape[1])
-    gemm(dlogits, h, transa=True, alpha=scale, beta=1.0, out=d_embed)
+    if d_embed is not None:
+        gemm(dlogits, h, transa=True, alpha=scale, beta=1.0, out=d_embed)
     return gemm(dlogits, embed, alpha=scale)
 
 
