@@ -234,3 +234,28 @@ def test_frozen_arrays_get_no_gradient_and_the_others_the_same(ops_kind, monkeyp
             assert (g == 7.0).all(), name
         else:
             np.testing.assert_allclose(g, full.stored[name], rtol=1e-12, atol=1e-15, err_msg=name)
+
+
+def test_the_backward_stops_above_frozen_bottom_layers(monkeypatch):
+    # --freeze-layers 1: the embedding and layer 0 frozen, so nothing below layer 1 needs a gradient
+    from tinypalm.model import layer_storage_names
+    model = PaLM(Config(vocab_size=13, d_model=16, n_layers=3, max_seq_len=8, n_heads=4, n_kv_heads=1), dtype="float64",
+                 seed=3)
+    tokens, targets = batch(model, B=3, T=6)
+    _, full = model.loss_and_grads(tokens, targets)
+    ran = []
+    block_backward = model._block_backward
+    monkeypatch.setattr(model, "_block_backward", lambda dx, layer, *a: ran.append(model.layers.index(layer))
+                        or block_backward(dx, layer, *a))
+    model.frozen = frozenset(["embed", *layer_storage_names(0)])
+    _, grads = model.loss_and_grads(tokens, targets)
+    assert sorted(set(ran)) == [1, 2]
+    for name, g in grads.stored.items():
+        if name in model.frozen:
+            assert not g.any(), name
+        else:
+            np.testing.assert_allclose(g, full.stored[name], rtol=1e-12, atol=1e-15, err_msg=name)
+    ran.clear()
+    model.frozen = frozenset(["layers.0.norm", *layer_storage_names(1)])     # the embedding trains: all the way down
+    model.loss_and_grads(tokens, targets)
+    assert sorted(set(ran)) == [0, 1, 2]

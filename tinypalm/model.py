@@ -346,12 +346,21 @@ class PaLM:
             dlogits *= scale
         dh = ops.tied_logits_backward(dlogits, h, self.embed, d_embed)                      # (N, D)
         dx = ops.layernorm_backward(dh, self.norm, d_norm, ln_cache).reshape(B, T, cfg.d_model)
-        for layer, d_layer, cache in reversed(list(zip(self.layers, d_layers, block_caches))):
+        for i in reversed(range(self._lowest_trained_layer(), cfg.n_layers)):
             extra = () if self.adapter is None else (grads.adapter,)     # the adapters' gradients, with LoRA
-            dx = self._block_backward(dx, layer, d_layer, cache, *extra)
+            dx = self._block_backward(dx, self.layers[i], d_layers[i], block_caches[i], *extra)
         if d_embed is not None:
             ops.embedding_backward(xp, d_embed, dx, tokens)
         return loss, grads
+
+    def _lowest_trained_layer(self):
+        # the backward stops below this layer: beneath it only frozen layers and a frozen embedding
+        if self.adapter is not None or "embed" not in self.frozen:
+            return 0
+        for i in range(self.config.n_layers):
+            if not self.frozen.issuperset(layer_storage_names(i)):
+                return i
+        return self.config.n_layers
 
     def _trained_grad(self, grads, name):
         # the gradient the backward accumulates into for stored array `name`, or None where it is frozen
