@@ -137,6 +137,8 @@ class KernelChecks:
                 self.compare("layernorm_forward", detail, y, y64, dtype)
                 self.compare("layernorm_backward dx", detail, dx, dx64, dtype)
                 self.compare("layernorm_backward d_gain", detail, d_gain, d_gain64, dtype)
+                self.compare("layernorm_backward dx, frozen gain", detail,
+                             self.k.layernorm_backward(dy, gain, None, cache), dx64, dtype)
 
     def linear(self, dtype):
         for N, n_in, n_out, width in self.sizes([(5, 7, 3, 3), (64, 128, 96, 96), (256, 768, 512, 700)]):
@@ -151,6 +153,7 @@ class KernelChecks:
             detail = f"{dtype.name} ({N}, {n_in}) x ({n_in}, {n_out})"
             self.compare("linear_backward dx", detail, dx, dx64, dtype)
             self.compare("linear_backward dw (float32)", detail, dw, dw64, dtype)
+            self.compare("linear_backward dx, frozen w", detail, self.k.linear_backward(dy, x, w, None), dx64, dtype)
 
     def rope(self, dtype):
         for B, T, nh, Dh, pos in self.sizes([(2, 5, 3, 8, 0), (4, 64, 12, 64, 0), (1, 3, 1, 16, 29)]):
@@ -228,6 +231,8 @@ class KernelChecks:
             dh64 = ops.tied_logits_backward(dlogits64, h64, embed64, d_embed64)
             self.compare("tied_logits_backward dh", detail, dh, dh64, dtype)
             self.compare("tied_logits_backward d_embed", detail, d_embed, d_embed64, dtype)
+            self.compare("tied_logits_backward dh, frozen embed", detail,
+                         self.k.tied_logits_backward(dlogits, h, embed, None), dh64, dtype)
 
     def cross_entropy(self, dtype):
         for N, V in self.sizes([(5, 11), (64, 1000), (512, 32768)]):
