@@ -294,6 +294,10 @@ def test_pool_runs_every_task_once_and_reraises():
         pool.run(fail, list(range(20)))
     pool.run(seen.append, [100])                                       # still usable afterwards
     assert seen[-1] == 100
+    empty = threading.Thread(target=pool.run, args=(seen.append, []), daemon=True)   # no tasks: returns at once
+    empty.start()
+    empty.join(timeout=10)
+    assert not empty.is_alive() and len(seen) == 101
 
 
 def test_cancelled_job_waits_for_tasks_under_way():

@@ -125,7 +125,7 @@ class ChunkPool:
             job.work(worker=True)
 
     def run(self, fn, tasks):
-        if self.n_threads == 1 or len(tasks) == 1 or getattr(_task, "depth", 0) > 0:
+        if self.n_threads == 1 or len(tasks) <= 1 or getattr(_task, "depth", 0) > 0:     # nothing to share
             for task in tasks:
                 fn(task)
             return
@@ -353,7 +353,7 @@ def embedding_backward(xp, d_embed, dx, tokens):
 # their sum, instead of five over half rows. The tables are repeated over the nh heads (T * nh * Dh: 1/B of x):
 # against a (T, 1, Dh) table numpy's inner loop is one head's Dh, against a (T, nh, Dh) one a whole row.
 
-_rope_tables = {}                         # (shapes, dtypes, nh, forward) -> (cos bytes, sin bytes, cos_rows, signed_sin)
+_rope_tables = {}                         # (shapes, dtypes, nh, forward) -> (cos, sin bytes, cos_rows, signed_sin)
 
 
 def _rope_rows(cos, sin, nh, dtype, forward):
