@@ -17,6 +17,7 @@ piece; the number of pieces (one per thread, at most one per row) changes its ro
 
 from . import cpu_ops
 from .backend import map_ranges
+from .optim import update_runs
 
 
 def pieces(batch_size):
@@ -37,7 +38,8 @@ def loss_and_grads(model, tokens, targets, dropout, dropout_seed, grads, loss_ma
     else:
         counted = [float(loss_mask[a:b].sum()) for a, b in rows]
         weights = [c / max(sum(counted), 1.0) for c in counted]
-    buffers = _piece_grads(model, len(rows) - 1)
+    trained = update_runs(model.layout, model.frozen)        # the stretches the backward writes: frozen ones not
+    buffers = _piece_grads(model, len(rows) - 1, trained)
     losses = [None] * len(rows)
 
     def run(p):
@@ -48,11 +50,9 @@ def loss_and_grads(model, tokens, targets, dropout, dropout_seed, grads, loss_ma
                                                   scale=weights[p], first_row=a)
     cpu_ops.pool.run(run, range(len(rows)))
 
-    totals = [(grads.flat, [g.flat for g in buffers])]
+    _add_in_order(grads.flat, [g.flat for g in buffers], trained)
     if model.adapter is not None:
-        totals.append((grads.adapter.flat, [g.adapter.flat for g in buffers]))
-    for total, parts in totals:
-        _add_in_order(total, parts)
+        _add_in_order(grads.adapter.flat, [g.adapter.flat for g in buffers], [(0, grads.adapter.flat.size)])
     loss = losses[0] * weights[0]
     for p in range(1, len(rows)):
         loss += losses[p] * weights[p]
@@ -74,25 +74,27 @@ def forward(model, tokens):
     return model.xp.concatenate(out).reshape(*tokens.shape, -1)
 
 
-def _piece_grads(model, n):
-    """n zeroed gradient Flats for pieces 1.., kept on the model from step to step (allocating them anew costs
-    as much as zeroing them, and page faults besides)."""
+def _piece_grads(model, n, trained):
+    """n gradient Flats for pieces 1.., zeroed in the trained ranges [(start, stop, ...)] (the only ones the
+    backward writes and _add_in_order reads), kept on the model from step to step (allocating them anew costs as
+    much as zeroing them, and page faults besides)."""
     kept = model.__dict__.setdefault("_piece_grads", [])
     while len(kept) < n:
         kept.append(model.grads_like())
 
-    def zero(a, b):
+    def zero(a, b, *_):
         for g in kept[:n]:
             g.flat[a:b] = 0
-    map_ranges(kept[0].flat, [(0, kept[0].flat.size)], zero)
+    map_ranges(kept[0].flat, trained, zero)
     for g in kept[:n]:
         g.adapter = None                     # the model makes the adapters' gradients, if it has adapters
     return kept[:n]
 
 
-def _add_in_order(total, parts):
-    # total += parts[0] + parts[1] + ..., in that order for every element, in chunks for the threads
-    def add(a, b):
+def _add_in_order(total, parts, ranges):
+    # total += parts[0] + parts[1] + ..., in that order for every element of ranges [(start, stop, ...)], in
+    # chunks for the threads
+    def add(a, b, *_):
         for part in parts:
             total[a:b] += part[a:b]
-    map_ranges(total, [(0, total.size)], add)
+    map_ranges(total, ranges, add)
