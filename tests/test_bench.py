@@ -38,3 +38,25 @@ def test_vs_torch_alternates_idle_and_times_blocks_under_load(monkeypatch, capsy
     assert busy and all(p.poll() is not None for p in busy)                    # the busy processes are gone
     out = capsys.readouterr().out
     assert "with load / without (medians): tinypalm" in out and "torch" in out.splitlines()[-1]
+
+
+def test_shape_flags_time_that_shape_and_refuse_impossible_ones(capsys):
+    bench.main(["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--steps", "1", "--warmup", "0",
+                "--batch-size", "2", "--seq-len", "8"])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "(d_model 32, 1 layers, 2 heads, 1 kv, d_ff 128," in header           # head_dim and d_ff follow d_model
+    bench.main(["--preset", "tiny", "--n-kv-heads", "2", "--steps", "1", "--warmup", "0", "--batch-size", "1",
+                "--seq-len", "8"])
+    assert "(d_model 64, 2 layers, 4 heads, 2 kv, d_ff 256," in capsys.readouterr().out.splitlines()[0]
+    bench.main(["--n-heads", "3", "--head-dim", "32", "--d-ff", "96", "--steps", "1", "--warmup", "0",
+                "--batch-size", "1", "--seq-len", "8"])
+    assert "(d_model 128, 4 layers, 3 heads, 1 kv, d_ff 96," in capsys.readouterr().out.splitlines()[0]
+
+
+def test_an_impossible_shape_is_one_line_and_status_2():
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "tinypalm.bench", "--n-heads", "3"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: config: d_model 128 is not divisible by n_heads 3; change one of them or "
+                                   "set head_dim explicitly")

@@ -6,6 +6,8 @@
     python -m tinypalm.bench --backend cupy --preset full --dtype bfloat16 --batch-size 16 --seq-len 1024
     python -m tinypalm.bench --vs-torch           # the same step in PyTorch eager, timed alternately with ours
     python -m tinypalm.bench --load 2             # without load, then with 2 busy processes running: the slowdown
+    python -m tinypalm.bench --vs-torch --d-model 384 --n-layers 6 --n-heads 6 --batch-size 64 --seq-len 256
+                                                  # another shape: nanoGPT's shakespeare_char model and batch
 
 The step time is the median of --steps timed steps after --warmup untimed ones. The breakdown comes from
 separate steps in which every function of tinypalm.ops is timed (the device synchronised around each call on
@@ -33,6 +35,7 @@ from .optim import AdamW, clip_grad_norm
 from .run import check_memory
 
 H100_BF16_PEAK_TFLOPS = 989.4          # H100 SXM, dense bf16 tensor cores, without sparsity
+SHAPE_FLAGS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")   # as train.py's
 BENCH_SHAPE = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=1)
 MATMUL_OPS = {"linear_forward", "linear_backward", "tied_logits_forward", "tied_logits_backward"}
 
@@ -177,6 +180,10 @@ def build_parser():
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
     p.add_argument("--preset", default=None,
                    help=f"time a Config preset ({', '.join(PRESETS)}) instead (default: the reference CPU benchmark shape)")
+    for flag, what in (("d-model", "model width"), ("n-layers", "number of blocks"), ("n-heads", "query heads"),
+                       ("n-kv-heads", "key/value heads (1: multi-query)"), ("head-dim", "width of each head"),
+                       ("d-ff", "SwiGLU hidden width")):
+        p.add_argument(f"--{flag}", type=int, default=None, help=f"{what} (default: the preset's or the reference shape's)")
     p.add_argument("--dtype", default="float32", help="float32, float64 or bfloat16 (mixed precision)")
     p.add_argument("--batch-size", type=int, default=12, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
@@ -201,6 +208,13 @@ def main(argv=None):
         raise TinyPalmError(f"--load {args.load}: give the number of busy processes to run, 0 or more")
 
     shape = Config.preset(args.preset).to_dict() if args.preset else dict(BENCH_SHAPE)
+    for name in SHAPE_FLAGS:
+        if getattr(args, name) is not None:
+            shape[name] = getattr(args, name)
+    if args.head_dim is None and (args.d_model is not None or args.n_heads is not None):
+        shape["head_dim"] = None                                   # d_model / n_heads, recomputed
+    if args.d_ff is None and args.d_model is not None:
+        shape["d_ff"] = None                                       # 4 d_model
     shape["max_seq_len"] = max(shape.get("max_seq_len", 0), args.seq_len)
     cfg = Config(**shape)
     check_memory(cfg, args.backend, args.batch_size, args.seq_len, 8 if args.dtype == "float64" else 4,
