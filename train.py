@@ -26,7 +26,7 @@ import numpy as np
 from tinypalm import Config, PaLM, TinyPalmError
 from tinypalm import checkpoint, data, dist, instruct, lora
 from tinypalm.backend import read_scalars
-from tinypalm.cli import HelpFormatter, run_cli, format_duration
+from tinypalm.cli import SHAPE_FLAGS, HelpFormatter, add_shape_flags, format_duration, run_cli, with_shape_flags
 from tinypalm.config import PRESETS
 from tinypalm.evaluate import evaluate_batches, token_byte_lengths
 from tinypalm.generate import stream
@@ -36,22 +36,14 @@ from tinypalm.plot import read_metrics, write_loss_svg
 from tinypalm.run import Progress, SaveSchedule, StopRequest, check_memory, prepare_out_dir, remove_old_run
 from tinypalm.tokenizer import ByteTokenizer, BPETokenizer, tokenizer_from_dict
 
-SHAPE_FLAGS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len", "rope_base",
-               "norm_eps", "z_loss")
-WEIGHT_SHAPE_FLAGS = SHAPE_FLAGS[:6]      # the ones a checkpoint's weights fix
-SHAPE_HELP = {"d-model": "model width", "n-layers": "number of blocks", "n-heads": "query heads",
-              "n-kv-heads": "key/value heads (1: multi-query)", "head-dim": "width of each head",
-              "d-ff": "SwiGLU hidden width", "max-seq-len": "longest context the model can see",
-              "rope-base": "rotary embedding base", "norm-eps": "LayerNorm epsilon", "z-loss": "weight of the z-loss"}
+WEIGHT_SHAPE_FLAGS = tuple(SHAPE_FLAGS)[:6]      # the ones a checkpoint's weights fix
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="small", help=f"model shape: one of {', '.join(PRESETS)}")
-    for flag, kind in [("d-model", int), ("n-layers", int), ("n-heads", int), ("n-kv-heads", int), ("head-dim", int),
-                       ("d-ff", int), ("max-seq-len", int), ("rope-base", float), ("norm-eps", float), ("z-loss", float)]:
-        g.add_argument(f"--{flag}", type=kind, default=None, help=f"{SHAPE_HELP[flag]} (default: the preset's)")
+    add_shape_flags(g, SHAPE_FLAGS, "the preset's")
     g.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
     g.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
                    help="floating-point type of the model (bfloat16: mixed precision, float32 master weights)")
@@ -153,16 +145,10 @@ def lr_floor(args):
 
 def model_config(args, vocab_size, base=None):
     """The preset (or a checkpoint's config), with shape flags applied and room for --seq-len."""
-    shape = base.to_dict() if base else Config.preset(args.preset).to_dict()
-    for name in SHAPE_FLAGS:
-        if getattr(args, name, None) is not None:
-            shape[name] = getattr(args, name)
+    shape = with_shape_flags(base.to_dict() if base else Config.preset(args.preset).to_dict(), args,
+                             derive=base is None)
     if base is None:
         shape["vocab_size"] = vocab_size
-        if args.head_dim is None and (args.d_model is not None or args.n_heads is not None):
-            shape["head_dim"] = None                       # recompute from the new d_model / n_heads
-        if args.d_ff is None and args.d_model is not None:
-            shape["d_ff"] = None
         if args.max_seq_len is None:
             shape["max_seq_len"] = max(shape["max_seq_len"], args.seq_len)
     cfg = Config(**shape)

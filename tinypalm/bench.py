@@ -27,7 +27,7 @@ from collections import defaultdict
 import numpy
 
 from . import batch_threads
-from .cli import HelpFormatter, run_cli
+from .cli import HelpFormatter, add_shape_flags, run_cli, with_shape_flags
 from .config import PRESETS, Config
 from .errors import TinyPalmError
 from .model import PaLM
@@ -35,7 +35,6 @@ from .optim import AdamW, clip_grad_norm
 from .run import check_memory
 
 H100_BF16_PEAK_TFLOPS = 989.4          # H100 SXM, dense bf16 tensor cores, without sparsity
-SHAPE_FLAGS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")   # as train.py's
 BENCH_SHAPE = dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=1)
 MATMUL_OPS = {"linear_forward", "linear_backward", "tied_logits_forward", "tied_logits_backward"}
 
@@ -180,10 +179,8 @@ def build_parser():
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
     p.add_argument("--preset", default=None,
                    help=f"time a Config preset ({', '.join(PRESETS)}) instead (default: the reference CPU benchmark shape)")
-    for flag, what in (("d-model", "model width"), ("n-layers", "number of blocks"), ("n-heads", "query heads"),
-                       ("n-kv-heads", "key/value heads (1: multi-query)"), ("head-dim", "width of each head"),
-                       ("d-ff", "SwiGLU hidden width")):
-        p.add_argument(f"--{flag}", type=int, default=None, help=f"{what} (default: the preset's or the reference shape's)")
+    add_shape_flags(p, ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"),
+                    "the preset's or the reference shape's")
     p.add_argument("--dtype", default="float32", help="float32, float64 or bfloat16 (mixed precision)")
     p.add_argument("--batch-size", type=int, default=12, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
@@ -207,14 +204,7 @@ def main(argv=None):
     if args.load < 0:
         raise TinyPalmError(f"--load {args.load}: give the number of busy processes to run, 0 or more")
 
-    shape = Config.preset(args.preset).to_dict() if args.preset else dict(BENCH_SHAPE)
-    for name in SHAPE_FLAGS:
-        if getattr(args, name) is not None:
-            shape[name] = getattr(args, name)
-    if args.head_dim is None and (args.d_model is not None or args.n_heads is not None):
-        shape["head_dim"] = None                                   # d_model / n_heads, recomputed
-    if args.d_ff is None and args.d_model is not None:
-        shape["d_ff"] = None                                       # 4 d_model
+    shape = with_shape_flags(Config.preset(args.preset).to_dict() if args.preset else BENCH_SHAPE, args)
     shape["max_seq_len"] = max(shape.get("max_seq_len", 0), args.seq_len)
     cfg = Config(**shape)
     check_memory(cfg, args.backend, args.batch_size, args.seq_len, 8 if args.dtype == "float64" else 4,

@@ -36,6 +36,34 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+# the model-shape flags of train.py and the bench: Config field -> (type, what it sets)
+SHAPE_FLAGS = {"d_model": (int, "model width"), "n_layers": (int, "number of blocks"), "n_heads": (int, "query heads"),
+               "n_kv_heads": (int, "key/value heads (1: multi-query)"), "head_dim": (int, "width of each head"),
+               "d_ff": (int, "SwiGLU hidden width"), "max_seq_len": (int, "longest context the model can see"),
+               "rope_base": (float, "rotary embedding base"), "norm_eps": (float, "LayerNorm epsilon"),
+               "z_loss": (float, "weight of the z-loss")}
+
+
+def add_shape_flags(group, names, default):
+    """--d-model and the like for the Config fields `names` (keys of SHAPE_FLAGS), each None unless given;
+    default says in the help what stands without the flag."""
+    for name in names:
+        kind, what = SHAPE_FLAGS[name]
+        group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{what} (default: {default})")
+
+
+def with_shape_flags(shape, args, derive=True):
+    """shape (a Config as a dict) with the shape flags args gives put in. derive: head_dim follows a given d_model
+    or n_heads, and d_ff a given d_model (d_model / n_heads, 4 d_model), unless they are given too."""
+    given = {name for name in SHAPE_FLAGS if getattr(args, name, None) is not None}
+    shape = {**shape, **{name: getattr(args, name) for name in given}}
+    if derive and "head_dim" not in given and given & {"d_model", "n_heads"}:
+        shape["head_dim"] = None
+    if derive and "d_ff" not in given and "d_model" in given:
+        shape["d_ff"] = None
+    return shape
+
+
 def format_duration(seconds):
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
