@@ -1,6 +1,8 @@
 """python -m tinypalm.bench's comparison: the order it times the steps in, without PyTorch installed (a stand-in
 peer records its calls)."""
 
+import subprocess
+import sys
 import types
 
 from tinypalm import bench, bench_torch
@@ -54,8 +56,6 @@ def test_shape_flags_time_that_shape_and_refuse_impossible_ones(capsys):
 
 
 def test_an_impossible_shape_is_one_line_and_status_2():
-    import subprocess
-    import sys
     done = subprocess.run([sys.executable, "-m", "tinypalm.bench", "--n-heads", "3"], capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip() == ("error: config: d_model 128 is not divisible by n_heads 3; change one of them or "
