@@ -1,5 +1,5 @@
-"""python -m tinypalm.bench's comparison: the order it times the steps in, without PyTorch installed (a stand-in
-peer records its calls)."""
+"""python -m tinypalm.bench: the order its comparison times the steps in, without PyTorch installed (a stand-in
+peer records its calls), and its shape flags."""
 
 import subprocess
 import sys
