@@ -81,7 +81,7 @@ def build_parser():
                    help="also save last.npz every this many seconds between evaluations (0: only at evaluations)")
     g.add_argument("--patience", type=int, default=0, help="stop after this many evaluations without improvement (0: never)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the batches and dropout")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.npz")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.npz (a LoRA run: adapter_last.npz)")
     g.add_argument("--init-from", default=None, metavar="CKPT", help="fine-tune: load weights and tokenizer, fresh optimizer")
     g.add_argument("--freeze-layers", type=int, default=0, help="train only the top layers: the bottom N and the embedding stay fixed")
     lora.add_arguments(g)
@@ -119,8 +119,6 @@ def check_args(args):
     if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
         raise TinyPalmError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}: it is the floor the "
                             "learning rate decays to; lower it, or leave it out for --lr / 10")
-    if args.resume and args.init_from:
-        raise TinyPalmError("--resume and --init-from exclude each other: resume continues a run, init-from starts a new one")
     if args.resume and args.overwrite:
         raise TinyPalmError("--resume and --overwrite exclude each other: resume continues the run in --out, "
                             "overwrite replaces it with a new one")
@@ -244,6 +242,16 @@ def frozen_params(args, model):
     return frozen
 
 
+def resume_checkpoint(out):
+    """What --resume continues: out/last.npz, or a LoRA run's out/adapter_last.npz on the base it trains."""
+    path = os.path.join(out, "last.npz")
+    if os.path.exists(path):
+        return checkpoint.load(path)
+    if os.path.exists(os.path.join(out, "adapter_last.npz")):
+        return lora.resume_checkpoint(out)
+    raise TinyPalmError(f"--resume: {path} does not exist; train without --resume first, or pass the --out of that run")
+
+
 def parse_run(argv):
     """(args, flags given on the command line, checkpoint or None), checked before any data is read.
 
@@ -252,11 +260,14 @@ def parse_run(argv):
     args = parser.parse_args(argv)
     given = explicit_flags(parser, argv)
     ckpt = None
+    if args.resume and "init_from" in given:
+        raise TinyPalmError("--resume and --init-from exclude each other: resume continues a run, init-from starts a new one")
+    lora_given = sorted(f"--{n.replace('_', '-')}" for n in given & set(lora.FLAGS))
+    if args.resume and lora_given:
+        raise TinyPalmError(f"--resume continues a run as it was started: drop {', '.join(lora_given)} (new LoRA "
+                            "adapters are a new run: --init-from CKPT --lora-rank R --out NEW)")
     if args.resume:
-        path = os.path.join(args.out, "last.npz")
-        if not os.path.exists(path):
-            raise TinyPalmError(f"--resume: {path} does not exist; train without --resume first, or pass the --out of that run")
-        ckpt = checkpoint.load(path)
+        ckpt = resume_checkpoint(args.out)
         saved = dict(ckpt.train_args)
         args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in given},
                                      "resume": True})
@@ -352,7 +363,8 @@ def main(argv=None):
         whole = comm.whole_optimizer(optimizer)     # ZeRO-1: the ranks' shards, gathered on rank 0
         if comm.is_root and args.lora_rank is not None:
             lora.save_adapter(os.path.join(args.out, f"adapter_{name}"), model.adapter, base_hash, step,
-                              {**train_args, "init_from": args.init_from})
+                              {**train_args, "init_from": args.init_from}, optimizer if name == "last.npz" else None,
+                              None if math.isinf(best_val) else best_val)
         elif comm.is_root:
             checkpoint.save(os.path.join(args.out, name), model, tokenizer, step, whole, train_args,
                             None if math.isinf(best_val) else best_val)
@@ -438,8 +450,7 @@ def main(argv=None):
             save("last.npz", step)
         t_log += time.time() - t_pause          # evaluating and saving are not training throughput
         if stopping:
-            resume = "" if args.lora_rank is not None else f"; continue with --resume --out {shlex.quote(args.out)}"
-            print(f"stopped: saved {last_path} at step {step}{resume}")
+            print(f"stopped: saved {last_path} at step {step}; continue with --resume --out {shlex.quote(args.out)}")
             raise SystemExit(130)               # interrupted, so `train.py && sample.py` does not go on
 
     stop.release()                              # all saved: from here a Ctrl-C stops at once, with status 130

@@ -11,8 +11,10 @@ SwiGLU output. An adapter on wk adds x A B to the wk columns of h @ w_in; one on
 of [attention | SwiGLU] and adds to the block's output.
 
 The adapter file is a .npz (numpy.load(path, allow_pickle=False) reads it):
-    meta            JSON: format, version, rank, alpha, targets, the base's config and content hash, step
+    meta            JSON: format, version, rank, alpha, targets, the base's config and content hash, step, the
+                    run's arguments (its --init-from among them) and best validation loss
     lora.<name>     the matrices, e.g. lora.layers.0.wq.A (D, r), lora.layers.0.wq.B (r, H*Dh)
+    opt.<key>       in a run's adapter_last.npz only: AdamW's step and moments, for train.py --resume
 The base is named by the sha256 of its parameters, so an adapter is never applied to a model it was not
 trained on. `python -m tinypalm.lora merge` folds the adapters into the base: W + (alpha / r) A B.
 """
@@ -194,13 +196,16 @@ def params_hash(params):
     return h.hexdigest()
 
 
-def save_adapter(path, adapter, base_hash, step=0, train_args=None, extra=None):
-    """Write atomically (temporary file, then rename), like checkpoints."""
+def save_adapter(path, adapter, base_hash, step=0, train_args=None, optimizer=None, best_val_loss=None):
+    """Write atomically (temporary file, then rename), like checkpoints; with the optimizer's state (opt.<key>,
+    as in a checkpoint) when given, so that train.py --resume continues the run."""
     meta = {"format": FORMAT, "version": VERSION, "rank": adapter.rank, "alpha": adapter.alpha,
             "targets": list(adapter.targets), "config": adapter.config.to_dict(), "base_sha256": base_hash,
-            "step": int(step), "train_args": train_args or {}, **(extra or {})}
+            "step": int(step), "train_args": train_args or {}, "best_val_loss": best_val_loss}
     arrays = {"meta": numpy.array(json.dumps(meta))}
     arrays.update({f"lora.{name}": to_numpy(p) for name, p in adapter.params.items()})
+    if optimizer is not None:
+        arrays.update({f"opt.{key}": to_numpy(value) for key, value in optimizer.state_dict().items()})
     write_npz(path, arrays)
 
 
@@ -213,6 +218,10 @@ def write_npz(path, arrays):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:                  # a full disk, a read-only or vanished directory, ...
+        kept = f"the previous {path} is intact" if os.path.exists(path) else f"{path} was not written"
+        raise TinyPalmError(f"cannot write adapter {path}: {e.strerror or e}; {kept}; "
+                            "free some disk space or pass another --out") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -231,35 +240,53 @@ def resolve_adapter(path):
     return path
 
 
-def load_adapter(path, base_params, cfg, xp=numpy, dtype="float32"):
-    """A LoRA from an adapter file, checked against the base's parameters (by content hash) and config."""
-    path = resolve_adapter(path)
+def read_adapter(path, flag="--adapter"):
+    """An adapter file's (meta, {name: array} of its matrices, optimizer state or None), its format checked;
+    flag names the option that gave the file in the error lines."""
     try:
         with numpy.load(path, allow_pickle=False) as npz:
             meta = json.loads(str(npz["meta"])) if "meta" in npz.files else {}
             if meta.get("format") != FORMAT:
-                raise TinyPalmError(f"--adapter {path}: not a tinypalm adapter; pass a file written by train.py --lora-rank")
+                raise TinyPalmError(f"{flag} {path}: not a tinypalm adapter; pass a file written by train.py --lora-rank")
             if meta.get("version") != VERSION:
-                raise TinyPalmError(f"--adapter {path}: adapter format version {meta.get('version')} is not supported "
+                raise TinyPalmError(f"{flag} {path}: adapter format version {meta.get('version')} is not supported "
                                     f"(this tinypalm reads version {VERSION})")
-            if meta["config"] != cfg.to_dict() or meta["base_sha256"] != params_hash(base_params):
-                raise TinyPalmError(f"--adapter {path} was trained on another base model (sha256 "
-                                    f"{meta['base_sha256'][:12]}...); pass the checkpoint it was trained from with --ckpt")
-            adapter = LoRA(cfg, meta["rank"], meta["alpha"], meta["targets"], xp=xp, dtype=dtype)
-            for name, p in adapter.params.items():
-                if f"lora.{name}" not in npz.files or npz[f"lora.{name}"].shape != p.shape:
-                    raise TinyPalmError(f"--adapter {path}: entry {name} is missing or misshapen; the file is damaged")
-                p[...] = xp.asarray(npz[f"lora.{name}"])
+            matrices = {k[len("lora."):]: npz[k] for k in npz.files if k.startswith("lora.")}
+            opt_state = {k[len("opt."):]: npz[k] for k in npz.files if k.startswith("opt.")} or None
     except TinyPalmError:
         raise
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise TinyPalmError(f"--adapter {path}: cannot read the adapter, the file is truncated or corrupt "
+        raise TinyPalmError(f"{flag} {path}: cannot read the adapter, the file is truncated or corrupt "
                             f"({type(e).__name__}); use another one") from None
+    return meta, matrices, opt_state
+
+
+def adapter_from(meta, matrices, path, cfg, xp=numpy, dtype="float32", flag="--adapter"):
+    """The LoRA an adapter file describes (read_adapter's meta and matrices) on a base of config cfg, its
+    matrices checked for shape."""
+    adapter = LoRA(cfg, meta["rank"], meta["alpha"], meta["targets"], xp=xp, dtype=dtype)
+    for name, p in adapter.params.items():
+        if name not in matrices or matrices[name].shape != p.shape:
+            raise TinyPalmError(f"{flag} {path}: entry {name} is missing or misshapen; the file is damaged")
+        p[...] = xp.asarray(matrices[name])
     adapter.meta, adapter.path = meta, path
     return adapter
 
 
+def load_adapter(path, base_params, cfg, xp=numpy, dtype="float32"):
+    """A LoRA from an adapter file, checked against the base's parameters (by content hash) and config."""
+    path = resolve_adapter(path)
+    meta, matrices, _ = read_adapter(path)
+    if meta["config"] != cfg.to_dict() or meta["base_sha256"] != params_hash(base_params):
+        raise TinyPalmError(f"--adapter {path} was trained on another base model (sha256 "
+                            f"{meta['base_sha256'][:12]}...); pass the checkpoint it was trained from with --ckpt")
+    return adapter_from(meta, matrices, path, cfg, xp, dtype)
+
+
 # --- training hook (train.py --lora-rank) ------------------------------------------------------------------------
+
+FLAGS = ("lora_rank", "lora_alpha", "lora_targets")
+
 
 def add_arguments(group):
     group.add_argument("--lora-rank", type=int, default=None, metavar="R",
@@ -280,23 +307,51 @@ def check_flags(args, given):
 
 
 def start_training(args, model, ckpt):
-    """For train.py --lora-rank: attach a fresh adapter to the model (its base frozen) and print its cost.
+    """For train.py --lora-rank: attach the adapter to the model (its base frozen) and print its cost: a fresh one,
+    or with --resume the run's own (ckpt from resume_checkpoint).
 
     Returns (the adapter, its base hash). The optimizer then takes adapter.params and grads.adapter."""
-    if args.resume:
-        raise TinyPalmError("--resume does not continue a LoRA run yet; start it again with --init-from and --lora-rank")
     if ckpt is None:
         raise TinyPalmError("--lora-rank adapts a trained model: pass --init-from CKPT")
     if args.freeze_layers:
         raise TinyPalmError("--lora-rank freezes the whole base already; drop --freeze-layers")
+    if args.resume:
+        meta, matrices = ckpt.adapter
+        model.adapter = adapter_from(meta, matrices, ckpt.path, model.config, model.xp, model.dtype, "--resume")
+        print(model.adapter.describe(model))
+        return model.adapter, meta["base_sha256"]
     model.adapter = LoRA(model.config, args.lora_rank, args.lora_alpha, args.lora_targets, xp=model.xp,
                          dtype=model.dtype, seed=args.seed)
     existing = [n for n in ("adapter_best.npz", "adapter_last.npz") if os.path.isfile(os.path.join(args.out, n))]
     if existing and not args.overwrite:
-        raise TinyPalmError(f"--out {args.out} already holds a LoRA run ({', '.join(existing)}); pick another --out, "
-                            "or pass --overwrite to replace it")
+        raise TinyPalmError(f"--out {args.out} already holds a LoRA run ({', '.join(existing)}); continue it with "
+                            "--resume, pick another --out, or pass --overwrite to replace it")
     print(model.adapter.describe(model))
     return model.adapter, params_hash(ckpt.params)
+
+
+def resume_checkpoint(out):
+    """For train.py --resume of a LoRA run: its base's checkpoint (the run's --init-from) carrying the run's own
+    state from out/adapter_last.npz in place of the base's: path, step, train_args, opt_state, best_val_loss, and
+    `adapter` (the file's meta and matrices), so that train.py resumes it as it resumes any run."""
+    from . import checkpoint
+    path = os.path.join(out, "adapter_last.npz")
+    meta, matrices, opt_state = read_adapter(path, "--resume")
+    base_path = meta.get("train_args", {}).get("init_from")
+    if opt_state is None or not base_path:
+        raise TinyPalmError(f"--resume: {path} holds the adapter only, no optimizer state (an older tinypalm wrote "
+                            "it); start the LoRA run again with --init-from and --lora-rank")
+    if not os.path.exists(base_path):
+        raise TinyPalmError(f"--resume: {base_path}, the base checkpoint this LoRA run trains, is not there; run "
+                            "from the directory the run was started in, or put the checkpoint back")
+    base = checkpoint.load(base_path)
+    if meta["config"] != base.config.to_dict() or meta["base_sha256"] != params_hash(base.params):
+        raise TinyPalmError(f"--resume: {base_path} is no longer the base this LoRA run started from (sha256 "
+                            f"{meta['base_sha256'][:12]}...); put that checkpoint back at {base_path}")
+    run = {**base.meta, "step": meta["step"], "train_args": meta["train_args"], "best_val_loss": meta.get("best_val_loss")}
+    ckpt = checkpoint.Checkpoint(path, run, base.config, base.params, opt_state)
+    ckpt.adapter = (meta, matrices)
+    return ckpt
 
 
 # --- merge ------------------------------------------------------------------------------------------------------

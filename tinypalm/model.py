@@ -165,7 +165,10 @@ class PaLM:
 
     def grads_like(self):
         """Zeroed gradients laid out like the parameters (in the master dtype): a Flat with the canonical names
-        and `.flat`."""
+        and `.flat`. With every parameter frozen (LoRA trains adapters beside them) an empty one: the backward
+        writes none of it, and a full-size buffer would take as much memory as the weights."""
+        if self.frozen.issuperset(self.layout.shapes):
+            return Layout({}).zeros(self.xp, self.master_dtype)
         return self.layout.zeros(self.xp, self.master_dtype)
 
     # --- forward ----------------------------------------------------------------------------------------------
