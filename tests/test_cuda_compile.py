@@ -300,11 +300,12 @@ def emu_cross_entropy_forward(grid, block, logits, targets, log_z, row_loss, V, 
     memory(log_z, N)[:], memory(row_loss, N)[:] = lz, lz - L[np.arange(N), t] + z_loss * lz * lz
 
 
-def emu_cross_entropy_backward(grid, block, logits, targets, log_z, dlogits, V, z_loss, inv_n):
+def emu_cross_entropy_backward(grid, block, logits, targets, log_z, dlogits, V, z_loss, inv_n, row_weight):
     N = grid[0]
     L, t, lz = _f64(memory(logits, N * V)).reshape(N, V), memory(targets, N), _f64(memory(log_z, N))[:, None]
-    d = np.exp(L - lz) * (1 + 2 * np.float64(z_loss) * lz) * inv_n
-    d[np.arange(N), t] -= inv_n
+    w = np.full((N, 1), np.float64(inv_n)) if row_weight is None else _f64(memory(row_weight, N))[:, None]
+    d = np.exp(L - lz) * (1 + 2 * np.float64(z_loss) * lz) * w
+    d[np.arange(N), t] -= w[:, 0]
     memory(dlogits, N * V)[:] = d.reshape(-1)
 
 
@@ -441,6 +442,14 @@ def test_the_model_on_kernel_backed_ops_matches_float64(emulated, monkeypatch):
     stepwise = np.concatenate([model.forward(tokens[:, :5], cache)] +
                               [model.forward(tokens[:, t:t + 1], cache) for t in range(5, 12)], axis=1)
     np.testing.assert_allclose(stepwise, ref.forward(tokens), rtol=1e-4, atol=1e-4)
+    # instruction tuning's loss: the mean over the positions a mask counts
+    mask = rng.random((3, 12)) < 0.4
+    masked_ref, masked_grads_ref = ref.loss_and_grads(tokens, targets, dropout=0.2, dropout_seed=4, loss_mask=mask)
+    masked, masked_grads = model.loss_and_grads(tokens, targets, dropout=0.2, dropout_seed=4, loss_mask=mask)
+    assert abs(masked - masked_ref) < 1e-5 * abs(masked_ref) and abs(masked - loss_ref) > 1e-3
+    for name in masked_grads_ref:
+        assert (np.linalg.norm(masked_grads[name] - masked_grads_ref[name])
+                <= 1e-4 * np.linalg.norm(masked_grads_ref[name])), name
     launched = {instance.split("<")[0] for instance in emulated.launched}
     assert {"layernorm_forward", "rope", "causal_softmax_forward", "causal_softmax_backward", "swiglu_backward",
             "cross_entropy_backward", "embedding_backward", "dropout_mask", "dropout_apply"} <= launched

@@ -244,6 +244,15 @@ class KernelChecks:
             self.compare("cross_entropy_forward loss", detail, loss, loss64, numpy.float32)   # float32 statistics
             self.compare("cross_entropy_backward", detail, self.k.cross_entropy_backward(self.cp, cache, 1e-4),
                          ops.cross_entropy_backward(numpy, cache64, 1e-4), dtype)
+            mask = self.rng.random(N) < 0.5                           # instruction tuning: the responses count
+            for name, m in (("masked", mask), ("masked, no row counted", numpy.zeros(N, bool))):
+                loss, cache = self.k.masked_cross_entropy_forward(self.cp, logits, self.cp.asarray(targets),
+                                                                  self.cp.asarray(m), 1e-4)
+                loss64, cache64 = ops.masked_cross_entropy_forward(numpy, logits64, targets, m, 1e-4)
+                self.compare(f"masked_cross_entropy_forward loss, {name}", detail, loss, loss64, numpy.float32)
+                self.compare(f"masked_cross_entropy_backward, {name}", detail,
+                             self.k.masked_cross_entropy_backward(self.cp, cache, 1e-4),
+                             ops.masked_cross_entropy_backward(numpy, cache64, 1e-4), dtype)
 
     def embedding(self, dtype):
         for B, T, V, D in self.sizes([(2, 7, 5, 16), (8, 256, 300, 768)]):

@@ -350,17 +350,31 @@ def tied_logits_backward(dlogits, h, embed, d_embed):
     return gemm(dlogits, embed, alpha=scale)
 
 
-def cross_entropy_forward(xp, logits, targets, z_loss):
-    # logits (N, V), targets (N,) -> loss, a 0-d float64 device array (read it once per step, with the others)
-    dt = ctype(logits.dtype)
-    if dt is None:
-        return twin.cross_entropy_forward(xp, logits, targets, z_loss)
+def _row_losses(logits, targets, z_loss):
+    # per row n: log_z_n and log_z_n - logit_n[t_n] + z_loss log_z_n^2, in float32 (N,) each
     cp = _cupy()
-    logits, targets = _contiguous(logits), _contiguous(targets, numpy.int64)
     N, V = logits.shape
     log_z, row_loss = cp.empty(N, numpy.float32), cp.empty(N, numpy.float32)
-    kernel("cross_entropy", f"cross_entropy_forward<{dt}>")((N,), (BLOCK,), (
+    kernel("cross_entropy", f"cross_entropy_forward<{ctype(logits.dtype)}>")((N,), (BLOCK,), (
         logits, targets, log_z, row_loss, _i32(V), _f32(z_loss)))
+    return log_z, row_loss
+
+
+def _cross_entropy_grad(logits, targets, log_z, z_loss, row_weight):
+    # dlogits (N, V) in the logits' dtype; row_weight (N,) float32, or None for 1/N on every row
+    N, V = logits.shape
+    dlogits = _cupy().empty_like(logits)
+    kernel("cross_entropy", f"cross_entropy_backward<{ctype(logits.dtype)}>")((N,), (BLOCK,), (
+        logits, targets, log_z, dlogits, _i32(V), _f32(z_loss), _f32(1.0 / N), NULL if row_weight is None else row_weight))
+    return dlogits
+
+
+def cross_entropy_forward(xp, logits, targets, z_loss):
+    # logits (N, V), targets (N,) -> loss, a 0-d float64 device array (read it once per step, with the others)
+    if ctype(logits.dtype) is None:
+        return twin.cross_entropy_forward(xp, logits, targets, z_loss)
+    logits, targets = _contiguous(logits), _contiguous(targets, numpy.int64)
+    log_z, row_loss = _row_losses(logits, targets, z_loss)
     return row_loss.mean(dtype=numpy.float64), _Cache((logits, log_z, targets))
 
 
@@ -369,18 +383,34 @@ def cross_entropy_backward(xp, cache, z_loss):
     if not isinstance(cache, _Cache):
         return twin.cross_entropy_backward(xp, cache, z_loss)
     logits, log_z, targets = cache
-    N, V = logits.shape
-    dlogits = _cupy().empty_like(logits)
-    kernel("cross_entropy", f"cross_entropy_backward<{ctype(logits.dtype)}>")((N,), (BLOCK,), (
-        logits, targets, log_z, dlogits, _i32(V), _f32(z_loss), _f32(1.0 / N)))
-    return dlogits
+    return _cross_entropy_grad(logits, targets, log_z, z_loss, None)
+
+
+def masked_cross_entropy_forward(xp, logits, targets, loss_mask, z_loss):
+    # logits (N, V), targets (N,), loss_mask (N,) -> the mean over the counted rows: sum_n w_n row_loss_n, with
+    # w = mask / max(sum mask, 1) (float32 (N,), kept for the backward: 0 on the rows not counted)
+    if ctype(logits.dtype) is None:
+        return twin.masked_cross_entropy_forward(xp, logits, targets, loss_mask, z_loss)
+    logits, targets = _contiguous(logits), _contiguous(targets, numpy.int64)
+    log_z, row_loss = _row_losses(logits, targets, z_loss)
+    weight = loss_mask.astype(numpy.float32)
+    weight /= _cupy().maximum(weight.sum(), 1)
+    return (row_loss * weight).sum(dtype=numpy.float64), _Cache((logits, log_z, targets, weight))
+
+
+def masked_cross_entropy_backward(xp, cache, z_loss):
+    # returns dlogits (N, V), in the logits' dtype, zero on the rows not counted
+    if not isinstance(cache, _Cache):
+        return twin.masked_cross_entropy_backward(xp, cache, z_loss)
+    logits, log_z, targets, weight = cache
+    return _cross_entropy_grad(logits, targets, log_z, z_loss, weight)
 
 
 OVERRIDES = {f.__name__: f for f in (
     embedding_backward, layernorm_forward, layernorm_backward, linear_backward, rope_forward, rope_backward,
     causal_mask, attention_forward, attention_backward, swiglu_forward, swiglu_backward, dropout_mask,
     dropout_forward, dropout_backward, tied_logits_forward, tied_logits_backward, cross_entropy_forward,
-    cross_entropy_backward)}
+    cross_entropy_backward, masked_cross_entropy_forward, masked_cross_entropy_backward)}
 
 
 # --- the optimizer step over flat float32 buffers -------------------------------------------------------------
