@@ -156,6 +156,36 @@ def test_loss_and_every_gradient_against_float64(n_kv_heads, dropout, masked):
         assert err < 2e-2, (name, err)
 
 
+def test_lora_bf16_keeps_float32_matrices_and_gradients():
+    # the adapters as the model's weights: float32 matrices (AdamW's), a bf16 copy for the products, refreshed
+    # by model.params_updated(); loss and adapter gradients against float64 on the same bf16-rounded values
+    from tinypalm.lora import LoRA
+    m16, m64 = bf16_and_float64(seed=3)
+    m16.adapter = LoRA(m16.config, 4, targets=("wq", "wv", "w_down"), dtype="bfloat16", seed=1)
+    assert m16.adapter.params.flat.dtype == np.float32 and m16.adapter.weights.flat.dtype == BF16
+    for name, p in m16.adapter.params.items():
+        if name.endswith(".B"):
+            p[...] = rng.standard_normal(p.shape) * 0.1
+    m16.params_updated()
+    np.testing.assert_array_equal(m16.adapter.weights.flat, m16.adapter.params.flat.astype(BF16))
+    m64.adapter = LoRA(m64.config, 4, targets=("wq", "wv", "w_down"), dtype="float64")
+    m64.adapter.params.flat[...] = m16.adapter.weights.flat.astype(np.float64)
+    data = np.random.default_rng(4).integers(0, 512, (4, 33))
+    loss16, grads16 = m16.loss_and_grads(data[:, :-1], data[:, 1:])
+    loss64, grads64 = m64.loss_and_grads(data[:, :-1], data[:, 1:])
+    assert abs(loss16 - loss64) < 5e-4 * loss64, (loss16, loss64)
+    assert grads16.adapter.flat.dtype == np.float32
+    for name in grads64.adapter:
+        err = rel_error(grads16.adapter[name], grads64.adapter[name])
+        assert err < 2e-2, (name, err)
+    # a step moves the float32 matrices by less than bf16 can hold; the copy follows them after params_updated
+    before = m16.adapter.params.flat.copy()
+    AdamW(m16.adapter.params).step(m16.adapter.params, grads16.adapter, lr=1e-5)
+    assert np.any(m16.adapter.params.flat != before)
+    m16.params_updated()
+    np.testing.assert_array_equal(m16.adapter.weights.flat, m16.adapter.params.flat.astype(BF16))
+
+
 def test_dtype_audit():
     # master weights, gradients and optimizer moments float32; the weights the ops read, every activation the
     # backward keeps and the KV cache bf16; LayerNorm's rstd, the loss's probabilities, the rotary tables and the
@@ -249,6 +279,27 @@ def test_train_bf16_tracks_float32_then_samples_in_any_dtype(tmp_path):
         text = run("sample.py", "--ckpt", ckpt, "--temperature", "0", "--max-new-tokens", "12",
                    *(["--dtype", dtype] if dtype else []), cwd=tmp_path).stdout
         assert len(text) > 12
+
+
+def test_lora_bf16_run_resumes_exactly_and_its_adapter_loads(tmp_path):
+    (tmp_path / "text.txt").write_text("the cat sat on the mat. " * 400)
+    common = ["--data", "text.txt", "--preset", "tiny", "--batch-size", "4", "--seq-len", "16", "--eval-every", "3",
+              "--eval-steps", "1", "--log-every", "3", "--sample-tokens", "0", "--dtype", "bfloat16"]
+    run("train.py", *common, "--max-steps", "3", "--out", "base", cwd=tmp_path)
+    lora = [*common, "--init-from", "base/last.npz", "--lora-rank", "2", "--lr", "1e-2", "--decay-steps", "6"]
+    run("train.py", *lora, "--max-steps", "3", "--out", "a", cwd=tmp_path)
+    run("train.py", "--resume", "--out", "a", "--max-steps", "6", cwd=tmp_path)
+    run("train.py", *lora, "--max-steps", "6", "--out", "b", cwd=tmp_path)
+    with np.load(tmp_path / "a" / "adapter_last.npz") as a, np.load(tmp_path / "b" / "adapter_last.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            if key != "meta":
+                assert a[key].dtype == np.float32 or key == "opt.step", key     # the file holds float32, not bf16
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    for dtype in ("bfloat16", "float32"):
+        text = run("sample.py", "--ckpt", "base/last.npz", "--adapter", "a", "--dtype", dtype, "--temperature", "0",
+                   "--max-new-tokens", "8", cwd=tmp_path).stdout
+        assert len(text) > 8
 
 
 def test_bfloat16_without_ml_dtypes_is_a_one_line_error(tmp_path):

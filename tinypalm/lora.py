@@ -28,7 +28,7 @@ import zipfile
 
 import numpy
 
-from .backend import to_numpy
+from .backend import compute_dtype, to_numpy
 from .errors import TinyPalmError
 from .flat import Layout
 
@@ -105,11 +105,21 @@ class LoRA:
                 n_in, n_out = (cfg.d_model, s.stop - s.start) if side == "in" else (s.stop - s.start, cfg.d_model)
                 shapes[f"layers.{i}.{t}.A"], shapes[f"layers.{i}.{t}.B"] = (n_in, self.rank), (self.rank, n_out)
         self.layout = Layout(shapes)
-        self.params = self.layout.zeros(xp, numpy.dtype(dtype))
+        # as the model's weights (model.py): the matrices in float32 for a bf16 model (AdamW updates them, and
+        # the files hold them), with a bf16 copy that the products use, refreshed by params_updated()
+        self.params = self.layout.zeros(xp, compute_dtype(numpy.dtype(dtype)))
         rng = numpy.random.default_rng(seed)
         for name, shape in shapes.items():
             if name.endswith(".A"):
                 self.params[name][...] = xp.asarray(rng.standard_normal(shape) / math.sqrt(shape[0]))
+        same = self.params.flat.dtype == numpy.dtype(dtype)
+        self.weights = self.params if same else self.layout.zeros(xp, numpy.dtype(dtype))
+        self.params_updated()
+
+    def params_updated(self):
+        """Call after changing params in place (model.params_updated calls it): refreshes the bf16 copy."""
+        if self.weights is not self.params:
+            self.weights.flat[...] = self.params.flat
 
     @property
     def n_params(self):
@@ -118,8 +128,10 @@ class LoRA:
     def grads_like(self):
         return self.layout.zeros(self.xp, self.params.flat.dtype)
 
-    def _pairs(self, i, side):
-        return [(t, self.slices[t][1], self.params[f"layers.{i}.{t}.A"], self.params[f"layers.{i}.{t}.B"])
+    def _pairs(self, i, side, matrices=None):
+        # (target, its slice, A, B) of layer i's adapters on one side, from the compute copy unless told
+        matrices = self.weights if matrices is None else matrices
+        return [(t, self.slices[t][1], matrices[f"layers.{i}.{t}.A"], matrices[f"layers.{i}.{t}.B"])
                 for t in self.targets if self.slices[t][0] == side]
 
     # h (N, D) -> proj (N, Q+2K+2F) += each "in" adapter's delta in its columns
@@ -159,12 +171,13 @@ class LoRA:
         for i in range(self.config.n_layers):
             w_in, w_out = stored[f"layers.{i}.w_in"], stored[f"layers.{i}.w_out"]
             for side in ("in", "out"):
-                for t, sl, A, B in self._pairs(i, side):
+                for t, sl, A, B in self._pairs(i, side, self.params):
                     delta = self.xp.asarray((A @ B) * self.scale, dtype=w_in.dtype)
                     if side == "in":
                         w_in[:, sl] += delta
                     else:
                         w_out[sl] += delta
+        model.params_updated()
 
     def describe(self, model):
         """Trainable parameters and AdamW state (two moments) against full fine-tuning of the same model."""
@@ -269,6 +282,7 @@ def adapter_from(meta, matrices, path, cfg, xp=numpy, dtype="float32", flag="--a
         if name not in matrices or matrices[name].shape != p.shape:
             raise TinyPalmError(f"{flag} {path}: entry {name} is missing or misshapen; the file is damaged")
         p[...] = xp.asarray(matrices[name])
+    adapter.params_updated()
     adapter.meta, adapter.path = meta, path
     return adapter
 

@@ -153,11 +153,13 @@ class PaLM:
         self.params_updated()
 
     def params_updated(self):
-        """Call after changing model.params in place (an optimizer step): refreshes the bf16 compute copy of
-        the weights, one cast of the flat vector. Nothing to do for float32 and float64, which compute with
-        model.params itself."""
+        """Call after changing model.params (or the adapters' params) in place (an optimizer step): refreshes the
+        bf16 compute copy of the weights, one cast of the flat vector. Nothing to do for float32 and float64,
+        which compute with model.params itself."""
         if self.weights is not self.params:
             self.weights.flat[...] = self.params.flat
+        if self.adapter is not None:
+            self.adapter.params_updated()
 
     def params_numpy(self):
         """Host arrays of the master weights by canonical name, from one device-to-host copy of the flat vector."""
