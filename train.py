@@ -328,22 +328,19 @@ def main(argv=None):
     cfg = model_config(args, tokenizer.vocab_size, base)
     comm.use_device(args.backend)
     model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=args.seed)
-    comm.attach(model, zero=args.zero, micro_batches=args.grad_accum)
-    frozen = frozen_params(args, model)
-    model.frozen = frozenset(frozen)                   # the backward skips their gradients
-    optimizer = AdamW(model.params, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, frozen=frozen,
-                      shard=comm.shard)
-    start_step, best_val = 0, math.inf
     if ckpt is not None:
         model.load_params(ckpt.params)
+    frozen = frozen_params(args, model)
+    model.frozen = frozenset(frozen)                   # the backward skips their gradients
     trained, trained_grads = model.params, (lambda grads: grads)       # what the optimizer updates
     if args.lora_rank is not None:      # LoRA: the base frozen, AdamW over the adapters' flat vector alone
-        if comm.size > 1:
-            raise TinyPalmError("--lora-rank trains in one process: run it without mpiexec")
         adapter, base_hash = lora.start_training(args, model, ckpt)
         model.frozen = frozenset(model.params.stored)   # the whole base: only the adapters' gradients are made
-        optimizer = AdamW(adapter.params, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay)
-        trained, trained_grads = adapter.params, (lambda grads: grads.adapter)
+        trained, trained_grads, frozen = adapter.params, (lambda grads: grads.adapter), ()
+    comm.attach(model, trained, zero=args.zero, micro_batches=args.grad_accum)
+    optimizer = AdamW(trained, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, frozen=frozen,
+                      shard=comm.shard)
+    start_step, best_val = 0, math.inf
     if args.resume:
         if ckpt.opt_state is None:
             raise TinyPalmError(f"--resume: {ckpt.path} holds weights only (no optimizer state); use --init-from instead")
@@ -363,7 +360,7 @@ def main(argv=None):
         whole = comm.whole_optimizer(optimizer)     # ZeRO-1: the ranks' shards, gathered on rank 0
         if comm.is_root and args.lora_rank is not None:
             lora.save_adapter(os.path.join(args.out, f"adapter_{name}"), model.adapter, base_hash, step,
-                              {**train_args, "init_from": args.init_from}, optimizer if name == "last.npz" else None,
+                              {**train_args, "init_from": args.init_from}, whole if name == "last.npz" else None,
                               None if math.isinf(best_val) else best_val)
         elif comm.is_root:
             checkpoint.save(os.path.join(args.out, name), model, tokenizer, step, whole, train_args,

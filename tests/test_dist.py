@@ -234,6 +234,31 @@ def test_resume_under_mpi_is_exact_and_a_two_rank_checkpoint_resumes_on_one(runs
     assert_close(tmp_path / "b" / "last.npz", runs / "single" / "last.npz")
 
 
+def load_adapter_file(path):
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files if k != "meta"}
+
+
+@needs_mpi
+def test_lora_on_two_ranks_equals_one_process_and_resumes(runs, corpus, tmp_path):
+    # the adapters' gradients all-reduced (and with ZeRO-1 their moments split): as one process with twice the
+    # grad accum, to rounding; a two-rank LoRA run resumed on two ranks lands on the same adapters
+    lora = ["--data", str(corpus), *TINY, "--init-from", str(runs / "single" / "last.npz"), "--lora-rank", "2",
+            "--lora-targets", "wq,wv,w_down", "--lr", "1e-2"]
+    train(*lora, "--max-steps", "6", "--grad-accum", "2", "--out", "single", cwd=tmp_path)
+    train(*lora, "--max-steps", "6", "--out", "ranks", ranks=2, cwd=tmp_path)
+    train(*lora, "--max-steps", "3", "--zero", "1", "--out", "zero", ranks=2, cwd=tmp_path)
+    train("--resume", "--out", "zero", "--max-steps", "6", ranks=2, cwd=tmp_path)
+    want = load_adapter_file(tmp_path / "single" / "adapter_last.npz")
+    assert any(k.startswith("opt.m.") for k in want) and np.abs(want["lora.layers.0.wq.B"]).max() > 0
+    for run in ("ranks", "zero"):
+        got = load_adapter_file(tmp_path / run / "adapter_last.npz")
+        assert sorted(got) == sorted(want), run
+        for key in want:
+            scale = max(np.abs(want[key]).max(), np.finfo(np.float64).tiny)
+            assert np.abs(got[key] - want[key]).max() <= 1e-12 * scale, (run, key)
+
+
 FAIL_ON_THIRD_BACKWARD = """
 import runpy, sys
 from tinypalm.model import PaLM

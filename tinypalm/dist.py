@@ -13,6 +13,9 @@ updates the weights of that shard with the moments of that shard alone, and the 
 On GPUs the all-reduce of each bucket starts on a side stream as soon as the backward has finished the layers
 it holds, so communication overlaps the rest of the backward.
 
+With LoRA (train.py --lora-rank) only the adapters train: their small flat vector is all-reduced in one bucket
+after the backward, and ZeRO-1 splits their moments.
+
 `init(argv)` gives a process its communicator: `Single`, whose collectives do nothing, unless mpiexec started
 several processes. A single process never imports mpi4py or NCCL.
 """
@@ -141,7 +144,7 @@ class Single:
     def use_device(self, backend):
         pass
 
-    def attach(self, model, zero=0, micro_batches=1):
+    def attach(self, model, trained, zero=0, micro_batches=1):
         pass
 
     def sum(self, x):
@@ -245,15 +248,19 @@ class MPIComm:
                                 f"{n_gpus} GPU(s); start at most one rank per GPU")
         cupy.cuda.Device(self.local_rank).use()
 
-    def attach(self, model, zero=0, micro_batches=1):
-        """Plan the buckets and shards for this model; micro_batches is this rank's count per step."""
-        layout = model.params.layout
-        self.params, self.xp = model.params, model.xp
+    def attach(self, model, trained, zero=0, micro_batches=1):
+        """Plan the buckets and shards of the parameters that train: model.params, or LoRA's adapters (one bucket,
+        all-reduced once the backward is done: they are small); micro_batches is this rank's count per step."""
+        layout = trained.layout
+        self.params, self.xp = trained, model.xp
         self.shards = shard_bounds(layout.size, self.size)
         self.shard = self.shards[self.rank] if zero else None
-        buckets = plan_buckets(layout, model.config.n_layers, BUCKET_BYTES, model.params.flat.itemsize)
+        whole_model = trained is model.params
+        buckets = (plan_buckets(layout, model.config.n_layers, BUCKET_BYTES, trained.flat.itemsize) if whole_model
+                   else [(0, layout.size, None)])
         if model.backend == "cupy":
-            self.reducer = NCCLReducer(self.comm, model, buckets, self.shards, micro_batches, overlap=not zero)
+            self.reducer = NCCLReducer(self.comm, model, buckets, self.shards, micro_batches,
+                                       overlap=whole_model and not zero)
         else:
             self.reducer = MPIReducer(self.MPI, self.comm, buckets, self.shards)
 
@@ -507,7 +514,7 @@ def main(argv=None):
         return
     comm.use_device(args.backend)
     model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=0)
-    comm.attach(model, zero=args.zero)
+    comm.attach(model, model.params, zero=args.zero)
     optimizer = AdamW(model.params, shard=comm.shard)
     rng = np.random.default_rng(comm.rank)                     # each rank its own batch
     batch = model.xp.asarray(rng.integers(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1)))
