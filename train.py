@@ -311,7 +311,8 @@ def main(argv=None):
     base = ckpt.config if ckpt else None
     cfg = model_config(args, vocab_bound(args), base)          # shape errors and memory, before reading the corpus
     check_memory(cfg, args.backend, args.batch_size, args.seq_len, 8 if args.dtype == "float64" else 4,
-                 f"this model (--preset {args.preset})" if ckpt is None else f"the model of {ckpt.path}")
+                 f"this model (--preset {args.preset})" if ckpt is None else f"the model of {ckpt.path}",
+                 base_trains=args.lora_rank is None)
     if is_pairs:                # instruction tuning: one example per row, the loss on the responses
         batches, tokenizer = load_pairs(args, ckpt.tokenizer_dict if ckpt else None)
     else:

@@ -106,6 +106,16 @@ def test_memory_estimate_and_refusal(monkeypatch):
     with pytest.raises(TinyPalmError, match=re.escape(expected) + r" .*3 gradient buffers.* only 64.0 GiB of memory"):
         run.check_memory(cfg, "numpy", 16, 128, 4, "--preset palm-8b")
     run.check_memory(Config.preset("small"), "numpy", 16, 128, 4, "--preset small")        # fits: no error
+    # LoRA: the base has neither gradients nor moments, so what it needs beyond the activations is the weights
+    lora = run.training_bytes(cfg, 16, 128, 4, gradient_buffers=3, base_trains=False)
+    assert lora == run.training_bytes(cfg, 16, 128, 4) - 3 * 4 * cfg.n_params()
+    monkeypatch.setattr(run, "available_bytes", lambda backend: lora + 2**20)
+    run.check_memory(cfg, "numpy", 16, 128, 4, "--preset palm-8b", base_trains=False)       # fits: no error
+    with pytest.raises(TinyPalmError, match=r"3 gradient buffers.*AdamW state and activations at batch 16 x 128"):
+        run.check_memory(cfg, "numpy", 16, 128, 4, "--preset palm-8b", base_trains=True)
+    monkeypatch.setattr(run, "available_bytes", lambda backend: lora - 2**20)
+    with pytest.raises(TinyPalmError, match=r"for weights, activations \(LoRA\) at batch 16 x 128"):
+        run.check_memory(cfg, "numpy", 16, 128, 4, "--preset palm-8b", base_trains=False)
     monkeypatch.setattr(run, "available_bytes", lambda backend: None)                       # unknown: no refusal
     run.check_memory(cfg, "numpy", 16, 128, 4, "--preset palm-8b")
 

@@ -96,16 +96,18 @@ class Progress:
 # ------------------------------------------------------------------------------------------------------ memory
 
 
-def training_bytes(cfg, batch_size, seq_len, itemsize, grad_accum=1, gradient_buffers=1):
+def training_bytes(cfg, batch_size, seq_len, itemsize, grad_accum=1, gradient_buffers=1, base_trains=True):
     """About the peak memory of one training step: weights, gradients (gradient_buffers of them: on numpy one per
     piece of the batch, batch_threads.py), AdamW's two moments, and the activations the backward pass keeps (per
     token and layer: the block's inputs, projections, attention weights, SwiGLU and branch outputs; then the
-    logits). An estimate, meant to catch what cannot fit, not to budget to the byte."""
+    logits). With base_trains False (LoRA) the weights have neither gradients nor moments; the adapters' are
+    left out, a fraction of a percent. An estimate, meant to catch what cannot fit, not to budget to the byte."""
     D, F, H = cfg.d_model, cfg.d_ff, cfg.n_heads
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     per_token = cfg.n_layers * (4 * D + 3 * q_dim + 3 * kv_dim + 6 * F + H * seq_len) + 3 * cfg.vocab_size
     activations = batch_size * seq_len * per_token
-    return itemsize * ((3 + gradient_buffers) * cfg.n_params() + activations)
+    copies = 3 + gradient_buffers if base_trains else 1
+    return itemsize * (copies * cfg.n_params() + activations)
 
 
 def available_bytes(backend):
@@ -129,20 +131,23 @@ def available_bytes(backend):
         return None
 
 
-def check_memory(cfg, backend, batch_size, seq_len, itemsize, what):
-    """Refuse, before allocating anything, a model that cannot fit; `what` names it for the message."""
+def check_memory(cfg, backend, batch_size, seq_len, itemsize, what, base_trains=True):
+    """Refuse, before allocating anything, a model that cannot fit; `what` names it for the message. base_trains
+    False: LoRA, the weights with neither gradients nor AdamW state."""
     buffers = 1
     if backend == "numpy":
         from . import batch_threads
         buffers = len(batch_threads.pieces(batch_size))
-    need, have = training_bytes(cfg, batch_size, seq_len, itemsize, gradient_buffers=buffers), available_bytes(backend)
+    need = training_bytes(cfg, batch_size, seq_len, itemsize, gradient_buffers=buffers, base_trains=base_trains)
+    have = available_bytes(backend)
     if have is not None and need > have:
         where = "GPU memory" if backend == "cupy" else "memory"
         threads = (f" ({buffers} gradient buffers, one per thread: TINYPALM_NUM_THREADS=1 needs one)"
                    if buffers > 1 else "")
+        parts = f"gradients{threads}, AdamW state and activations" if base_trains else "activations (LoRA)"
         raise TinyPalmError(f"{what} ({cfg.n_params() / 1e9:.2f}B parameters) needs about {gib(need)} for weights, "
-                            f"gradients{threads}, AdamW state and activations at batch {batch_size} x {seq_len}, and "
-                            f"only {gib(have)} of {where} is free; use a smaller preset or shape, or a smaller batch")
+                            f"{parts} at batch {batch_size} x {seq_len}, and only {gib(have)} of {where} is free; "
+                            "use a smaller preset or shape, or a smaller batch")
 
 
 def gib(n_bytes):
