@@ -235,7 +235,7 @@ def test_lora_resume_bad_input(base, corpus):  # noqa: F811
                       "moved.npz is no longer the base", "put that checkpoint back")
     os.remove(d / "moved.npz")
     assert_user_error(run("train.py", "--resume", "--out", "rc", "--max-steps", "4", cwd=d, check=False),
-                      "moved.npz, the base checkpoint this LoRA run trains, is not there")
+                      "moved.npz, the base checkpoint this LoRA run adapts, is not there")
     # an adapter written without the optimizer's state cannot continue
     meta, entries = adapter_arrays(d / "rc" / "adapter_last.npz")
     with open(d / "rc" / "adapter_last.npz", "wb") as f:

@@ -356,7 +356,7 @@ def resume_checkpoint(out):
         raise TinyPalmError(f"--resume: {path} holds the adapter only, no optimizer state (an older tinypalm wrote "
                             "it); start the LoRA run again with --init-from and --lora-rank")
     if not os.path.exists(base_path):
-        raise TinyPalmError(f"--resume: {base_path}, the base checkpoint this LoRA run trains, is not there; run "
+        raise TinyPalmError(f"--resume: {base_path}, the base checkpoint this LoRA run adapts, is not there; run "
                             "from the directory the run was started in, or put the checkpoint back")
     base = checkpoint.load(base_path)
     if meta["config"] != base.config.to_dict() or meta["base_sha256"] != params_hash(base.params):
