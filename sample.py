@@ -80,7 +80,7 @@ def main(argv=None):
     check_args(args)
     stops = [parse_stop(s) for s in args.stop]
     prompt = read_prompt(args)
-    model, tokenizer, ckpt = load_model(args.ckpt, args.adapter, backend=args.backend, dtype=args.dtype)
+    model, tokenizer, ckpt = load_model(args.ckpt, args.adapter, backend=args.backend, dtype=args.dtype, trains=False)
     val = f", best val loss {ckpt.best_val_loss:.4f}" if ckpt.best_val_loss is not None else ""
     adapter = f", with the adapter {model.adapter.path}" if model.adapter is not None else ""
     print(f"loaded {ckpt.path}: step {ckpt.step}{val}, {ckpt.config.n_params() / 1e6:.2f}M parameters{adapter}",

@@ -310,7 +310,7 @@ def main(argv=None):
     replaced = prepare_out_dir(args.out, args.resume, args.overwrite) if comm.is_root else []
     base = ckpt.config if ckpt else None
     cfg = model_config(args, vocab_bound(args), base)          # shape errors and memory, before reading the corpus
-    check_memory(cfg, args.backend, args.batch_size, args.seq_len, 8 if args.dtype == "float64" else 4,
+    check_memory(cfg, args.backend, args.batch_size, args.seq_len, args.dtype,
                  f"this model (--preset {args.preset})" if ckpt is None else f"the model of {ckpt.path}",
                  base_trains=args.lora_rank is None)
     if is_pairs:                # instruction tuning: one example per row, the loss on the responses
@@ -328,9 +328,8 @@ def main(argv=None):
 
     cfg = model_config(args, tokenizer.vocab_size, base)
     comm.use_device(args.backend)
-    model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=args.seed)
-    if ckpt is not None:
-        model.load_params(ckpt.params)
+    model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=args.seed, params=ckpt.params if ckpt else None,
+                 trains=args.lora_rank is None)            # LoRA: the base never changes, bf16 needs no master of it
     frozen = frozen_params(args, model)
     model.frozen = frozenset(frozen)                   # the backward skips their gradients
     trained, trained_grads = model.params, (lambda grads: grads)       # what the optimizer updates

@@ -186,6 +186,30 @@ def test_lora_bf16_keeps_float32_matrices_and_gradients():
     np.testing.assert_array_equal(m16.adapter.weights.flat, m16.adapter.params.flat.astype(BF16))
 
 
+def test_bf16_model_that_does_not_train_keeps_no_master(tmp_path):
+    # trains=False (sampling, evaluating, LoRA's base): the bf16 copy alone, 2 bytes a parameter, computing exactly
+    # what the model with a float32 master computes; its host arrays still come out float32
+    cfg = Config.preset("tiny", max_seq_len=16, vocab_size=257)                 # the byte tokenizer's vocabulary
+    trained = PaLM(cfg, dtype="bfloat16", seed=5)
+    frozen = PaLM(cfg, dtype="bfloat16", params=trained.params_numpy(), trains=False)
+    assert frozen.params is frozen.weights and frozen.params.flat.dtype == BF16
+    assert frozen.params.flat.nbytes == 2 * cfg.n_params()
+    np.testing.assert_array_equal(frozen.weights.flat, trained.weights.flat)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 16))
+    np.testing.assert_array_equal(frozen.forward(tokens), trained.forward(tokens))
+    host = frozen.params_numpy()
+    assert all(a.dtype == np.float32 for a in host.values())
+    for name, a in trained.params_numpy().items():
+        np.testing.assert_array_equal(host[name], a.astype(BF16).astype(np.float32), err_msg=name)
+    # the loaders used for inference build it so
+    from tinypalm.loading import load_model
+    from tinypalm.tokenizer import ByteTokenizer
+    checkpoint.save(str(tmp_path / "m.npz"), trained, ByteTokenizer(), 0)
+    model, _, _ = load_model(str(tmp_path / "m.npz"), dtype="bfloat16", trains=False)
+    assert model.params is model.weights
+    np.testing.assert_array_equal(model.forward(tokens), trained.forward(tokens))
+
+
 def test_dtype_audit():
     # master weights, gradients and optimizer moments float32; the weights the ops read, every activation the
     # backward keeps and the KV cache bf16; LayerNorm's rstd, the loss's probabilities, the rotary tables and the

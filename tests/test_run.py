@@ -93,31 +93,37 @@ def test_time_left_uses_every_step_so_far():
 
 def test_memory_estimate_and_refusal(monkeypatch):
     cfg = Config.preset("palm-8b", vocab_size=256)
-    need = run.training_bytes(cfg, 16, 128, 4)
+    need = run.training_bytes(cfg, 16, 128, "float32")
     assert need > 16 * cfg.n_params()             # weights, gradients and two moments, plus activations
     model = PaLM(Config.preset("tiny"), seed=0)
     weights = sum(p.nbytes for p in model.params.values())
-    assert run.training_bytes(model.config, 4, 16, 4) > 4 * weights
+    assert run.training_bytes(model.config, 4, 16, "float32") > 4 * weights
     monkeypatch.setattr(run, "available_bytes", lambda backend: 64 * 2**30)
     monkeypatch.setattr(cpu_ops, "pool", cpu_ops.ChunkPool(3))     # numpy: a gradient buffer per piece of the batch
-    need = run.training_bytes(cfg, 16, 128, 4, gradient_buffers=3)
-    assert need == run.training_bytes(cfg, 16, 128, 4) + 2 * 4 * cfg.n_params()
+    need = run.training_bytes(cfg, 16, 128, "float32", gradient_buffers=3)
+    assert need == run.training_bytes(cfg, 16, 128, "float32") + 2 * 4 * cfg.n_params()
     expected = f"--preset palm-8b ({cfg.n_params() / 1e9:.2f}B parameters) needs about {need / 2**30:.1f} GiB"
     with pytest.raises(TinyPalmError, match=re.escape(expected) + r" .*3 gradient buffers.* only 64.0 GiB of memory"):
-        run.check_memory(cfg, "numpy", 16, 128, 4, "--preset palm-8b")
-    run.check_memory(Config.preset("small"), "numpy", 16, 128, 4, "--preset small")        # fits: no error
+        run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b")
+    run.check_memory(Config.preset("small"), "numpy", 16, 128, "float32", "--preset small")        # fits: no error
     # LoRA: the base has neither gradients nor moments, so what it needs beyond the activations is the weights
-    lora = run.training_bytes(cfg, 16, 128, 4, gradient_buffers=3, base_trains=False)
-    assert lora == run.training_bytes(cfg, 16, 128, 4) - 3 * 4 * cfg.n_params()
+    lora = run.training_bytes(cfg, 16, 128, "float32", gradient_buffers=3, base_trains=False)
+    assert lora == run.training_bytes(cfg, 16, 128, "float32") - 3 * 4 * cfg.n_params()
     monkeypatch.setattr(run, "available_bytes", lambda backend: lora + 2**20)
-    run.check_memory(cfg, "numpy", 16, 128, 4, "--preset palm-8b", base_trains=False)       # fits: no error
+    run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b", base_trains=False)       # fits: no error
     with pytest.raises(TinyPalmError, match=r"3 gradient buffers.*AdamW state and activations at batch 16 x 128"):
-        run.check_memory(cfg, "numpy", 16, 128, 4, "--preset palm-8b", base_trains=True)
+        run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b", base_trains=True)
     monkeypatch.setattr(run, "available_bytes", lambda backend: lora - 2**20)
     with pytest.raises(TinyPalmError, match=r"for weights, activations \(LoRA\) at batch 16 x 128"):
-        run.check_memory(cfg, "numpy", 16, 128, 4, "--preset palm-8b", base_trains=False)
+        run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b", base_trains=False)
+    # bfloat16: a float32 master, gradients and moments beside the bf16 weights; LoRA's base is the bf16 weights
+    # alone; the activations are counted at float32's 4 bytes either way
+    activations = run.training_bytes(cfg, 16, 128, "float32") - 16 * cfg.n_params()
+    assert run.training_bytes(cfg, 16, 128, "bfloat16") == 18 * cfg.n_params() + activations
+    assert run.training_bytes(cfg, 16, 128, "bfloat16", base_trains=False) == 2 * cfg.n_params() + activations
+    assert run.training_bytes(cfg, 16, 128, "float64") == 2 * run.training_bytes(cfg, 16, 128, "float32")
     monkeypatch.setattr(run, "available_bytes", lambda backend: None)                       # unknown: no refusal
-    run.check_memory(cfg, "numpy", 16, 128, 4, "--preset palm-8b")
+    run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b")
 
 
 def test_available_memory_is_read_from_the_system():

@@ -181,7 +181,8 @@ def build_parser():
                    help=f"time a Config preset ({', '.join(PRESETS)}) instead (default: the reference CPU benchmark shape)")
     add_shape_flags(p, ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"),
                     "the preset's or the reference shape's")
-    p.add_argument("--dtype", default="float32", help="float32, float64 or bfloat16 (mixed precision)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"],
+                   help="float32, float64 or bfloat16 (mixed precision)")
     p.add_argument("--batch-size", type=int, default=12, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=30, help="timed steps (the figure is their median)")
@@ -207,7 +208,7 @@ def main(argv=None):
     shape = with_shape_flags(Config.preset(args.preset).to_dict() if args.preset else BENCH_SHAPE, args)
     shape["max_seq_len"] = max(shape.get("max_seq_len", 0), args.seq_len)
     cfg = Config(**shape)
-    check_memory(cfg, args.backend, args.batch_size, args.seq_len, 8 if args.dtype == "float64" else 4,
+    check_memory(cfg, args.backend, args.batch_size, args.seq_len, args.dtype,
                  f"--preset {args.preset}" if args.preset else "the benchmark model")
     model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=0)
     step = make_step(model, args.batch_size, args.seq_len)

@@ -305,7 +305,7 @@ def load_classifier(path, ckpt=None, backend="numpy"):
         raise
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, json.JSONDecodeError) as e:
         raise TinyPalmError(f"--model {path}: cannot read the classifier, the file is truncated or corrupt ({type(e).__name__})") from None
-    model, tokenizer, ck = load_model(ckpt or meta["base"], backend=backend, dtype=meta["dtype"])
+    model, tokenizer, ck = load_model(ckpt or meta["base"], backend=backend, dtype=meta["dtype"], trains=False)
     if params_hash(ck.params) != meta["base_sha256"]:
         raise TinyPalmError(f"--model {path} was trained on another base model than {ck.path}; pass the checkpoint "
                             "it was trained from with --ckpt")
@@ -335,7 +335,8 @@ def train(args):
     labels = sorted({label for _, label in train_set})
     if len(labels) < 2:
         raise TinyPalmError(f"{args.data}: only one label ({labels[0]!r}) in training; a classifier needs at least two")
-    model, tokenizer, ck = load_model(args.ckpt, backend=args.backend, dtype=args.dtype)
+    model, tokenizer, ck = load_model(args.ckpt, backend=args.backend, dtype=args.dtype,
+                                      trains=args.mode in ("top", "full"))     # else the base stays as it is
     cfg, xp = model.config, model.xp
     clf = Classifier(model, tokenizer, labels, args.pool, args.max_tokens)
     betas = (args.beta1, args.beta2)
@@ -365,7 +366,7 @@ def train(args):
                            AdamW(model.adapter.params, betas, weight_decay=args.weight_decay)))
     n_trainable = clf.head.flat.size + sum(b - a for a, b, _ in runs)
     n_trainable += model.adapter.n_params if model.adapter is not None else 0
-    itemsize = model.dtype.itemsize
+    itemsize = model.master_dtype.itemsize                    # AdamW's moments: float32 for a bf16 model
     print(f"data: {len(train_set) + (0 if args.test_data else len(test_set))} examples in {args.data}, "
           f"{len(labels)} labels; {len(train_set)} train, {len(test_set)} held out"
           + (f" ({args.test_data})" if args.test_data else f" (stratified {args.test_fraction:.0%}, seed {args.seed})"))
@@ -508,7 +509,7 @@ def label_log_likelihoods(model, prompt, continuations, score="mean"):
 def fewshot(args):
     train_set, test_set = load_split(args)
     labels = sorted({label for _, label in train_set})
-    model, tokenizer, _ = load_model(args.ckpt, args.adapter, backend=args.backend)
+    model, tokenizer, _ = load_model(args.ckpt, args.adapter, backend=args.backend, trains=False)
     # each label is scored with the newline that ends it, so no label's score counts as a prefix of another's
     continuations = [[int(i) for i in tokenizer.encode(f" {label}\n")] for label in labels]
     budget = model.config.max_seq_len - max(len(c) for c in continuations)

@@ -379,7 +379,7 @@ class NCCLReducer:
         self.cupy, self.nccl = cupy, nccl
         self.comm = nccl_communicator(mpi_comm, nccl)
         self.nccl_dtype = {np.dtype("float32"): nccl.NCCL_FLOAT32, np.dtype("float64"): nccl.NCCL_FLOAT64}[
-            np.dtype(model.params.flat.dtype)]
+            np.dtype(model.master_dtype)]                                   # the gradients' dtype
         self.buckets, self.shards, self.micro_batches = buckets, shards, micro_batches
         self.side = cupy.cuda.Stream(non_blocking=True)
         self.flat, self.micro, self.launched = None, 0, 0

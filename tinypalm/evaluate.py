@@ -167,7 +167,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise TinyPalmError(f"--batch-size must be at least 1, got {args.batch_size}")
-    model, tokenizer, ckpt = load_model(args.ckpt, args.adapter, backend=args.backend, dtype=args.dtype)
+    model, tokenizer, ckpt = load_model(args.ckpt, args.adapter, backend=args.backend, dtype=args.dtype, trains=False)
     max_len = model.config.max_seq_len
     seq_len = args.seq_len or min(int(ckpt.train_args.get("seq_len", max_len)), max_len)
     if not 1 <= seq_len <= max_len:

@@ -185,7 +185,7 @@ class LoRA:
         full = model.params.flat.size
         return (f"LoRA rank {self.rank}, alpha {self.alpha:g} on {','.join(self.targets)}: {self.n_params:,} trainable "
                 f"parameters ({100 * self.n_params / full:.2f}% of {full:,}); AdamW state {format_bytes(2 * itemsize * self.n_params)} "
-                f"against {format_bytes(2 * model.params.flat.dtype.itemsize * full)} for full fine-tuning")
+                f"against {format_bytes(2 * model.master_dtype.itemsize * full)} for full fine-tuning")
 
 
 def format_bytes(n):

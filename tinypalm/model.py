@@ -19,7 +19,8 @@ Precision. `dtype` is what the model computes with: its activations, KV cache an
 For float64 and float32 that is all there is. bfloat16 is mixed precision: `model.params` (the master weights),
 the gradients and the optimizer's moments stay float32, and the ops read `model.weights`, a bf16 copy of the
 whole flat vector. After changing `model.params` in place (an optimizer step) call `model.params_updated()`,
-which refreshes that copy with one cast; `load_params` does it itself. Inside the ops every bf16 input is read
+which refreshes that copy with one cast; `load_params` does it itself. A model whose weights will not change
+(`trains=False`: sampling, evaluating, LoRA's frozen base) keeps the bf16 copy alone: `model.params` is it. Inside the ops every bf16 input is read
 into float32 (see ops.py), so the rotary tables and the attention mask are float32.
 """
 
@@ -121,7 +122,10 @@ def canonical_views(cfg):
 
 
 class PaLM:
-    def __init__(self, config, backend="numpy", dtype="float32", seed=0):
+    def __init__(self, config, backend="numpy", dtype="float32", seed=0, params=None, trains=True):
+        """params: host arrays by canonical name to start from (a checkpoint's), instead of weights drawn from seed.
+        trains=False: the weights will not change (sampling, evaluating, the frozen base under LoRA), so a
+        bfloat16 model keeps no float32 master: model.params is its bf16 copy, 2 bytes a parameter instead of 6."""
         assert isinstance(config, Config)
         self.config = cfg = config
         self.xp = xp = get_xp(backend)
@@ -130,10 +134,10 @@ class PaLM:
         self.backend, self.dtype = backend, check_dtype(dtype)
         self.master_dtype = compute_dtype(self.dtype)            # float32 for bfloat16, else dtype itself
         self.layout = Layout(storage_shapes(cfg), named=canonical_views(cfg))
-        self.params = self.layout.zeros(xp, self.master_dtype)             # a Flat: canonical views, .flat
+        self.params = self.layout.zeros(xp, self.master_dtype if trains else self.dtype)  # a Flat: canonical views, .flat
         # the weights the ops read: the master itself, or (bf16) a copy in the compute dtype, refreshed by
         # params_updated(); embed, norm and layers[i] are its stored arrays
-        self.weights = self.params if self.dtype == self.master_dtype else self.layout.zeros(xp, self.dtype)
+        self.weights = self.params if self.params.flat.dtype == self.dtype else self.layout.zeros(xp, self.dtype)
         self.embed, self.norm = self.weights.stored["embed"], self.weights.stored["norm"]
         self.layers = [Layer(cfg, self.weights.stored, i) for i in range(cfg.n_layers)]
         self.rope_cos, self.rope_sin = ops.rope_tables(xp, cfg.max_seq_len, cfg.head_dim, cfg.rope_base,
@@ -144,7 +148,7 @@ class PaLM:
         # skips, their entries in grads left as they are: a frozen base (LoRA, --freeze-layers) costs no
         # weight-gradient products
         self.frozen = frozenset()
-        self.load_params(init_params(cfg, seed))
+        self.load_params(init_params(cfg, seed) if params is None else params)
 
     def load_params(self, arrays):
         """Copy host or device arrays, by canonical name, into the model's storage."""
@@ -162,8 +166,9 @@ class PaLM:
             self.adapter.params_updated()
 
     def params_numpy(self):
-        """Host arrays of the master weights by canonical name, from one device-to-host copy of the flat vector."""
-        return dict(self.layout.wrap(to_numpy(self.params.flat)))
+        """Host arrays of the master weights by canonical name (in the master dtype, also for a model that keeps
+        no master), from one device-to-host copy of the flat vector."""
+        return dict(self.layout.wrap(to_numpy(self.params.flat).astype(self.master_dtype, copy=False)))
 
     def grads_like(self):
         """Zeroed gradients laid out like the parameters (in the master dtype): a Flat with the canonical names

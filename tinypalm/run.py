@@ -96,18 +96,27 @@ class Progress:
 # ------------------------------------------------------------------------------------------------------ memory
 
 
-def training_bytes(cfg, batch_size, seq_len, itemsize, grad_accum=1, gradient_buffers=1, base_trains=True):
+WEIGHT_BYTES = {"float64": (8, 8), "float32": (4, 4), "bfloat16": (2, 4)}   # --dtype: (a weight, its master)
+
+
+def training_bytes(cfg, batch_size, seq_len, dtype="float32", gradient_buffers=1, base_trains=True):
     """About the peak memory of one training step: weights, gradients (gradient_buffers of them: on numpy one per
     piece of the batch, batch_threads.py), AdamW's two moments, and the activations the backward pass keeps (per
     token and layer: the block's inputs, projections, attention weights, SwiGLU and branch outputs; then the
-    logits). With base_trains False (LoRA) the weights have neither gradients nor moments; the adapters' are
-    left out, a fraction of a percent. An estimate, meant to catch what cannot fit, not to budget to the byte."""
+    logits). dtype is the --dtype name: bfloat16 weights take 2 bytes, their float32 master, gradients and moments
+    4, and the activations are counted at 4, as the ops compute in float32. With base_trains False (LoRA) the
+    weights are all there is of the base (no master, gradients or moments); the adapters' are left out, a fraction
+    of a percent. An estimate, meant to catch what cannot fit, not to budget to the byte."""
+    weight, master = WEIGHT_BYTES[dtype]
     D, F, H = cfg.d_model, cfg.d_ff, cfg.n_heads
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     per_token = cfg.n_layers * (4 * D + 3 * q_dim + 3 * kv_dim + 6 * F + H * seq_len) + 3 * cfg.vocab_size
     activations = batch_size * seq_len * per_token
-    copies = 3 + gradient_buffers if base_trains else 1
-    return itemsize * (copies * cfg.n_params() + activations)
+    if base_trains:     # master (itself the weights unless bf16), gradients, two moments, and a bf16 copy
+        per_param = (3 + gradient_buffers) * master + (weight if weight != master else 0)
+    else:
+        per_param = weight
+    return per_param * cfg.n_params() + master * activations
 
 
 def available_bytes(backend):
@@ -131,14 +140,14 @@ def available_bytes(backend):
         return None
 
 
-def check_memory(cfg, backend, batch_size, seq_len, itemsize, what, base_trains=True):
+def check_memory(cfg, backend, batch_size, seq_len, dtype, what, base_trains=True):
     """Refuse, before allocating anything, a model that cannot fit; `what` names it for the message. base_trains
     False: LoRA, the weights with neither gradients nor AdamW state."""
     buffers = 1
     if backend == "numpy":
         from . import batch_threads
         buffers = len(batch_threads.pieces(batch_size))
-    need = training_bytes(cfg, batch_size, seq_len, itemsize, gradient_buffers=buffers, base_trains=base_trains)
+    need = training_bytes(cfg, batch_size, seq_len, dtype, gradient_buffers=buffers, base_trains=base_trains)
     have = available_bytes(backend)
     if have is not None and need > have:
         where = "GPU memory" if backend == "cupy" else "memory"
