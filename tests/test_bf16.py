@@ -28,6 +28,7 @@ import pytest
 from tinypalm import Config, PaLM, checkpoint, ops
 from tinypalm.backend import read_scalars
 from tinypalm.data import get_batch
+from tinypalm.errors import TinyPalmError
 from tinypalm.optim import AdamW, clip_grad_norm, lr_at
 from gradcheck import rel_error
 
@@ -194,6 +195,8 @@ def test_bf16_model_that_does_not_train_keeps_no_master(tmp_path):
     frozen = PaLM(cfg, dtype="bfloat16", params=trained.params_numpy(), trains=False)
     assert frozen.params is frozen.weights and frozen.params.flat.dtype == BF16
     assert frozen.params.flat.nbytes == 2 * cfg.n_params()
+    with pytest.raises(TinyPalmError, match="trains=True"):           # nothing to update in float32
+        AdamW(frozen.params)
     np.testing.assert_array_equal(frozen.weights.flat, trained.weights.flat)
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 16))
     np.testing.assert_array_equal(frozen.forward(tokens), trained.forward(tokens))

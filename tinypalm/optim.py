@@ -6,6 +6,8 @@ vectorised passes over contiguous memory: one per run of neighbouring arrays tha
 
 import math
 
+from .errors import TinyPalmError
+
 
 def decays(name):
     """Weight decay applies to the layers' matrices, not to norm gains and not to the embedding.
@@ -50,6 +52,9 @@ class AdamW:
     only `.flat`; state_dict and load_state_dict are for the whole vector (dist gathers and slices them)."""
 
     def __init__(self, params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, frozen=(), shard=None):
+        if params.flat.dtype.itemsize < 4:     # a model built with trains=False keeps its bf16 weights alone
+            raise TinyPalmError(f"AdamW updates float32 or float64 weights, not {params.flat.dtype}: build a bfloat16 "
+                                "model that trains with trains=True (its float32 master weights)")
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay = eps, weight_decay
         self.frozen = set(frozen)
