@@ -20,8 +20,9 @@ For float64 and float32 that is all there is. bfloat16 is mixed precision: `mode
 the gradients and the optimizer's moments stay float32, and the ops read `model.weights`, a bf16 copy of the
 whole flat vector. After changing `model.params` in place (an optimizer step) call `model.params_updated()`,
 which refreshes that copy with one cast; `load_params` does it itself. A model whose weights will not change
-(`trains=False`: sampling, evaluating, LoRA's frozen base) keeps the bf16 copy alone: `model.params` is it. Inside the ops every bf16 input is read
-into float32 (see ops.py), so the rotary tables and the attention mask are float32.
+(`trains=False`: sampling, evaluating, LoRA's frozen base) keeps the bf16 copy alone: `model.params` is it.
+Inside the ops every bf16 input is read into float32 (see ops.py), so the rotary tables and the attention mask
+are float32.
 """
 
 import math
@@ -134,7 +135,8 @@ class PaLM:
         self.backend, self.dtype = backend, check_dtype(dtype)
         self.master_dtype = compute_dtype(self.dtype)            # float32 for bfloat16, else dtype itself
         self.layout = Layout(storage_shapes(cfg), named=canonical_views(cfg))
-        self.params = self.layout.zeros(xp, self.master_dtype if trains else self.dtype)  # a Flat: canonical views, .flat
+        # a Flat (canonical views, .flat): the master weights, or the bf16 weights alone when they never change
+        self.params = self.layout.zeros(xp, self.master_dtype if trains else self.dtype)
         # the weights the ops read: the master itself, or (bf16) a copy in the compute dtype, refreshed by
         # params_updated(); embed, norm and layers[i] are its stored arrays
         self.weights = self.params if self.params.flat.dtype == self.dtype else self.layout.zeros(xp, self.dtype)
