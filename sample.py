@@ -24,7 +24,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="a checkpoint .npz, or a training --out directory (its best.npz, else last.npz)")
     p.add_argument("--adapter", default=None, help="LoRA adapter file (or a LoRA run's --out) trained on --ckpt")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline); backslash escapes such "
+                   "as \\n are understood (--prompt-file takes its text as it is)")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file instead of --prompt")
     p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 picks the most likely token every time")
@@ -43,17 +44,18 @@ def build_parser():
     return p
 
 
-def parse_stop(text):
-    """A --stop string with its backslash escapes (\\n, \\t, \\x41, \\u00e9) turned into characters."""
+def parse_escapes(text, flag):
+    """A --prompt or --stop string with its backslash escapes (\\n, \\t, \\x41, \\u00e9) turned into characters:
+    a shell passes "Q: cat\\n" as a backslash and an n."""
     try:
         return text.encode("latin-1", errors="backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as e:
-        raise TinyPalmError(f"--stop {text!r}: bad backslash escape ({e.reason}); write a backslash as \\\\") from None
+        raise TinyPalmError(f"{flag} {text!r}: bad backslash escape ({e.reason}); write a backslash as \\\\") from None
 
 
 def read_prompt(args):
     if args.prompt_file is None:
-        return args.prompt
+        return parse_escapes(args.prompt, "--prompt")
     try:
         with open(args.prompt_file, encoding="utf-8") as f:
             return f.read()
@@ -78,7 +80,7 @@ def check_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
-    stops = [parse_stop(s) for s in args.stop]
+    stops = [parse_escapes(s, "--stop") for s in args.stop]
     prompt = read_prompt(args)
     model, tokenizer, ckpt = load_model(args.ckpt, args.adapter, backend=args.backend, dtype=args.dtype, trains=False)
     val = f", best val loss {ckpt.best_val_loss:.4f}" if ckpt.best_val_loss is not None else ""

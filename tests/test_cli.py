@@ -81,9 +81,12 @@ def test_resume_is_exact(corpus, tmp_path):
 
 
 def test_bpe_tokenizer_is_trained_and_saved(corpus, tmp_path):
-    run("train.py", "--data", str(corpus), *TINY, "--max-steps", "5", "--tokenizer", "bpe", "--vocab-size", "300",
-        cwd=tmp_path)
+    r = run("train.py", "--data", str(corpus), *TINY, "--max-steps", "5", "--tokenizer", "bpe", "--vocab-size", "300",
+            cwd=tmp_path)
     ck = checkpoint.load(str(tmp_path / "out" / "last.npz"))
+    assert f"trained BPE: {ck.config.vocab_size} tokens" in r.stdout
+    # fourteen words run out of repeating pairs long before 300 tokens, and the run says so
+    assert ck.config.vocab_size < 300 and "not the 300 of --vocab-size: no other pair of tokens repeats" in r.stdout
     # the model's vocabulary is the tokenizer's: at most the 300 asked for (fewer if the corpus runs out of pairs)
     assert ck.tokenizer_dict["kind"] == "bpe"
     assert 256 < ck.config.vocab_size == 256 + len(ck.tokenizer_dict["merges"]) + 1 <= 300   # + end-of-text

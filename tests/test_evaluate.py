@@ -138,6 +138,10 @@ def test_program_prints_a_summary(trained):
     assert "bits per byte" in r.stdout and "perplexity" in r.stdout and "stride 8" in r.stdout
     n_bytes = len("a first file.\n" * 20) + 1 + len("and a second one.\n" * 20)    # the files joined by a newline
     assert f"{n_bytes - 1:,} tokens scored, {n_bytes - 1:,} bytes" in r.stdout
+    assert "note: --seq-len" not in r.stderr                   # train.py's --seq-len 16, the default here
+    r = run_module("tinypalm.evaluate", "--ckpt", "out", "--data", "dir", "--seq-len", "32", cwd=d)
+    assert "note: --seq-len 32 is longer than the 16 positions the model trained on" in r.stderr
+    assert "bits per byte" in r.stdout
 
 
 def test_checkpoint_saved_before_end_of_text_still_evaluates_and_samples(tmp_path):

@@ -196,6 +196,12 @@ def test_sample_stops_at_stop_strings(text_model):
     assert s.stdout == prompt + new[:new.index(" ")] + "\n"
     r = run(*greedy, "--stop", "bad \\x4", cwd=d, check=False)
     assert_user_error(r, "--stop", "escape")
+    # the prompt reads the same escapes: "the\x20" is "the " (and "Q: cat\n" from a shell ends in a newline)
+    escaped = run("sample.py", "--ckpt", "out", "--prompt", "the\\x20", "--temperature", "0", "--max-new-tokens", "40",
+                  cwd=d)
+    assert escaped.stdout == free.stdout
+    r = run(*greedy[:3], "--prompt", "bad \\x4", cwd=d, check=False)
+    assert_user_error(r, "--prompt", "escape")
 
 
 # ---- bad JSONL ----

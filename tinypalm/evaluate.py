@@ -175,6 +175,11 @@ def main(argv=None):
     stride = args.stride or seq_len
     if not 1 <= stride <= seq_len:
         raise TinyPalmError(f"--stride {stride}: must be between 1 and --seq-len {seq_len}")
+    trained_len = ckpt.train_args.get("seq_len")
+    if trained_len and seq_len > int(trained_len):
+        print(f"note: --seq-len {seq_len} is longer than the {trained_len} positions the model trained on; it never "
+              f"learned positions past {trained_len}, so expect a higher loss than at --seq-len {trained_len}",
+              file=sys.stderr)
     byte_lengths = token_byte_lengths(tokenizer)
     head = {"checkpoint": ckpt.path, "step": ckpt.step, "data": args.data or "default corpus", "split": args.split,
             "adapter": model.adapter.path if model.adapter is not None else None}
