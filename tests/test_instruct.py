@@ -273,4 +273,4 @@ def test_stop_streamer_holds_back_only_what_could_start_a_stop_string():
         stream(ord(ch))
     stream.finish()                                          # generation ended: the held-back text is shown
     assert out.getvalue() == "zab"
-    assert sample.parse_stop("\\n\\n###\\x41é") == "\n\n###Aé"
+    assert sample.parse_escapes("\\n\\n###\\x41é", "--stop") == "\n\n###Aé"
