@@ -248,7 +248,7 @@ def resume_checkpoint(out):
     """What --resume continues: out/last.npz, or a LoRA run's out/adapter_last.npz on the base it trains."""
     path = os.path.join(out, "last.npz")
     if os.path.exists(path):
-        return checkpoint.load(path)
+        return checkpoint.load(path, optimizer=True)
     if os.path.exists(os.path.join(out, "adapter_last.npz")):
         return lora.resume_checkpoint(out)
     raise TinyPalmError(f"--resume: {path} does not exist; train without --resume first, or pass the --out of that run")

@@ -298,7 +298,7 @@ def test_train_bf16_tracks_float32_then_samples_in_any_dtype(tmp_path):
     f32, bf16 = train_losses(tmp_path / "float32"), train_losses(tmp_path / "bfloat16")
     assert len(f32) == len(bf16) == 10 and f32[-1] < 0.3 * f32[0]
     assert max(abs(a - b) for a, b in zip(f32, bf16)) < 0.05, (f32, bf16)       # measured: 0.007
-    ck = checkpoint.load(str(tmp_path / "bfloat16" / "last.npz"))
+    ck = checkpoint.load(str(tmp_path / "bfloat16" / "last.npz"), optimizer=True)
     assert ck.meta["dtype"] == "bfloat16" and ck.train_args["dtype"] == "bfloat16"
     assert all(p.dtype == np.float32 for p in ck.params.values())              # the master weights
     assert all(v.dtype == np.float32 for k, v in ck.opt_state.items() if k != "step")

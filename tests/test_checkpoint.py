@@ -29,13 +29,14 @@ def trained(tmp_path):
 
 def test_round_trip(trained):
     model, tokenizer, opt, path = trained
-    ck = checkpoint.load(path)
+    ck = checkpoint.load(path, optimizer=True)
     assert ck.step == 7 and ck.best_val_loss == 2.5 and ck.train_args == {"lr": 1e-3}
     assert ck.config == model.config and ck.tokenizer_dict == tokenizer.to_dict()
     for name, p in model.params.items():
         np.testing.assert_array_equal(ck.params[name], p)
     assert int(ck.opt_state["step"]) == 1
     np.testing.assert_array_equal(ck.opt_state["m.layers.1.wv"], opt.m["layers.1.wv"])
+    assert checkpoint.load(path).opt_state is None                 # read only when asked for (--resume)
     other = PaLM(ck.config, dtype="float64", seed=99)
     other.load_params(ck.params)
     x = np.arange(10)[None] % 300

@@ -72,7 +72,7 @@ def test_resume_is_exact(corpus, tmp_path):
     run("train.py", *common, "--max-steps", "10", "--out", "a", cwd=tmp_path)
     run("train.py", "--resume", "--out", "a", "--max-steps", "20", cwd=tmp_path)
     run("train.py", *common, "--max-steps", "20", "--out", "b", cwd=tmp_path)
-    resumed, straight = checkpoint.load(str(tmp_path / "a" / "last.npz")), checkpoint.load(str(tmp_path / "b" / "last.npz"))
+    resumed, straight = (checkpoint.load(str(tmp_path / d / "last.npz"), optimizer=True) for d in ("a", "b"))
     assert resumed.step == straight.step == 20
     for name in straight.params:
         np.testing.assert_array_equal(resumed.params[name], straight.params[name])
@@ -113,7 +113,7 @@ def test_fine_tune_with_frozen_layers(corpus, tmp_path):
     r = run("train.py", "--init-from", "base/last.npz", "--data", str(other), *TINY, "--max-steps", "5",
             "--freeze-layers", "1", "--out", "ft", cwd=tmp_path)
     assert "frozen: the embedding and layer 0 (" in r.stdout and "training layer 1 and the final norm" in r.stdout
-    tuned = checkpoint.load(str(tmp_path / "ft" / "last.npz"))
+    tuned = checkpoint.load(str(tmp_path / "ft" / "last.npz"), optimizer=True)
     assert tuned.step == 5 and int(tuned.opt_state["step"]) == 5           # a fresh optimizer
     for name in ("embed", "layers.0.wq", "layers.0.norm", "layers.0.w_down"):
         np.testing.assert_array_equal(tuned.params[name], base[name])
@@ -287,7 +287,7 @@ def test_timed_saves_between_evaluations_survive_kill_9(corpus, tmp_path):
                        "--eval-every", "100000", "--log-every", "1", "--save-every-s", "0.001")
     proc.kill()
     proc.communicate(timeout=60)
-    ck = checkpoint.load(str(tmp_path / "out" / "last.npz"))
+    ck = checkpoint.load(str(tmp_path / "out" / "last.npz"), optimizer=True)
     assert 1 <= ck.step <= 20 and ck.opt_state is not None              # saved with no evaluation at all
     assert not (tmp_path / "out" / "best.npz").exists()
     assert read_log(tmp_path / "out" / "metrics.jsonl", "val") == []

@@ -175,7 +175,7 @@ def assert_one_error_line(result, status, *words):
 
 
 def load(path):
-    ck = checkpoint.load(str(path))
+    ck = checkpoint.load(str(path), optimizer=True)
     return ck, {**{f"param.{k}": v for k, v in ck.params.items()}, **{f"opt.{k}": v for k, v in ck.opt_state.items()}}
 
 
@@ -319,7 +319,7 @@ def test_ctrl_c_under_mpiexec_saves_once_and_every_rank_stops(corpus, tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err            # interrupted, as one process is
     assert out.count("continue with --resume") == 1 and out.count("val loss") == 1
-    ck = checkpoint.load(str(tmp_path / "out" / "last.npz"))
+    ck = checkpoint.load(str(tmp_path / "out" / "last.npz"), optimizer=True)
     assert 3 <= ck.step < 100000 and len(ck.opt_state) == len(tiny_model().params) * 2 + 1
 
 

@@ -121,7 +121,9 @@ def resolve(path):
     return path
 
 
-def load(path):
+def load(path, optimizer=False):
+    """A Checkpoint from a file or a training --out directory. optimizer=True also reads AdamW's state (twice the
+    weights' size; only --resume needs it), else opt_state is None."""
     path = resolve(path)
     try:
         with numpy.load(path, allow_pickle=False) as npz:
@@ -137,14 +139,14 @@ def load(path):
             params = {}
             for name, shape in param_shapes(config).items():
                 key = f"param.{name}"
-                if key not in npz.files or npz[key].shape != shape:
+                params[name] = npz[key] if key in npz.files else None        # (each read decompresses it again)
+                if params[name] is None or params[name].shape != shape:
                     raise TinyPalmError(f"{path}: parameter {name} is missing or does not match the checkpoint's own "
                                         "config; the file is damaged, use another checkpoint")
-                params[name] = npz[key]
                 if not numpy.isfinite(params[name]).all():
                     raise TinyPalmError(f"{path}: parameter {name} holds NaN or infinite values (the run diverged "
                                         "before this was saved); use an earlier checkpoint or train again with a lower --lr")
-            opt_state = {k[4:]: npz[k] for k in npz.files if k.startswith("opt.")} or None
+            opt_state = ({k[4:]: npz[k] for k in npz.files if k.startswith("opt.")} or None) if optimizer else None
     except TinyPalmError:
         raise
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
