@@ -511,6 +511,8 @@ def test_gpucheck_model_check_runs_with_emulated_kernels(emulated, monkeypatch):
     assert results["model float32 loss"].ok and "in use" in results["model float32 loss"].detail
     assert results["model float32 every gradient"].ok
     assert all(r.ok for name, r in results.items() if "float32" in name)
+    # sample.py's bf16 model, its weights alone in bf16, computes what the model with a float32 master computes
+    assert results["model bfloat16 without a master (sampling)"].ok, results["model bfloat16 without a master (sampling)"]
 
 
 def test_gpucheck_training_verdict():

@@ -359,7 +359,23 @@ def check_model():
                 results.append(Check("model", f"model {dtype} grad {name}", "", e, tol, False))
         results.append(Check("model", f"model {dtype} every gradient", f"{len(grads64)} tensors, worst {worst_name}",
                              worst, tol, worst < tol))
+        if dtype == "bfloat16":
+            results.append(check_without_master(cfg, gpu, tokens))
     return results
+
+
+def check_without_master(cfg, trained, tokens):
+    """sample.py's bf16 model: the weights alone in bf16 (trains=False), built from the trained model's float32
+    host arrays. Its logits must be those of the model with the float32 master, bit for bit."""
+    from .model import PaLM
+    name = "model bfloat16 without a master (sampling)"
+    try:
+        frozen = PaLM(cfg, "cupy", "bfloat16", params=trained.params_numpy(), trains=False)
+        ours, theirs = (to_numpy(m.forward(tokens)).astype(numpy.float32) for m in (frozen, trained))
+    except Exception as e:
+        return Check("model", name, f"crashed: {type(e).__name__}: {e}", float("nan"), 0, False)
+    differ = int((ours != theirs).sum())
+    return Check("model", name, "logits as the model with a master's, identical", differ, 1, differ == 0)
 
 
 # --- 3. a short bf16 run of the full preset, through train.py ----------------------------------------------------
