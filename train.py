@@ -164,8 +164,10 @@ def make_tokenizer(args, corpus, tokenizer_dict):
         return ByteTokenizer()
     t0 = time.time()
     tokenizer = BPETokenizer.train(corpus[:args.bpe_train_bytes], args.vocab_size)
-    short = (f", not the {args.vocab_size} of --vocab-size: no other pair of tokens repeats in the text it learned "
-             "from" if tokenizer.vocab_size < args.vocab_size else "")
+    short = ""
+    if tokenizer.vocab_size < args.vocab_size:
+        short = (f", not the {args.vocab_size} of --vocab-size: no other pair of tokens repeats in the text it "
+                 "learned from")
     print(f"trained BPE: {tokenizer.vocab_size} tokens in {time.time() - t0:.1f}s{short}")
     return tokenizer
 

@@ -139,7 +139,7 @@ def load(path, optimizer=False):
             params = {}
             for name, shape in param_shapes(config).items():
                 key = f"param.{name}"
-                params[name] = npz[key] if key in npz.files else None        # (each read decompresses it again)
+                params[name] = npz.get(key)                  # read once: each npz[key] decompresses it again
                 if params[name] is None or params[name].shape != shape:
                     raise TinyPalmError(f"{path}: parameter {name} is missing or does not match the checkpoint's own "
                                         "config; the file is damaged, use another checkpoint")

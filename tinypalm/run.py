@@ -7,6 +7,7 @@ import sys
 import time
 
 from . import checkpoint
+from .backend import check_dtype, compute_dtype
 from .errors import TinyPalmError
 
 RUN_FILES = ("last.npz", "best.npz", "metrics.jsonl", "loss.svg")
@@ -96,9 +97,6 @@ class Progress:
 # ------------------------------------------------------------------------------------------------------ memory
 
 
-WEIGHT_BYTES = {"float64": (8, 8), "float32": (4, 4), "bfloat16": (2, 4)}   # --dtype: (a weight, its master)
-
-
 def training_bytes(cfg, batch_size, seq_len, dtype="float32", gradient_buffers=1, base_trains=True):
     """About the peak memory of one training step: weights, gradients (gradient_buffers of them: on numpy one per
     piece of the batch, batch_threads.py), AdamW's two moments, and the activations the backward pass keeps (per
@@ -107,7 +105,7 @@ def training_bytes(cfg, batch_size, seq_len, dtype="float32", gradient_buffers=1
     4, and the activations are counted at 4, as the ops compute in float32. With base_trains False (LoRA) the
     weights are all there is of the base (no master, gradients or moments); the adapters' are left out, a fraction
     of a percent. An estimate, meant to catch what cannot fit, not to budget to the byte."""
-    weight, master = WEIGHT_BYTES[dtype]
+    weight, master = check_dtype(dtype).itemsize, compute_dtype(check_dtype(dtype)).itemsize
     D, F, H = cfg.d_model, cfg.d_ff, cfg.n_heads
     q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     per_token = cfg.n_layers * (4 * D + 3 * q_dim + 3 * kv_dim + 6 * F + H * seq_len) + 3 * cfg.vocab_size
