@@ -251,3 +251,18 @@ def test_bad_input(work, head, tmp_path):
     assert_user_error(classify("train", "--data", str(d / "task.csv"), *common, "--mode", "lora", "--lora-targets",
                                "wq,wz", cwd=tmp_path, check=False), "unknown projection wz")
     assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_training_on_the_cupy_standin_reads_the_host_once_per_epoch(work, mode, tmp_path):
+    # the step (forward, backward, clipping, AdamW) never waits for the host; the epoch's losses come back at once
+    from test_standin import run_on_standin
+    epochs = 2
+    out, reads = run_on_standin(["-m", "tinypalm.classify", "train", "--backend", "cupy", "--data", "task.csv",
+                                 "--ckpt", "base", "--mode", mode, "--epochs", str(epochs), "--lora-rank", "2",
+                                 "--out", str(tmp_path / "clf.npz")], work, tmp_path / "reads.json")
+    assert f"epoch {epochs}/{epochs}" in out.stdout
+    in_training = {site: n for site, n in reads.items() if site.endswith("(train)")}
+    assert list(in_training.values()) == [epochs], reads              # the epoch's losses, together
+    # the rest: the held-out logits after each epoch, and the trained arrays when saving
+    assert all(site.endswith(("(train)", "(logits)", "(<dictcomp>)")) for site in reads), reads

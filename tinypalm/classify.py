@@ -36,7 +36,7 @@ import zipfile
 
 import numpy
 
-from .backend import to_numpy
+from .backend import read_scalars, to_numpy
 from .errors import TinyPalmError
 from .flat import flatten
 from .loading import load_model
@@ -321,12 +321,14 @@ def load_classifier(path, ckpt=None, backend="numpy"):
 
 # --- training -----------------------------------------------------------------------------------------------------
 
-def clip_together(vectors, max_norm):
-    """Scale the gradient vectors together to a global L2 norm of at most max_norm; returns the norm before."""
-    total = math.sqrt(sum(float(v @ v) for v in vectors))
-    if max_norm and total > max_norm:
+def clip_together(xp, vectors, max_norm):
+    """Scale the gradient vectors together to a global L2 norm of at most max_norm; returns the norm before, as a
+    device scalar (read on the device, so that a step on a GPU never waits for the host)."""
+    total = xp.sqrt(sum(v @ v for v in vectors))
+    if max_norm:
+        scale = xp.minimum(1.0, max_norm / (total + 1e-6))       # exactly 1 at or under max_norm
         for v in vectors:
-            v *= max_norm / (total + 1e-6)
+            v *= scale.astype(v.dtype)
     return total
 
 
@@ -407,18 +409,18 @@ def train(args):
             every = (grads, head_grads)
             vectors = [head_grads.flat] + [grads.flat[a:b] for a, b, _ in runs]
             vectors += [grads.adapter.flat] if model.adapter is not None else []
-            clip_together(vectors, args.grad_clip)
+            clip_together(xp, vectors, args.grad_clip)
             lr = args.lr * (1.0 - step / total_steps)            # linear decay to zero
             for params, grads_of, optimizer in optimizers:
                 optimizer.step(params, grads_of(every), lr)
-            losses.append(float(loss))
+            losses.append(loss)
             step += 1
         if test_features is not None:
             test_logits = to_numpy(test_features @ clf.head["w"] + clf.head["b"])
         else:
             test_logits = clf.logits(test_seqs)
         accuracy = numpy.mean(test_logits.argmax(axis=1) == numpy.array([labels.index(t) for t in test_truth]))
-        print(f"epoch {epoch + 1}/{args.epochs} | train loss {numpy.mean(losses):.4f} | held-out accuracy "
+        print(f"epoch {epoch + 1}/{args.epochs} | train loss {numpy.mean(read_scalars(xp, *losses)):.4f} | held-out accuracy "
               f"{accuracy:.4f} | {time.time() - t0:.1f}s", flush=True)
     seconds = time.time() - t0
     meta = {"labels": labels, "pool": args.pool, "max_tokens": clf.max_tokens, "mode": args.mode, "dtype": str(model.dtype),
