@@ -31,14 +31,15 @@ def test_vs_torch_alternates_idle_and_times_blocks_under_load(monkeypatch, capsy
     monkeypatch.setattr(bench, "busy_processes", busy_processes)
     monkeypatch.setattr(bench_torch, "import_torch", lambda: types.SimpleNamespace(__version__="peer",
                                                                                  get_num_threads=lambda: 1))
-    monkeypatch.setattr(bench_torch, "make_torch_step", lambda *a, **k: lambda: calls.append("torch"))
+    monkeypatch.setattr(bench_torch, "make_torch_step", lambda *a, **k: lambda: calls.append("torch") or 7.0)
 
     bench.main(["--vs-torch", "--load", "1", "--steps", "3", "--warmup", "1", "--batch-size", "2", "--seq-len", "8"])
-    idle = ["tinypalm", "torch"] + ["tinypalm", "torch"] * 3                    # warm-up, then in turn
+    idle = ["tinypalm", "torch"] * 2 + ["tinypalm", "torch"] * 3      # first losses, warm-up, then in turn
     loaded = ["1 busy"] + ["tinypalm"] * 4 + ["torch"] * 4                     # each in a block of its own
     assert calls == idle + loaded
     assert busy and all(p.poll() is not None for p in busy)                    # the busy processes are gone
     out = capsys.readouterr().out
+    assert "first step's loss: tinypalm " in out and ", torch 7.0000" in out
     assert "with load / without (medians): tinypalm" in out and "torch" in out.splitlines()[-1]
 
 

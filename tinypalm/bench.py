@@ -29,6 +29,7 @@ import numpy
 from . import batch_threads
 from .cli import HelpFormatter, add_shape_flags, run_cli, with_shape_flags
 from .config import PRESETS, Config
+from .backend import to_numpy
 from .errors import TinyPalmError
 from .model import PaLM
 from .optim import AdamW, clip_grad_norm
@@ -128,13 +129,19 @@ def compare(args, cfg, model, step):
     if args.vs_torch:
         from .bench_torch import import_torch, make_torch_step
         torch = import_torch()
-        weights = {name: numpy.array(a) for name, a in model.params.stored.items()}
-        steps["torch"] = make_torch_step(cfg, args.batch_size, args.seq_len, args.dtype, weights=weights)
-    print(f"tinypalm bench: {args.dtype}, {cfg.n_params() / 1e6:.2f}M parameters (d_model {cfg.d_model}, "
-          f"{cfg.n_layers} layers, {cfg.n_heads} heads, {cfg.n_kv_heads} kv, vocab {cfg.vocab_size}), "
-          f"batch {args.batch_size} x {args.seq_len}, median of {args.steps} steps"
-          + (f"; PyTorch {torch.__version__} eager, {torch.get_num_threads()} threads, alternating with tinypalm"
-             if args.vs_torch else ""))
+        weights = {name: to_numpy(a) for name, a in model.params.stored.items()}
+        device = "cuda" if args.backend == "cupy" else "cpu"
+        steps["torch"] = make_torch_step(cfg, args.batch_size, args.seq_len, args.dtype, weights=weights,
+                                         device=device)
+        peer = (f"; PyTorch {torch.__version__} eager on "
+                + (f"{torch.get_num_threads()} threads" if device == "cpu" else "the same GPU")
+                + ", alternating with tinypalm")
+    print(f"tinypalm bench: backend {args.backend}, {args.dtype}, {cfg.n_params() / 1e6:.2f}M parameters "
+          f"(d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, {cfg.n_kv_heads} kv, "
+          f"vocab {cfg.vocab_size}), batch {args.batch_size} x {args.seq_len}, median of {args.steps} steps"
+          + (peer if args.vs_torch else ""))
+    if args.vs_torch:       # both start from the same weights and tokens, so their first losses must agree
+        print("first step's loss: " + ", ".join(f"{name} {float(fn()):.4f}" for name, fn in steps.items()))
 
     def measure(alternate=True):
         times = {name: [] for name in steps}

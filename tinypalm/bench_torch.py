@@ -22,20 +22,26 @@ def import_torch():
     return torch
 
 
-def make_torch_step(cfg, batch_size, seq_len, dtype="float32", seed=0, weights=None):
+def make_torch_step(cfg, batch_size, seq_len, dtype="float32", seed=0, weights=None, device="cpu"):
     """A function running one full PyTorch training step (forward, backward, clip, AdamW) and returning the loss.
 
     weights: tinypalm's stored arrays by storage name (model.params.stored), copied as the starting point, so
-    both programs begin from the same model; random tokens from the same generator as tinypalm.bench."""
+    both programs begin from the same model; random tokens from the same generator as tinypalm.bench.
+    dtype "bfloat16" is mixed precision as in tinypalm: float32 parameters, gradients and AdamW, the products
+    in bf16 under torch.autocast. device: "cpu", or "cuda" to time it against tinypalm's cupy backend."""
     torch = import_torch()
+    import contextlib
     import numpy
     F_ = torch.nn.functional
-    dt = getattr(torch, dtype)
+    mixed = dtype == "bfloat16"
+    dt = torch.float32 if mixed else getattr(torch, dtype)
+    rope_dt = torch.bfloat16 if mixed else dt           # autocast leaves products with constants alone
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if mixed else contextlib.nullcontext
     D, H, Hkv, Dh, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     Q, K = H * Dh, Hkv * Dh
 
     def param(array):
-        return torch.nn.Parameter(torch.tensor(numpy.asarray(array), dtype=dt))
+        return torch.nn.Parameter(torch.tensor(numpy.asarray(array, dtype=numpy.float64), dtype=dt, device=device))
 
     embed = param(weights["embed"])
     norms = [param(weights[f"layers.{i}.norm"]) for i in range(cfg.n_layers)]
@@ -50,7 +56,7 @@ def make_torch_step(cfg, batch_size, seq_len, dtype="float32", seed=0, weights=N
     inv_freq = cfg.rope_base ** (-torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
     angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
-    cos, sin = angles.cos().to(dt)[None, None], angles.sin().to(dt)[None, None]     # (1, 1, T, Dh)
+    cos, sin = (a.to(device=device, dtype=rope_dt)[None, None] for a in (angles.cos(), angles.sin()))  # (1, 1, T, Dh)
 
     def rope(x):                                                   # x (B, nh, T, Dh)
         x1, x2 = x[..., :Dh // 2], x[..., Dh // 2:]
@@ -58,7 +64,8 @@ def make_torch_step(cfg, batch_size, seq_len, dtype="float32", seed=0, weights=N
 
     rng = numpy.random.default_rng(seed)
     data = rng.integers(0, cfg.vocab_size, (batch_size, seq_len + 1))
-    tokens, targets = torch.tensor(data[:, :-1]), torch.tensor(data[:, 1:]).reshape(-1)
+    tokens = torch.tensor(data[:, :-1], device=device)
+    targets = torch.tensor(data[:, 1:], device=device).reshape(-1)
     B, T = tokens.shape
 
     def loss_fn():
@@ -73,12 +80,13 @@ def make_torch_step(cfg, batch_size, seq_len, dtype="float32", seed=0, weights=N
             attn = attn.transpose(1, 2).reshape(B, T, Q)
             x = x + torch.cat([attn, F_.silu(gate) * up], dim=-1) @ w_out
         h = F_.layer_norm(x, (D,), final_norm, None, cfg.norm_eps)
-        logits = (h @ embed.T).reshape(B * T, -1) / math.sqrt(D)
+        logits = (h @ embed.T).reshape(B * T, -1).float() / math.sqrt(D)
         log_z = torch.logsumexp(logits, dim=-1)
         return F_.cross_entropy(logits, targets) + cfg.z_loss * (log_z * log_z).mean()
 
     def step():
-        loss = loss_fn()
+        with autocast():
+            loss = loss_fn()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(all_params, 1.0)
         optimizer.step()
