@@ -349,6 +349,60 @@ def emu_adamw_flat(grid, block, p, g, m, v, decay, frozen, p_compute, grad_norm,
         memory(buf, n)[live] = new[live]
 
 
+def _flash_inputs(grid, q, k, v, GT, S):
+    # (BH, GT, DH) and (BH, S, DH) views of what the pointers address; DH is the template argument
+    BH = grid[1]
+    DH = q.size // (BH * GT)
+    Q = _f64(memory(q, BH * GT * DH)).reshape(BH, GT, DH)
+    K, V = (_f64(memory(x, BH * S * DH)).reshape(BH, S, DH) for x in (k, v))
+    return BH, DH, Q, K, V
+
+
+def _flash_probs(Q, K, GT, T, S, first_pos, scale):
+    # p (BH, GT, S) and the log-sum-exp (BH, GT) of the causal scaled scores, row r being query r % T
+    scores = scale * Q @ K.transpose(0, 2, 1)
+    allowed = np.arange(S)[None, :] <= np.minimum(S - 1, first_pos + np.arange(GT) % T)[:, None]
+    scores = np.where(allowed, scores, -np.inf)
+    top = scores.max(-1, keepdims=True)
+    lse = top[..., 0] + np.log(np.exp(scores - top).sum(-1))
+    return np.exp(scores - lse[..., None]), lse
+
+
+def emu_flash_forward(grid, block, q, k, v, out, lse, GT, T, S, first_pos, scale):
+    assert grid[0] * 64 >= GT and block == (128,)
+    BH, DH, Q, K, V = _flash_inputs(grid, q, k, v, GT, S)
+    p, L = _flash_probs(Q, K, GT, T, S, first_pos, scale)
+    memory(out, BH * GT * DH)[:] = (p @ V).reshape(-1)
+    memory(lse, BH * GT)[:] = L.reshape(-1)
+
+
+def _flash_dscores(grid, q, k, v, dout, lse, delta, GT, T, S, first_pos, scale):
+    BH, DH, Q, K, V = _flash_inputs(grid, q, k, v, GT, S)
+    p, L = _flash_probs(Q, K, GT, T, S, first_pos, scale)
+    np.testing.assert_allclose(L, _f64(memory(lse, BH * GT)).reshape(BH, GT), rtol=1e-5)   # the forward's
+    dO = _f64(memory(dout, BH * GT * DH)).reshape(BH, GT, DH)
+    ds = p * (dO @ V.transpose(0, 2, 1) - _f64(memory(delta, BH * GT)).reshape(BH, GT, 1))
+    return BH, DH, Q, K, dO, p, ds
+
+
+def emu_flash_backward_dq(grid, block, q, k, v, dout, lse, delta, dq, GT, T, S, first_pos, scale):
+    assert grid[0] * 64 >= GT and block == (128,)
+    BH, DH, Q, K, dO, p, ds = _flash_dscores(grid, q, k, v, dout, lse, delta, GT, T, S, first_pos, scale)
+    memory(dq, BH * GT * DH)[:] = (scale * ds @ K).reshape(-1)
+
+
+def emu_flash_backward_dkdv(grid, block, q, k, v, dout, lse, delta, dk_part, dv_part, GT, T, S, first_pos, scale,
+                            chunk_rows):
+    assert grid[0] * 64 >= S and chunk_rows % 32 == 0 and grid[2] * chunk_rows >= GT and block == (128,)
+    BH, DH, Q, K, dO, p, ds = _flash_dscores(grid, q, k, v, dout, lse, delta, GT, T, S, first_pos, scale)
+    n = grid[2] * BH * S * DH
+    dk, dv = memory(dk_part, n).reshape(grid[2], BH, S, DH), memory(dv_part, n).reshape(grid[2], BH, S, DH)
+    for z in range(grid[2]):
+        rows = slice(z * chunk_rows, (z + 1) * chunk_rows)
+        dv[z] = p[:, rows].transpose(0, 2, 1) @ dO[:, rows]
+        dk[z] = scale * ds[:, rows].transpose(0, 2, 1) @ Q[:, rows]
+
+
 class EmulatedKernels:
     """Plays source.kernel(name, instance): checks each launch against the C signature, then emulates it."""
 

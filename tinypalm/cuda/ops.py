@@ -16,7 +16,7 @@ import numpy
 
 from .. import ops as twin
 from .gemm import gemm, readable
-from .source import ctype, kernel
+from .source import FLASH_HEAD_DIMS, ctype, kernel
 
 BLOCK = 256                      # threads per block, every kernel
 MAX_BLOCKS = 4096                # grid-stride kernels need no more to fill an H100 (132 SMs)
@@ -201,18 +201,34 @@ def causal_mask(xp, n_queries, n_keys, first_pos, groups, dtype):
     return xp.concatenate([mask] * groups, axis=0)
 
 
+def _stack_heads(cp, x, Hkv):
+    # (B, T, H, Dh) -> (B, Hkv, G*T, Dh), contiguous: a kv head's G query heads stacked along the rows
+    B, T, H, Dh = x.shape
+    G = H // Hkv
+    return cp.ascontiguousarray(x.reshape(B, T, Hkv, G, Dh).transpose(0, 2, 3, 1, 4)).reshape(B, Hkv, G * T, Dh)
+
+
+def _unstack_heads(x, T):
+    # (B, Hkv, G*T, Dh) -> (B, T, H, Dh), a view
+    B, Hkv, GT, Dh = x.shape
+    G = GT // T
+    return x.reshape(B, Hkv, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G, Dh)
+
+
 def attention_forward(xp, q, k, v, mask):
     # q (B, T, H, Dh), k/v (B, S, Hkv, Dh) -> out (B, T, H, Dh). `mask` must be the causal mask of causal_mask with
-    # first_pos = S - T (how the model calls it); the softmax kernel applies it by position and never reads it.
+    # first_pos = S - T (how the model calls it); the kernels apply it by position and never read it.
     # As in the twin, a kv head's G query heads are stacked along the rows: one GEMM per (batch, kv head).
     dt = ctype(q.dtype)
     if dt is None or k.dtype != q.dtype or v.dtype != q.dtype:
         return twin.attention_forward(xp, q, k, v, mask)
+    if _flash_fits(q, k):
+        return _flash_forward(q, k, v)
     cp = _cupy()
     B, T, H, Dh = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
-    qg = cp.ascontiguousarray(q.reshape(B, T, Hkv, G, Dh).transpose(0, 2, 3, 1, 4)).reshape(B, Hkv, G * T, Dh)
+    qg = _stack_heads(cp, q, Hkv)
     kh, vh = readable(k.transpose(0, 2, 1, 3)), readable(v.transpose(0, 2, 1, 3))       # (B, Hkv, S, Dh)
     scores = gemm(qg, kh, transb=True, alpha=1.0 / math.sqrt(Dh), out_dtype=numpy.float32)   # (B, Hkv, G*T, S)
     probs = cp.empty(scores.shape, dtype=q.dtype)
@@ -220,22 +236,22 @@ def attention_forward(xp, q, k, v, mask):
         scores, probs, _i32(S), _i32(G * T), _i32(T), _i32(S - T)))
     del scores
     out = gemm(probs, vh)                                                                # (B, Hkv, G*T, Dh)
-    out = out.reshape(B, Hkv, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
-    return out, _Cache((qg, kh, vh, probs, T))
+    return _unstack_heads(out, T), _Cache((qg, kh, vh, probs, T))
 
 
 def attention_backward(dout, cache):
     # returns dq (B, T, H, Dh), dk, dv (B, S, Hkv, Dh). scores = scale q k^T, so dq = scale dscores k and
     # dk = scale dscores^T q: the scale rides in alpha.
+    if isinstance(cache, _FlashCache):
+        return _flash_backward(dout, cache)
     if not isinstance(cache, _Cache):
         return twin.attention_backward(dout, cache)
     cp = _cupy()
     qg, kh, vh, probs, T = cache
     B, Hkv, GT, Dh = qg.shape
-    G, S = GT // T, kh.shape[2]
+    S = kh.shape[2]
     dt = ctype(qg.dtype)
-    dout_g = cp.ascontiguousarray(dout.astype(qg.dtype, copy=False).reshape(B, T, Hkv, G, Dh)
-                                  .transpose(0, 2, 3, 1, 4)).reshape(B, Hkv, GT, Dh)
+    dout_g = _stack_heads(cp, dout.astype(qg.dtype, copy=False), Hkv)
     dprobs = gemm(dout_g, vh, transb=True, out_dtype=numpy.float32)                      # (B, Hkv, G*T, S)
     dv = gemm(probs, dout_g, transa=True)                                                # (B, Hkv, S, Dh)
     dscores = cp.empty(probs.shape, dtype=probs.dtype)
@@ -244,8 +260,75 @@ def attention_backward(dout, cache):
     scale = 1.0 / math.sqrt(Dh)
     dqg = gemm(dscores, kh, alpha=scale)                                                 # (B, Hkv, G*T, Dh)
     dk = gemm(dscores, qg, transa=True, alpha=scale)                                     # (B, Hkv, S, Dh)
-    dq = dqg.reshape(B, Hkv, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G, Dh)
-    return dq, dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
+    return _unstack_heads(dqg, T), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
+
+
+# --- bf16 attention by tiles (flash.cu): no (rows, S) matrix in device memory ------------------------------------
+
+FLASH_MIN_ROWS = 64              # fewer query rows (sampling one token at a time) take the GEMM path
+FLASH_ROWS, FLASH_KEYS, FLASH_ROWS_DKV = 64, 64, 32     # flash.cu's ROWS, KEYS, ROWS_DKV
+
+
+class _FlashCache(tuple):
+    """What flash_forward leaves for the backward: qg, kh, vh, out (stacked heads), lse, T."""
+
+
+def _flash_fits(q, k):
+    B, T, H, Dh = q.shape
+    return (q.dtype.name == "bfloat16" and Dh in FLASH_HEAD_DIMS and H // k.shape[2] * T >= FLASH_MIN_ROWS
+            and k.shape[1] >= T and _bf16_tensor_cores())
+
+
+_BF16_MMA = {}                    # device id -> whether it has bf16 tensor cores
+
+
+def _bf16_tensor_cores():
+    # flash.cu's mma.sync on bf16 needs compute capability 8.0 (A100) or newer
+    cp = _cupy()
+    if not hasattr(cp, "cuda"):       # numpy playing cupy in the tests: the kernels are emulated
+        return True
+    device = cp.cuda.Device()
+    if device.id not in _BF16_MMA:
+        _BF16_MMA[device.id] = int(device.compute_capability) >= 80
+    return _BF16_MMA[device.id]
+
+
+def _flash_forward(q, k, v):
+    cp = _cupy()
+    B, T, H, Dh = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    qg = _stack_heads(cp, q, Hkv)                                                        # (B, Hkv, GT, Dh)
+    kh, vh = (cp.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in (k, v))            # (B, Hkv, S, Dh)
+    GT = qg.shape[2]
+    out = cp.empty_like(qg)
+    lse = cp.empty((B, Hkv, GT), dtype=numpy.float32)
+    kernel("flash", f"flash_forward<{Dh}>")(((GT + FLASH_ROWS - 1) // FLASH_ROWS, B * Hkv), (128,), (
+        qg, kh, vh, out, lse, _i32(GT), _i32(T), _i32(S), _i32(S - T), _f32(1.0 / math.sqrt(Dh))))
+    return _unstack_heads(out, T), _FlashCache((qg, kh, vh, out, lse, T))
+
+
+def _flash_backward(dout, cache):
+    cp = _cupy()
+    qg, kh, vh, out, lse, T = cache
+    B, Hkv, GT, Dh = qg.shape
+    S = kh.shape[2]
+    dout_g = _stack_heads(cp, dout.astype(qg.dtype, copy=False), Hkv)
+    delta = (dout_g.astype(numpy.float32) * out.astype(numpy.float32)).sum(axis=-1)      # (B, Hkv, GT)
+    scale = _f32(1.0 / math.sqrt(Dh))
+    dq = cp.empty_like(qg)
+    kernel("flash", f"flash_backward_dq<{Dh}>")(((GT + FLASH_ROWS - 1) // FLASH_ROWS, B * Hkv), (128,), (
+        qg, kh, vh, dout_g, lse, delta, dq, _i32(GT), _i32(T), _i32(S), _i32(S - T), scale))
+    # the rows in chunks of about T (one stacked head each when T is a multiple of 32), summed afterwards: more
+    # blocks at once, and the same sums in the same order on every run
+    chunk_rows = -(-max(T, FLASH_ROWS_DKV) // FLASH_ROWS_DKV) * FLASH_ROWS_DKV
+    chunks = -(-GT // chunk_rows)
+    dk_part = cp.empty((chunks, B, Hkv, S, Dh), dtype=numpy.float32)
+    dv_part = cp.empty_like(dk_part)
+    kernel("flash", f"flash_backward_dkdv<{Dh}>")(((S + FLASH_KEYS - 1) // FLASH_KEYS, B * Hkv, chunks), (128,), (
+        qg, kh, vh, dout_g, lse, delta, dk_part, dv_part, _i32(GT), _i32(T), _i32(S), _i32(S - T), scale,
+        _i32(chunk_rows)))
+    dk, dv = (part.sum(axis=0).astype(qg.dtype) for part in (dk_part, dv_part))       # (B, Hkv, S, Dh)
+    return _unstack_heads(dq, T), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
 
 
 # --- SwiGLU ---------------------------------------------------------------------------------------------------
@@ -429,12 +512,12 @@ def _byte_mask(spec, n):
             raise ValueError(f"mask has {spec.size} elements, the buffers {n}")
         return _contiguous(spec.reshape(-1)).view(numpy.uint8) if spec.dtype == numpy.bool_ else \
             _contiguous(spec.reshape(-1), numpy.uint8)
-    key = (tuple((int(a), int(b)) for a, b in spec), n)
+    key = (cp, tuple((int(a), int(b)) for a, b in spec), n)     # cp: a stand-in's masks are not a GPU's
     if key not in _MASKS:
         if len(_MASKS) > 16:
             _MASKS.clear()
         mask = cp.zeros(n, dtype=numpy.uint8)
-        for start, stop in key[0]:
+        for start, stop in key[1]:
             mask[start:stop] = 1
         _MASKS[key] = mask
     return _MASKS[key]

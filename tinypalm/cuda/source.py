@@ -12,6 +12,7 @@ from importlib import resources
 
 F32, BF16 = "float", "__nv_bfloat16"
 STORAGE = (F32, BF16)            # the element types every kernel is instantiated for (float32 runs, bf16 runs)
+FLASH_HEAD_DIMS = (16, 32, 64)   # head widths flash.cu is instantiated for (a multiple of 16, at most 64)
 
 
 def _instances(template, *type_lists):
@@ -35,6 +36,9 @@ KERNELS = {
     "embedding": _instances("embedding_backward<{}>", STORAGE),
     "dropout": ["dropout_mask"] + _instances("dropout_apply<{}>", STORAGE),
     "adamw": ["sum_squares", "sqrt_to_float", "adamw_flat"],
+    # bf16 attention by tiles, for each head width of FLASH_HEAD_DIMS
+    "flash": [f"{kernel}<{dh}>" for kernel in ("flash_forward", "flash_backward_dq", "flash_backward_dkdv")
+              for dh in FLASH_HEAD_DIMS],
 }
 
 OPTIONS = ("--std=c++17",)
