@@ -117,13 +117,30 @@ def test_memory_estimate_and_refusal(monkeypatch):
     with pytest.raises(TinyPalmError, match=r"for weights, activations \(LoRA\) at batch 16 x 128"):
         run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b", base_trains=False)
     # bfloat16: a float32 master, gradients and moments beside the bf16 weights; LoRA's base is the bf16 weights
-    # alone; the activations are counted at float32's 4 bytes either way
+    # alone; the layers' activations in bf16 (half of float32's), the logits' at float32's 4 bytes
     activations = run.training_bytes(cfg, 16, 128, "float32") - 16 * cfg.n_params()
-    assert run.training_bytes(cfg, 16, 128, "bfloat16") == 18 * cfg.n_params() + activations
-    assert run.training_bytes(cfg, 16, 128, "bfloat16", base_trains=False) == 2 * cfg.n_params() + activations
+    bf16_activations = run.training_bytes(cfg, 16, 128, "bfloat16") - 18 * cfg.n_params()
+    logits = 16 * 128 * 3 * cfg.vocab_size * 4
+    assert bf16_activations == (activations - logits) // 2 + logits
+    assert run.training_bytes(cfg, 16, 128, "bfloat16", base_trains=False) == 2 * cfg.n_params() + bf16_activations
     assert run.training_bytes(cfg, 16, 128, "float64") == 2 * run.training_bytes(cfg, 16, 128, "float32")
+    # attention by tiles keeps no attention weights: n_layers x n_heads x T of them per token, 2 bytes each in bf16
+    tiles = run.training_bytes(cfg, 16, 128, "bfloat16", attention_matrix=False)
+    assert run.training_bytes(cfg, 16, 128, "bfloat16") - tiles == 16 * 128 * cfg.n_layers * cfg.n_heads * 128 * 2
+    assert not run.attention_by_tiles(cfg, "numpy", "bfloat16") and not run.attention_by_tiles(cfg, "cupy", "float32")
     monkeypatch.setattr(run, "available_bytes", lambda backend: None)                       # unknown: no refusal
     run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b")
+
+
+def test_memory_estimate_covers_what_an_h200_held():
+    # python -m tinypalm.bench --backend cupy --preset full --dtype bfloat16 --batch-size 16 --seq-len 1024 on an
+    # H200 (2026-11-26): CuPy's pool held 15.73 GiB with attention through cuBLAS, 10.32 GiB through flash.cu. The
+    # estimate must not be below either (it would let through what cannot fit), nor far above (it would refuse
+    # batches that fit)
+    full = Config.preset("full")
+    for attention_matrix, held in ((True, 15.73), (False, 10.32)):
+        need = run.training_bytes(full, 16, 1024, "bfloat16", attention_matrix=attention_matrix) / 2**30
+        assert held < need < 2 * held, (attention_matrix, need)
 
 
 def test_available_memory_is_read_from_the_system():
