@@ -27,9 +27,9 @@ from collections import defaultdict
 import numpy
 
 from . import batch_threads
+from .backend import to_numpy
 from .cli import HelpFormatter, add_shape_flags, run_cli, with_shape_flags
 from .config import PRESETS, Config
-from .backend import to_numpy
 from .errors import TinyPalmError
 from .model import PaLM
 from .optim import AdamW, clip_grad_norm

@@ -8,6 +8,7 @@ embedding with logits / sqrt(d_model), cross-entropy plus z-loss; then clip_grad
 (betas 0.9, 0.95, eps 1e-8, decay 0.1 on the layers' matrices only), the same hyperparameters as tinypalm.bench.
 """
 
+import contextlib
 import math
 
 from .errors import TinyPalmError
@@ -30,7 +31,6 @@ def make_torch_step(cfg, batch_size, seq_len, dtype="float32", seed=0, weights=N
     dtype "bfloat16" is mixed precision as in tinypalm: float32 parameters, gradients and AdamW, the products
     in bf16 under torch.autocast. device: "cpu", or "cuda" to time it against tinypalm's cupy backend."""
     torch = import_torch()
-    import contextlib
     import numpy
     F_ = torch.nn.functional
     mixed = dtype == "bfloat16"

@@ -130,8 +130,8 @@ def attention_by_tiles(cfg, backend, dtype):
     if cfg.head_dim not in FLASH_HEAD_DIMS:
         return False
     try:
-        from .cuda.ops import _bf16_tensor_cores
-        return _bf16_tensor_cores()
+        from .cuda.ops import bf16_tensor_cores
+        return bf16_tensor_cores()
     except Exception:                 # no usable GPU: building the model says so in its own words
         return False
 

@@ -276,13 +276,13 @@ class _FlashCache(tuple):
 def _flash_fits(q, k):
     B, T, H, Dh = q.shape
     return (q.dtype.name == "bfloat16" and Dh in FLASH_HEAD_DIMS and H // k.shape[2] * T >= FLASH_MIN_ROWS
-            and k.shape[1] >= T and _bf16_tensor_cores())
+            and k.shape[1] >= T and bf16_tensor_cores())
 
 
 _BF16_MMA = {}                    # device id -> whether it has bf16 tensor cores
 
 
-def _bf16_tensor_cores():
+def bf16_tensor_cores():
     # flash.cu's mma.sync on bf16 needs compute capability 8.0 (A100) or newer
     cp = _cupy()
     if not hasattr(cp, "cuda"):       # numpy playing cupy in the tests: the kernels are emulated
