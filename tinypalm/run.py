@@ -122,16 +122,12 @@ def training_bytes(cfg, batch_size, seq_len, dtype="float32", gradient_buffers=1
 
 
 def attention_by_tiles(cfg, backend, dtype):
-    """Whether the model's attention will run through cuda/flash.cu (no (T, T) matrix kept): bf16 on a GPU with
-    bf16 tensor cores, at a head width it is built for."""
-    if backend != "cupy" or dtype != "bfloat16":
-        return False
-    from .cuda.source import FLASH_HEAD_DIMS
-    if cfg.head_dim not in FLASH_HEAD_DIMS:
+    """Whether the model's attention will run through cuda/flash.cu (no (T, T) matrix kept)."""
+    if backend != "cupy":
         return False
     try:
-        from .cuda.ops import bf16_tensor_cores
-        return bf16_tensor_cores()
+        from .cuda.ops import flash_attention_applies
+        return flash_attention_applies(dtype, cfg.head_dim)
     except Exception:                 # no usable GPU: building the model says so in its own words
         return False
 

@@ -273,16 +273,21 @@ class _FlashCache(tuple):
     """What flash_forward leaves for the backward: qg, kh, vh, out (stacked heads), lse, T."""
 
 
+def flash_attention_applies(dtype_name, head_dim):
+    """Whether attention in this dtype and head width runs through flash.cu on this GPU, given enough query rows
+    (run.py's memory estimate asks it too)."""
+    return dtype_name == "bfloat16" and head_dim in FLASH_HEAD_DIMS and _bf16_tensor_cores()
+
+
 def _flash_fits(q, k):
     B, T, H, Dh = q.shape
-    return (q.dtype.name == "bfloat16" and Dh in FLASH_HEAD_DIMS and H // k.shape[2] * T >= FLASH_MIN_ROWS
-            and k.shape[1] >= T and bf16_tensor_cores())
+    return flash_attention_applies(q.dtype.name, Dh) and H // k.shape[2] * T >= FLASH_MIN_ROWS and k.shape[1] >= T
 
 
 _BF16_MMA = {}                    # device id -> whether it has bf16 tensor cores
 
 
-def bf16_tensor_cores():
+def _bf16_tensor_cores():
     # flash.cu's mma.sync on bf16 needs compute capability 8.0 (A100) or newer
     cp = _cupy()
     if not hasattr(cp, "cuda"):       # numpy playing cupy in the tests: the kernels are emulated
