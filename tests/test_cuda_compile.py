@@ -198,7 +198,7 @@ def kernel_signatures():
     sigs = {}
     for name in source.KERNELS:
         text = source.kernel_source(name)
-        for m in re.finditer(r"(?:template\s*<([^>]*)>\s*)?__global__\s+void\s+(\w+)\s*\(([^)]*)\)", text):
+        for m in re.finditer(r"(?:template\s*<([^>]*)>\s*)?__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*(?://[^\n]*)?\s*)?(\w+)\s*\(([^)]*)\)", text):
             tparams = [p.split()[-1] for p in m.group(1).split(",")] if m.group(1) else []
             params = []
             for p in m.group(3).split(","):
@@ -401,6 +401,24 @@ def emu_flash_backward_dkdv(grid, block, q, k, v, dout, lse, delta, dk_part, dv_
         rows = slice(z * chunk_rows, (z + 1) * chunk_rows)
         dv[z] = p[:, rows].transpose(0, 2, 1) @ dO[:, rows]
         dk[z] = scale * ds[:, rows].transpose(0, 2, 1) @ Q[:, rows]
+
+
+def emu_flash_backward_prep(grid, block, dout, token, out, dout_g, delta, rows, T, Hkv, G):
+    assert grid[0] * 4 >= rows and block == (128,)
+    DH = out.size // rows
+    B, H = rows // (Hkv * G * T), Hkv * G
+    tokens = as_strided(memory(dout, (B * T - 1) * token + H * DH), shape=(B, T, H, DH),
+                        strides=(T * token * dout.itemsize, token * dout.itemsize, DH * dout.itemsize, dout.itemsize))
+    stacked = tokens.reshape(B, T, Hkv, G, DH).transpose(0, 2, 3, 1, 4).reshape(rows, DH)
+    memory(dout_g, rows * DH)[:] = stacked.reshape(-1)
+    memory(delta, rows)[:] = (_f64(stacked) * _f64(memory(out, rows * DH)).reshape(rows, DH)).sum(-1)
+
+
+def emu_flash_sum_chunks(grid, block, dk_part, dv_part, dk, dv, chunks, n, S, Hkv, DH):
+    BH = n // (S * DH)
+    for part, total in ((dk_part, dk), (dv_part, dv)):
+        summed = _f64(memory(part, chunks * n)).reshape(chunks, BH // Hkv, Hkv, S, DH).sum(0)
+        memory(total, n)[:] = summed.transpose(0, 2, 1, 3).reshape(-1)
 
 
 class EmulatedKernels:

@@ -184,7 +184,9 @@ class KernelChecks:
             k, k64 = self.dev(self.randn(B, S, Hkv, Dh), dtype)
             vp, vp64 = self.dev(self.randn(B * S, Hkv * Dh + 16), dtype)
             v, v64 = (p[:, 16:].reshape(B, S, Hkv, Dh) for p in (vp, vp64))
-            dout, dout64 = self.dev(self.randn(B, T, H, Dh), dtype)
+            # dout a column slice too, as the model's branch gradient gives it
+            dp, dp64 = self.dev(self.randn(B * T, H * Dh + 8), dtype)
+            dout, dout64 = (p[:, 8:].reshape(B, T, H, Dh) for p in (dp, dp64))
             mask = self.k.causal_mask(self.cp, T, S, S - T, G, dtype)
             mask64 = ops.causal_mask(numpy, T, S, S - T, G, numpy.float64)
             out, cache = self.k.attention_forward(self.cp, q, k, v, mask)

@@ -316,9 +316,15 @@ def _flash_backward(dout, cache):
     cp = _cupy()
     qg, kh, vh, out, lse, T = cache
     B, Hkv, GT, Dh = qg.shape
-    S = kh.shape[2]
-    dout_g = _stack_heads(cp, dout.astype(qg.dtype, copy=False), Hkv)
-    delta = (dout_g.astype(numpy.float32) * out.astype(numpy.float32)).sum(axis=-1)      # (B, Hkv, GT)
+    S, G = kh.shape[2], GT // T
+    # dout stacked as q, and delta = rowsum(dout * out), in one pass over dout (token rows of H * Dh, a column
+    # slice of the model's gradient read in place)
+    dout, (_, _, token) = _as_rows(dout.astype(qg.dtype, copy=False), 2)
+    dout_g = cp.empty_like(qg)
+    delta = cp.empty((B, Hkv, GT), dtype=numpy.float32)
+    rows = B * Hkv * GT
+    kernel("flash", f"flash_backward_prep<{Dh}>")((-(-rows // 4),), (128,), (
+        dout, _i64(token), out, dout_g, delta, _i32(rows), _i32(T), _i32(Hkv), _i32(G)))
     scale = _f32(1.0 / math.sqrt(Dh))
     dq = cp.empty_like(qg)
     kernel("flash", f"flash_backward_dq<{Dh}>")(((GT + FLASH_ROWS - 1) // FLASH_ROWS, B * Hkv), (128,), (
@@ -332,8 +338,12 @@ def _flash_backward(dout, cache):
     kernel("flash", f"flash_backward_dkdv<{Dh}>")(((S + FLASH_KEYS - 1) // FLASH_KEYS, B * Hkv, chunks), (128,), (
         qg, kh, vh, dout_g, lse, delta, dk_part, dv_part, _i32(GT), _i32(T), _i32(S), _i32(S - T), scale,
         _i32(chunk_rows)))
-    dk, dv = (part.sum(axis=0).astype(qg.dtype) for part in (dk_part, dv_part))       # (B, Hkv, S, Dh)
-    return _unstack_heads(dq, T), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
+    dk = cp.empty((B, S, Hkv, Dh), dtype=qg.dtype)
+    dv = cp.empty_like(dk)
+    n = B * Hkv * S * Dh
+    kernel("flash", "flash_sum_chunks")((_blocks(n),), (BLOCK,), (
+        dk_part, dv_part, dk, dv, _i32(chunks), _i64(n), _i32(S), _i32(Hkv), _i32(Dh)))
+    return _unstack_heads(dq, T), dk, dv
 
 
 # --- SwiGLU ---------------------------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ KERNELS = {
     "dropout": ["dropout_mask"] + _instances("dropout_apply<{}>", STORAGE),
     "adamw": ["sum_squares", "sqrt_to_float", "adamw_flat"],
     # bf16 attention by tiles, for each head width of FLASH_HEAD_DIMS
-    "flash": [f"{kernel}<{dh}>" for kernel in ("flash_forward", "flash_backward_dq", "flash_backward_dkdv")
-              for dh in FLASH_HEAD_DIMS],
+    "flash": [f"{kernel}<{dh}>" for kernel in ("flash_forward", "flash_backward_prep", "flash_backward_dq",
+                                               "flash_backward_dkdv") for dh in FLASH_HEAD_DIMS] + ["flash_sum_chunks"],
 }
 
 OPTIONS = ("--std=c++17",)
