@@ -4,6 +4,7 @@ NVRTC wheel of the `test` extra), and the pure-Python parts around them are chec
 What needs a GPU (each kernel against its ops.py twin, the model on cupy against numpy) is in tinypalm.gpucheck;
 the last test here runs its kernel comparisons when a GPU is present."""
 
+import ctypes
 import inspect
 import re
 
@@ -190,7 +191,8 @@ def test_dropout_key_and_formula_match_the_twin(seed):
 # instance launched must be one the module compiles. What this cannot catch is an error in the C itself.
 
 C_TYPES = {"float": "float32", "__nv_bfloat16": "bfloat16", "long long": "int64", "int": "int32",
-           "unsigned int": "uint32", "bool": "bool", "unsigned char": "uint8", "double": "float64"}
+           "unsigned int": "uint32", "bool": "bool", "unsigned char": "uint8", "double": "float64",
+           "void": None}                                                    # void*: bytes, any array
 
 
 def kernel_signatures():
@@ -403,6 +405,18 @@ def emu_flash_backward_dkdv(grid, block, q, k, v, dout, lse, delta, dk_part, dv_
         dk[z] = scale * ds[:, rows].transpose(0, 2, 1) @ Q[:, rows]
 
 
+def byte_memory(a, n):
+    """The n bytes from a's first element, writeable (a kernel's void* argument)."""
+    return np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(a.ctypes.data))
+
+
+def emu_copy_rows(grid, block, src, src_stride, dst, dst_stride, rows, row_bytes):
+    S = as_strided(byte_memory(src, (rows - 1) * src_stride + row_bytes), (rows, row_bytes), (src_stride, 1))
+    D = as_strided(byte_memory(dst, (rows - 1) * dst_stride + row_bytes), (rows, row_bytes), (dst_stride, 1),
+                   writeable=True)
+    D[...] = S
+
+
 def emu_flash_backward_prep(grid, block, dout, token, out, dout_g, delta, rows, T, Hkv, G):
     assert grid[0] * 4 >= rows and block == (128,)
     DH = out.size // rows
@@ -446,7 +460,7 @@ class EmulatedKernels:
                         emulated.append(None)
                         continue
                     assert isinstance(arg, np.ndarray), (instance, k, type(arg))
-                    assert arg.dtype.name == want, (instance, k, arg.dtype, want)
+                    assert want is None or arg.dtype.name == want, (instance, k, arg.dtype, want)
                 else:
                     assert type(arg) is np.dtype(want).type, (instance, k, type(arg), want)
                 emulated.append(arg)
@@ -480,6 +494,33 @@ def test_gpucheck_kernel_comparisons_pass_with_emulated_kernels(emulated):
     assert len(results) >= 60
     launched = {instance.split("<")[0] for instance in emulated.launched}
     assert launched == set(SIGNATURES)                             # every kernel ran
+
+
+def aligned(shape, dtype, offset=0):
+    """A zeroed array whose first element lies `offset` bytes past a 256-byte boundary (as CuPy allocates)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(n + 512, np.uint8)
+    start = -raw.ctypes.data % 256 + offset
+    return raw[start:start + n].view(dtype).reshape(shape)
+
+
+@pytest.mark.parametrize("widths, dtype, offset, units", [
+    ((16, 8, 8), "bfloat16", 0, {"uint4"}),                      # the fused projection's case: 16-byte multiples
+    ((16, 8, 8), "bfloat16", 2, {"unsigned short", "uint4"}),    # the first part 2 bytes off a 16-byte boundary
+    ((3, 5), "bfloat16", 0, {"unsigned short"}),                 # odd widths
+    ((3, 5), "float32", 0, {"unsigned int"})])
+def test_concat_columns_copies_in_the_widest_unit_the_bytes_allow(emulated, widths, dtype, offset, units):
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    rng = np.random.default_rng(0)
+    N = 5
+    wide = aligned((N, widths[0] + 8), dtype, offset)          # the first part a column slice 8 elements in
+    wide[...] = rng.standard_normal(wide.shape)
+    parts = [wide[:, 8:]] + [rng.standard_normal((N, w)).astype(dtype) for w in widths[1:]]
+    got = cuda_ops.concat_columns(np, parts)
+    np.testing.assert_array_equal(got, np.concatenate(parts, axis=1))
+    assert {i for i in emulated.launched if i.startswith("copy_rows")} == {f"copy_rows<{u}>" for u in units}
 
 
 def test_a_wrong_argument_width_is_caught(emulated):

@@ -106,8 +106,8 @@ class KernelChecks:
 
     def run(self):
         for dtype in self.dtypes:
-            for check in (self.layernorm, self.linear, self.rope, self.attention, self.swiglu, self.dropout,
-                          self.tied_logits, self.cross_entropy, self.embedding):
+            for check in (self.layernorm, self.linear, self.concat, self.rope, self.attention, self.swiglu,
+                          self.dropout, self.tied_logits, self.cross_entropy, self.embedding):
                 try:
                     check(dtype)
                 except Exception as e:                  # a crash is a failed check, and the others still run
@@ -154,6 +154,17 @@ class KernelChecks:
             self.compare("linear_backward dx", detail, dx, dx64, dtype)
             self.compare("linear_backward dw (float32)", detail, dw, dw64, dtype)
             self.compare("linear_backward dx, frozen w", detail, self.k.linear_backward(dy, x, w, None), dx64, dtype)
+
+    def concat(self, dtype):
+        # the full preset's projection gradient (parts 16-byte multiples: one uint4 a thread) and odd widths (2- or
+        # 4-byte units); the first part a column slice of a wider matrix, as the model's attention output may be
+        for N, widths in [(7, (3, 5, 8)), (64, (64, 32, 32, 256, 256)), (2048, (768, 128, 128, 3072, 3072))]:
+            if self.sizes([(N, sum(widths))]):
+                wide, _ = self.dev(self.randn(N, widths[0] + 8), dtype)
+                parts = [wide[:, 8:]] + [self.dev(self.randn(N, w), dtype)[0] for w in widths[1:]]
+                self.exact("concat_columns", f"{dtype.name} ({N}, {' + '.join(map(str, widths))})",
+                           self.k.concat_columns(self.cp, parts),
+                           numpy.concatenate([to_numpy(p) for p in parts], axis=1))
 
     def rope(self, dtype):
         for B, T, nh, Dh, pos in self.sizes([(2, 5, 3, 8, 0), (4, 64, 12, 64, 0), (1, 3, 1, 16, 29)]):

@@ -216,7 +216,7 @@ class PaLM:
         attn, attn_cache = ops.attention_forward(xp, q, k, v, self._mask(T, pos + T, pos))    # (B, T, H, Dh)
         hidden, swiglu_cache = ops.swiglu_forward(xp, gate, up)                             # (N, F)
 
-        branches = xp.concatenate([attn.reshape(B * T, q_dim), hidden], axis=1)              # (N, Q+F)
+        branches = ops.concat_columns(xp, [attn.reshape(B * T, q_dim), hidden])             # (N, Q+F)
         y = ops.linear_forward(branches, layer.w_out)                                       # (N, D)
         lora_out = self.adapter.out_forward(i, branches, y) if self.adapter is not None else None
         keep = None
@@ -311,8 +311,8 @@ class PaLM:
         dq, dk, dv = ops.attention_backward(d_attn.reshape(B, T, cfg.n_heads, cfg.head_dim), attn_cache)
         dq, dk = ops.rope_backward(dq, cos, sin), ops.rope_backward(dk, cos, sin)
 
-        d_proj = self.xp.concatenate([dq.reshape(B * T, q_dim), dk.reshape(B * T, kv_dim),
-                                      dv.reshape(B * T, kv_dim), d_gate, d_up], axis=1)     # (N, Q+2K+2F)
+        d_proj = ops.concat_columns(self.xp, [dq.reshape(B * T, q_dim), dk.reshape(B * T, kv_dim),
+                                              dv.reshape(B * T, kv_dim), d_gate, d_up])    # (N, Q+2K+2F)
         dh = ops.linear_backward(d_proj, h, layer.w_in, d_layer.w_in)                       # (N, D)
         if lora_in is not None:
             self.adapter.in_backward(d_proj, dh, lora_in, d_adapter)

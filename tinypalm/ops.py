@@ -101,6 +101,11 @@ def linear_backward(dy, x, w, dw):
     return _down(dy @ w.T, dy.dtype)
 
 
+def concat_columns(xp, parts):
+    # parts (N, c_i) -> (N, sum of c_i): branch outputs side by side, the input of one product with fused weights
+    return xp.concatenate(parts, axis=1)
+
+
 # --- rotary position embedding, rotate-half convention ------------------------------------------------------
 
 def rope_tables(xp, n_positions, head_dim, base, dtype):

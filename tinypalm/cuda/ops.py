@@ -157,6 +157,35 @@ def linear_backward(dy, x, w, dw):
     return gemm(dy, w, transb=True)
 
 
+# --- parts side by side ---------------------------------------------------------------------------------------
+
+COPY_UNITS = ((16, "uint4"), (4, "unsigned int"), (2, "unsigned short"))       # copy.cu's instances, widest first
+
+
+def _address(a):
+    return a.ctypes.data if isinstance(a, numpy.ndarray) else a.data.ptr     # numpy plays cupy in the tests
+
+
+def concat_columns(xp, parts):
+    # parts (N, c_i) -> (N, sum of c_i), each part's rows copied into its columns by copy.cu in the widest unit
+    # that its bytes allow (the fused projection's parts are 16-byte multiples: one uint4 per thread)
+    if len({p.dtype for p in parts}) != 1 or ctype(parts[0].dtype) is None or any(p.ndim != 2 for p in parts):
+        return twin.concat_columns(xp, parts)
+    cp = _cupy()
+    N, size = parts[0].shape[0], parts[0].itemsize
+    out = cp.empty((N, sum(p.shape[1] for p in parts)), dtype=parts[0].dtype)
+    col = 0
+    for part in parts:
+        part, (_, cols, ld) = _as_rows(part, 1)
+        dst = out[:, col:col + cols]
+        extents = (cols * size, ld * size, out.shape[1] * size, _address(part), _address(dst))
+        unit, name = next((u, n) for u, n in COPY_UNITS if all(x % u == 0 for x in extents))
+        kernel("copy", f"copy_rows<{name}>")((_blocks(N * cols * size // unit),), (BLOCK,), (
+            part, _i64(ld * size), dst, _i64(out.shape[1] * size), _i64(N), _i64(cols * size)))
+        col += cols
+    return out
+
+
 # --- rotary ---------------------------------------------------------------------------------------------------
 
 def _rope(x, cos, sin, backward):
@@ -505,8 +534,8 @@ def masked_cross_entropy_backward(xp, cache, z_loss):
 
 
 OVERRIDES = {f.__name__: f for f in (
-    embedding_backward, layernorm_forward, layernorm_backward, linear_backward, rope_forward, rope_backward,
-    causal_mask, attention_forward, attention_backward, swiglu_forward, swiglu_backward, dropout_mask,
+    embedding_backward, layernorm_forward, layernorm_backward, linear_backward, concat_columns, rope_forward,
+    rope_backward, causal_mask, attention_forward, attention_backward, swiglu_forward, swiglu_backward, dropout_mask,
     dropout_forward, dropout_backward, tied_logits_forward, tied_logits_backward, cross_entropy_forward,
     cross_entropy_backward, masked_cross_entropy_forward, masked_cross_entropy_backward)}
 

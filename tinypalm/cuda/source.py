@@ -36,6 +36,8 @@ KERNELS = {
     "embedding": _instances("embedding_backward<{}>", STORAGE),
     "dropout": ["dropout_mask"] + _instances("dropout_apply<{}>", STORAGE),
     "adamw": ["sum_squares", "sqrt_to_float", "adamw_flat"],
+    # byte rows in 16-, 4- or 2-byte units (COPY_UNITS)
+    "copy": [f"copy_rows<{unit}>" for unit in ("uint4", "unsigned int", "unsigned short")],
     # bf16 attention by tiles, for each head width of FLASH_HEAD_DIMS
     "flash": [f"{kernel}<{dh}>" for kernel in ("flash_forward", "flash_backward_prep", "flash_backward_dq",
                                                "flash_backward_dkdv") for dh in FLASH_HEAD_DIMS] + ["flash_sum_chunks"],
