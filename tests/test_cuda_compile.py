@@ -351,13 +351,25 @@ def emu_adamw_flat(grid, block, p, g, m, v, decay, frozen, p_compute, grad_norm,
         memory(buf, n)[live] = new[live]
 
 
-def _flash_inputs(grid, q, k, v, GT, S):
-    # (BH, GT, DH) and (BH, S, DH) views of what the pointers address; DH is the template argument
+def _heads(a, BH, Hkv, T, GT, DH):
+    """A (B, T, H, DH) array's memory as the kernels see it: (BH, GT, DH), a kv head's G query heads stacked."""
+    B, G = BH // Hkv, GT // T
+    return _f64(memory(a, BH * GT * DH)).reshape(B, T, Hkv, G, DH).transpose(0, 2, 3, 1, 4).reshape(BH, GT, DH)
+
+
+def _store_heads(a, x, Hkv, T):
+    """x (BH, GT, DH) into a's (B, T, H, DH) memory."""
+    BH, GT, DH = x.shape
+    B, G = BH // Hkv, GT // T
+    memory(a, x.size)[:] = x.reshape(B, Hkv, G, T, DH).transpose(0, 3, 1, 2, 4).reshape(-1)
+
+
+def _flash_inputs(grid, q, k, v, GT, T, S, Hkv):
+    # q (BH, GT, DH) from its (B, T, H, DH) memory, k and v (BH, S, DH); DH is the template argument
     BH = grid[1]
     DH = q.size // (BH * GT)
-    Q = _f64(memory(q, BH * GT * DH)).reshape(BH, GT, DH)
     K, V = (_f64(memory(x, BH * S * DH)).reshape(BH, S, DH) for x in (k, v))
-    return BH, DH, Q, K, V
+    return BH, DH, _heads(q, BH, Hkv, T, GT, DH), K, V
 
 
 def _flash_probs(Q, K, GT, T, S, first_pos, scale):
@@ -370,33 +382,33 @@ def _flash_probs(Q, K, GT, T, S, first_pos, scale):
     return np.exp(scores - lse[..., None]), lse
 
 
-def emu_flash_forward(grid, block, q, k, v, out, lse, GT, T, S, first_pos, scale):
+def emu_flash_forward(grid, block, q, k, v, out, lse, GT, T, S, first_pos, Hkv, scale):
     assert grid[0] * 64 >= GT and block == (128,)
-    BH, DH, Q, K, V = _flash_inputs(grid, q, k, v, GT, S)
+    BH, DH, Q, K, V = _flash_inputs(grid, q, k, v, GT, T, S, Hkv)
     p, L = _flash_probs(Q, K, GT, T, S, first_pos, scale)
-    memory(out, BH * GT * DH)[:] = (p @ V).reshape(-1)
+    _store_heads(out, p @ V, Hkv, T)
     memory(lse, BH * GT)[:] = L.reshape(-1)
 
 
-def _flash_dscores(grid, q, k, v, dout, lse, delta, GT, T, S, first_pos, scale):
-    BH, DH, Q, K, V = _flash_inputs(grid, q, k, v, GT, S)
+def _flash_dscores(grid, q, k, v, dout, lse, delta, GT, T, S, first_pos, Hkv, scale):
+    BH, DH, Q, K, V = _flash_inputs(grid, q, k, v, GT, T, S, Hkv)
     p, L = _flash_probs(Q, K, GT, T, S, first_pos, scale)
     np.testing.assert_allclose(L, _f64(memory(lse, BH * GT)).reshape(BH, GT), rtol=1e-5)   # the forward's
-    dO = _f64(memory(dout, BH * GT * DH)).reshape(BH, GT, DH)
+    dO = _f64(memory(dout, BH * GT * DH)).reshape(BH, GT, DH)                               # stacked by prep
     ds = p * (dO @ V.transpose(0, 2, 1) - _f64(memory(delta, BH * GT)).reshape(BH, GT, 1))
     return BH, DH, Q, K, dO, p, ds
 
 
-def emu_flash_backward_dq(grid, block, q, k, v, dout, lse, delta, dq, GT, T, S, first_pos, scale):
+def emu_flash_backward_dq(grid, block, q, k, v, dout, lse, delta, dq, GT, T, S, first_pos, Hkv, scale):
     assert grid[0] * 64 >= GT and block == (128,)
-    BH, DH, Q, K, dO, p, ds = _flash_dscores(grid, q, k, v, dout, lse, delta, GT, T, S, first_pos, scale)
-    memory(dq, BH * GT * DH)[:] = (scale * ds @ K).reshape(-1)
+    BH, DH, Q, K, dO, p, ds = _flash_dscores(grid, q, k, v, dout, lse, delta, GT, T, S, first_pos, Hkv, scale)
+    _store_heads(dq, scale * ds @ K, Hkv, T)
 
 
-def emu_flash_backward_dkdv(grid, block, q, k, v, dout, lse, delta, dk_part, dv_part, GT, T, S, first_pos, scale,
-                            chunk_rows):
+def emu_flash_backward_dkdv(grid, block, q, k, v, dout, lse, delta, dk_part, dv_part, GT, T, S, first_pos, Hkv,
+                            scale, chunk_rows):
     assert grid[0] * 64 >= S and chunk_rows % 32 == 0 and grid[2] * chunk_rows >= GT and block == (128,)
-    BH, DH, Q, K, dO, p, ds = _flash_dscores(grid, q, k, v, dout, lse, delta, GT, T, S, first_pos, scale)
+    BH, DH, Q, K, dO, p, ds = _flash_dscores(grid, q, k, v, dout, lse, delta, GT, T, S, first_pos, Hkv, scale)
     n = grid[2] * BH * S * DH
     dk, dv = memory(dk_part, n).reshape(grid[2], BH, S, DH), memory(dv_part, n).reshape(grid[2], BH, S, DH)
     for z in range(grid[2]):
@@ -425,7 +437,8 @@ def emu_flash_backward_prep(grid, block, dout, token, out, dout_g, delta, rows, 
                         strides=(T * token * dout.itemsize, token * dout.itemsize, DH * dout.itemsize, dout.itemsize))
     stacked = tokens.reshape(B, T, Hkv, G, DH).transpose(0, 2, 3, 1, 4).reshape(rows, DH)
     memory(dout_g, rows * DH)[:] = stacked.reshape(-1)
-    memory(delta, rows)[:] = (_f64(stacked) * _f64(memory(out, rows * DH)).reshape(rows, DH)).sum(-1)
+    out_rows = _heads(out, B * Hkv, Hkv, T, G * T, DH).reshape(rows, DH)     # out is (B, T, H, DH)
+    memory(delta, rows)[:] = (_f64(stacked) * out_rows).sum(-1)
 
 
 def emu_flash_sum_chunks(grid, block, dk_part, dv_part, dk, dv, chunks, n, S, Hkv, DH):

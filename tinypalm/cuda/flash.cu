@@ -3,9 +3,11 @@
 // inputs, float32 accumulation), keeps them in registers, and uses them there as the left operand of the next
 // product. ops.attention_forward / attention_backward are the twins.
 //
-// Layout, as the GEMM path in ops.py: q, out (BH, GT, DH) with a kv head's G query heads stacked along the rows,
-// row r being query t = r % T at position first_pos + t; k, v (BH, S, DH); lse, delta (BH, GT) float32. Row r
-// sees keys 0 .. first_pos + t. scale = 1/sqrt(DH) multiplies the scores.
+// Layout: a block works on one (batch, kv head) pair bh = b Hkv + kv and its G = H / Hkv query heads, their T
+// queries each stacked into GT = G T rows as in ops.py, row r being query t = r % T (at position first_pos + t) of
+// head kv G + r / T. q, out and dq stay (B, T, H, DH) (token_rows finds a row there); k, v and the stacked dout
+// are (BH, S or GT, DH); lse, delta (BH, GT) float32. Row r sees keys 0 .. first_pos + t. scale = 1/sqrt(DH)
+// multiplies the scores.
 //
 // forward: one pass over the key tiles with a running row maximum m and sum l (the output rescaled by
 // exp(m_old - m_new) when m grows); it keeps L = m + log l, the log-sum-exp of each row's scaled scores. The
@@ -100,31 +102,51 @@ __device__ __forceinline__ int common_limit(int row0, int n, int row_end, int T,
     return row0 + n > row_end ? -1 : min(S - 1, first_pos + min_query(row0, row0 + n - 1, T));
 }
 
-// rows row0 .. row0 + n - 1 of a (rows, DH) bf16 matrix into shared memory (row stride LDS(DH)), zeros from
-// row_end on; 16-byte copies
-template <int DH>
-__device__ void load_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, int row0, int n, int row_end) {
+// Where row r of a block lies, in elements from its first row: one after another (packed_rows: k, v, the
+// stacked dout, the dk/dv partials), or token r % T of the block's head r / T in a (B, T, H, DH) array, from the
+// block's first head (token_rows: q, out, dq)
+struct packed_rows {
+    int dh;
+    __device__ __forceinline__ long long operator()(int r) const { return (long long)r * dh; }
+};
+struct token_rows {
+    int T, H, dh;
+    __device__ __forceinline__ long long operator()(int r) const { return ((long long)(r % T) * H + r / T) * dh; }
+};
+
+// rows row0 .. row0 + n - 1 of a bf16 matrix with DH columns into shared memory (row stride LDS(DH)), zeros
+// from row_end on; 16-byte copies
+template <int DH, typename Rows>
+__device__ void load_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, int row0, int n, int row_end, Rows at) {
     const int per_row = DH / 8;
     for (int i = threadIdx.x; i < n * per_row; i += blockDim.x) {
         int r = i / per_row, c = i % per_row;
         uint4 x = make_uint4(0u, 0u, 0u, 0u);
-        if (row0 + r < row_end) x = reinterpret_cast<const uint4*>(src + (long long)(row0 + r) * DH)[c];
+        if (row0 + r < row_end) x = reinterpret_cast<const uint4*>(src + at(row0 + r))[c];
         reinterpret_cast<uint4*>(dst + r * LDS(DH))[c] = x;
     }
+}
+template <int DH>
+__device__ void load_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, int row0, int n, int row_end) {
+    load_rows<DH>(dst, src, row0, n, row_end, packed_rows{DH});
 }
 
 // the same, asynchronously (cp.async, 16 bytes a copy, zeros from row_end on): the copies of one commit group
 // have landed once cp.async.wait_group lets the thread go on, and every thread's once the block synchronises
-template <int DH>
-__device__ void fetch_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, int row0, int n, int row_end) {
+template <int DH, typename Rows>
+__device__ void fetch_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, int row0, int n, int row_end, Rows at) {
     const int per_row = DH / 8;
     for (int i = threadIdx.x; i < n * per_row; i += blockDim.x) {
         const int r = i / per_row, c = i % per_row;
         const bool inside = row0 + r < row_end;
-        const __nv_bfloat16* from = src + (long long)(inside ? row0 + r : 0) * DH + c * 8;
+        const __nv_bfloat16* from = src + at(inside ? row0 + r : 0) + c * 8;
         const unsigned to = (unsigned)__cvta_generic_to_shared(dst + r * LDS(DH) + c * 8);
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(to), "l"(from), "r"(inside ? 16 : 0));
     }
+}
+template <int DH>
+__device__ void fetch_rows(__nv_bfloat16* dst, const __nv_bfloat16* src, int row0, int n, int row_end) {
+    fetch_rows<DH>(dst, src, row0, n, row_end, packed_rows{DH});
 }
 
 // Key tiles in two buffers of KEYS rows each (ks, vs): while the block works on tile j (buffer j & 1), tile j + 1
@@ -220,16 +242,17 @@ __device__ __forceinline__ void load_left(frag_a (&a)[DH / 16], const __nv_bfloa
     for (int d = 0; d < DH / 16; d++) load_a(a[d], src + d * 16, LDS(DH));
 }
 
-// scale * acc (16 x DH) -> rows row0 + g, row0 + g + 8 of dst (., DH), those before row_end; T_OUT bf16 or float
+// scale * acc (16 x DH) -> rows row0 + g, row0 + g + 8 of dst (placed by `at`), those before row_end; T_OUT bf16
+// or float
 __device__ __forceinline__ void store_pair(__nv_bfloat16* p, float a, float b) {
     *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
 }
 __device__ __forceinline__ void store_pair(float* p, float a, float b) {
     *reinterpret_cast<float2*>(p) = make_float2(a, b);
 }
-template <int DH, typename T_OUT>
+template <int DH, typename T_OUT, typename Rows>
 __device__ __forceinline__ void store_tile(const frag_acc (&acc)[DH / 16], float scale_a, float scale_b, T_OUT* dst,
-                                           int row0, int row_end) {
+                                           int row0, int row_end, Rows at) {
     const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
 #pragma unroll
     for (int d = 0; d < DH / 16; d++)
@@ -238,7 +261,7 @@ __device__ __forceinline__ void store_tile(const frag_acc (&acc)[DH / 16], float
             const int r = row0 + g + ACC_ROW(i);
             const float sc = ACC_ROW(i) ? scale_b : scale_a;
             if (r < row_end)
-                store_pair(dst + (long long)r * DH + d * 16 + ACC_COL(i, t), acc[d].x[i] * sc, acc[d].x[i + 1] * sc);
+                store_pair(dst + at(r) + d * 16 + ACC_COL(i, t), acc[d].x[i] * sc, acc[d].x[i + 1] * sc);
         }
 }
 
@@ -247,18 +270,20 @@ __device__ __forceinline__ void store_tile(const frag_acc (&acc)[DH / 16], float
 template <int DH>
 __global__ void __launch_bounds__(128, 4)    // at most 128 registers: four blocks on a multiprocessor
 flash_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out, float* lse,
-              int GT, int T, int S, int first_pos, float scale) {
+              int GT, int T, int S, int first_pos, int Hkv, float scale) {
     __shared__ __align__(16) __nv_bfloat16 qs[ROWS * LDS(DH)];
     __shared__ __align__(16) __nv_bfloat16 ks[2 * KEYS * LDS(DH)];     // two key tiles (next_key_tile)
     __shared__ __align__(16) __nv_bfloat16 vs[2 * KEYS * LDS(DH)];
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
     const long long bh = blockIdx.y;
-    const int row0 = blockIdx.x * ROWS;
-    q += bh * GT * DH; out += bh * GT * DH; lse += bh * GT;
+    const int row0 = blockIdx.x * ROWS, G = GT / T;
+    const token_rows q_rows = {T, Hkv * G, DH};
+    const long long heads = (bh / Hkv * T * Hkv * G + bh % Hkv * G) * DH;     // the block's first head
+    q += heads; out += heads; lse += bh * GT;
     k += bh * S * DH; v += bh * S * DH;
 
     first_key_tile<DH>(ks, vs, k, v, S);
-    load_rows<DH>(qs, q, row0, ROWS, GT);
+    load_rows<DH>(qs, q, row0, ROWS, GT, q_rows);
     __syncthreads();
     frag_a qf[DH / 16];
     load_left<DH>(qf, qs + warp * 16 * LDS(DH));
@@ -322,7 +347,7 @@ flash_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat1
         L[h] = l[h] > 0.f ? (m[h] + log2f(l[h])) * LN2 : 0.f;
         inv[h] = l[h] > 0.f ? 1.f / l[h] : 0.f;
     }
-    store_tile<DH>(o, inv[0], inv[1], out, rows, GT);
+    store_tile<DH>(o, inv[0], inv[1], out, rows, GT, q_rows);
     if (t == 0) {
         if (rows + g < GT) lse[rows + g] = L[0];
         if (rows + g + 8 < GT) lse[rows + g + 8] = L[1];
@@ -333,18 +358,20 @@ flash_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat1
 template <int DH>
 __global__ void flash_backward_dq(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                   const __nv_bfloat16* dout, const float* lse, const float* delta,
-                                  __nv_bfloat16* dq, int GT, int T, int S, int first_pos, float scale) {
+                                  __nv_bfloat16* dq, int GT, int T, int S, int first_pos, int Hkv, float scale) {
     __shared__ __align__(16) __nv_bfloat16 ks[2 * KEYS * LDS(DH)];     // two key tiles (next_key_tile)
     __shared__ __align__(16) __nv_bfloat16 vs[2 * KEYS * LDS(DH)];
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
     const long long bh = blockIdx.y;
-    const int row0 = blockIdx.x * ROWS;
-    q += bh * GT * DH; dout += bh * GT * DH; dq += bh * GT * DH; lse += bh * GT; delta += bh * GT;
+    const int row0 = blockIdx.x * ROWS, G = GT / T;
+    const token_rows q_rows = {T, Hkv * G, DH};
+    const long long heads = (bh / Hkv * T * Hkv * G + bh % Hkv * G) * DH;     // the block's first head
+    q += heads; dq += heads; dout += bh * GT * DH; lse += bh * GT; delta += bh * GT;
     k += bh * S * DH; v += bh * S * DH;
 
     first_key_tile<DH>(ks, vs, k, v, S);
     __nv_bfloat16 *qs = ks + KEYS * LDS(DH), *dos = vs + KEYS * LDS(DH);   // the second buffers hold this block's
-    load_rows<DH>(qs, q, row0, ROWS, GT);                                   // q and dout rows first
+    load_rows<DH>(qs, q, row0, ROWS, GT, q_rows);                           // q and dout rows first
     load_rows<DH>(dos, dout, row0, ROWS, GT);
     __syncthreads();
     frag_a qf[DH / 16], dof[DH / 16];
@@ -387,7 +414,7 @@ __global__ void flash_backward_dq(const __nv_bfloat16* q, const __nv_bfloat16* k
             }
         add_times_rows<DH, KEYS / 16>(acc, s, kt);
     }
-    store_tile<DH>(acc, scale, scale, dq, rows, GT);
+    store_tile<DH>(acc, scale, scale, dq, rows, GT, q_rows);
 }
 
 // the first step of ROWS_DKV rows, from row0 on, in which a row sees a key from key0 on (row_end when none)
@@ -401,10 +428,10 @@ __device__ __forceinline__ int next_step(int row0, int row_end, int key0, int T,
 // delta and key limits
 template <int DH>
 __device__ __forceinline__ void step_rows(__nv_bfloat16* qs, __nv_bfloat16* dos, float* s_lse, float* s_delta,
-                                          int* s_limit, const __nv_bfloat16* q, const __nv_bfloat16* dout,
-                                          const float* lse, const float* delta, int row0, int row_end, int T, int S,
-                                          int first_pos) {
-    fetch_rows<DH>(qs, q, row0, ROWS_DKV, row_end);
+                                          int* s_limit, const __nv_bfloat16* q, token_rows q_rows,
+                                          const __nv_bfloat16* dout, const float* lse, const float* delta, int row0,
+                                          int row_end, int T, int S, int first_pos) {
+    fetch_rows<DH>(qs, q, row0, ROWS_DKV, row_end, q_rows);
     fetch_rows<DH>(dos, dout, row0, ROWS_DKV, row_end);
     asm volatile("cp.async.commit_group;");
     if (threadIdx.x < ROWS_DKV) {
@@ -424,7 +451,7 @@ __device__ __forceinline__ void step_rows(__nv_bfloat16* qs, __nv_bfloat16* dos,
 template <int DH>
 __global__ void flash_backward_dkdv(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                                     const __nv_bfloat16* dout, const float* lse, const float* delta,
-                                    float* dk_part, float* dv_part, int GT, int T, int S, int first_pos,
+                                    float* dk_part, float* dv_part, int GT, int T, int S, int first_pos, int Hkv,
                                     float scale, int chunk_rows) {
     static_assert(2 * ROWS_DKV <= KEYS, "two steps of rows fit where the keys were");
     __shared__ __align__(16) __nv_bfloat16 tile_a[KEYS * LDS(DH)];      // k, then two steps' q rows
@@ -433,9 +460,11 @@ __global__ void flash_backward_dkdv(const __nv_bfloat16* q, const __nv_bfloat16*
     __shared__ int row_limit[2][ROWS_DKV];
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
     const long long bh = blockIdx.y;
-    const int key0 = blockIdx.x * KEYS, my_keys = key0 + warp * 16;
+    const int key0 = blockIdx.x * KEYS, my_keys = key0 + warp * 16, G = GT / T;
     const int first_row = blockIdx.z * chunk_rows, row_end = min(GT, first_row + chunk_rows);
-    q += bh * GT * DH; dout += bh * GT * DH; lse += bh * GT; delta += bh * GT;
+    const token_rows q_rows = {T, Hkv * G, DH};
+    q += (bh / Hkv * T * Hkv * G + bh % Hkv * G) * DH;                        // the block's first head
+    dout += bh * GT * DH; lse += bh * GT; delta += bh * GT;
     k += bh * S * DH; v += bh * S * DH;
     const long long part = ((long long)blockIdx.z * gridDim.y + bh) * S * DH;
     dk_part += part; dv_part += part;
@@ -455,8 +484,8 @@ __global__ void flash_backward_dkdv(const __nv_bfloat16* q, const __nv_bfloat16*
     const int key_of[2] = {my_keys + g, my_keys + g + 8};
     const float scale2 = scale * LOG2E;
 #define STEP_ROWS(b, row0) step_rows<DH>(tile_a + (b) * ROWS_DKV * LDS(DH), tile_b + (b) * ROWS_DKV * LDS(DH), \
-                                         row_lse[b], row_delta[b], row_limit[b], q, dout, lse, delta, row0, row_end, \
-                                         T, S, first_pos)
+                                         row_lse[b], row_delta[b], row_limit[b], q, q_rows, dout, lse, delta, row0, \
+                                         row_end, T, S, first_pos)
 
     int row0 = next_step(first_row, row_end, key0, T, first_pos);
     __syncthreads();                                      // every warp has its k and v
@@ -492,12 +521,13 @@ __global__ void flash_backward_dkdv(const __nv_bfloat16* q, const __nv_bfloat16*
         row0 = next;
     }
 #undef STEP_ROWS
-    store_tile<DH>(dk, scale, scale, dk_part, my_keys, S);
-    store_tile<DH>(dv, 1.f, 1.f, dv_part, my_keys, S);
+    store_tile<DH>(dk, scale, scale, dk_part, my_keys, S, packed_rows{DH});
+    store_tile<DH>(dv, 1.f, 1.f, dv_part, my_keys, S, packed_rows{DH});
 }
 
 // Before the backward kernels: dout (B, T, H, DH), its tokens `token` elements apart (the model passes a column slice
-// of a wider gradient), stacked as q into dout_g (BH, GT, DH), and delta = rowsum(dout * out) (BH, GT) in float32.
+// of a wider gradient), stacked into dout_g (BH, GT, DH), and delta = rowsum(dout * out) (BH, GT) in float32, out
+// being the forward's (B, T, H, DH).
 // One warp per stacked row r = (b Hkv + kv head) GT + g T + t, which is token t of head kv G + g: grid
 // (ceil(rows / 4)), 128 threads.
 template <int DH>
@@ -507,12 +537,14 @@ __global__ void flash_backward_prep(const __nv_bfloat16* dout, long long token, 
     if (row >= rows) return;                              // the whole warp
     const int t = row % T, bh = row / (G * T);
     const int head = (bh % Hkv) * G + row / T % G;
-    const __nv_bfloat16* src = dout + ((long long)(bh / Hkv) * T + t) * token + (long long)head * DH;
+    const long long token0 = (long long)(bh / Hkv) * T + t;
+    const __nv_bfloat16* src = dout + token0 * token + (long long)head * DH;
+    const __nv_bfloat16* o = out + (token0 * Hkv * G + head) * DH;
     float sum = 0.f;
     for (int d = lane; d < DH; d += 32) {
         const __nv_bfloat16 x = src[d];
         dout_g[(long long)row * DH + d] = x;
-        sum += __bfloat162float(x) * __bfloat162float(out[(long long)row * DH + d]);
+        sum += __bfloat162float(x) * __bfloat162float(o[d]);
     }
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     if (lane == 0) delta[row] = sum;

@@ -299,7 +299,7 @@ FLASH_ROWS, FLASH_KEYS, FLASH_ROWS_DKV = 64, 64, 32     # flash.cu's ROWS, KEYS,
 
 
 class _FlashCache(tuple):
-    """What flash_forward leaves for the backward: qg, kh, vh, out (stacked heads), lse, T."""
+    """What flash_forward leaves for the backward: q, out (B, T, H, Dh), kh, vh (B, Hkv, S, Dh), lse (B, Hkv, G*T)."""
 
 
 def flash_attention_applies(dtype_name, head_dim):
@@ -328,36 +328,39 @@ def _bf16_tensor_cores():
 
 
 def _flash_forward(q, k, v):
+    # the kernels read q's heads and write out's in place, (B, T, H, Dh): no stacked copies
     cp = _cupy()
     B, T, H, Dh = q.shape
     S, Hkv = k.shape[1], k.shape[2]
-    qg = _stack_heads(cp, q, Hkv)                                                        # (B, Hkv, GT, Dh)
+    GT = H // Hkv * T
+    q = cp.ascontiguousarray(q)
     kh, vh = (cp.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in (k, v))            # (B, Hkv, S, Dh)
-    GT = qg.shape[2]
-    out = cp.empty_like(qg)
+    out = cp.empty_like(q)
     lse = cp.empty((B, Hkv, GT), dtype=numpy.float32)
     kernel("flash", f"flash_forward<{Dh}>")(((GT + FLASH_ROWS - 1) // FLASH_ROWS, B * Hkv), (128,), (
-        qg, kh, vh, out, lse, _i32(GT), _i32(T), _i32(S), _i32(S - T), _f32(1.0 / math.sqrt(Dh))))
-    return _unstack_heads(out, T), _FlashCache((qg, kh, vh, out, lse, T))
+        q, kh, vh, out, lse, _i32(GT), _i32(T), _i32(S), _i32(S - T), _i32(Hkv), _f32(1.0 / math.sqrt(Dh))))
+    return out, _FlashCache((q, out, kh, vh, lse))
 
 
 def _flash_backward(dout, cache):
     cp = _cupy()
-    qg, kh, vh, out, lse, T = cache
-    B, Hkv, GT, Dh = qg.shape
-    S, G = kh.shape[2], GT // T
-    # dout stacked as q, and delta = rowsum(dout * out), in one pass over dout (token rows of H * Dh, a column
-    # slice of the model's gradient read in place)
-    dout, (_, _, token) = _as_rows(dout.astype(qg.dtype, copy=False), 2)
-    dout_g = cp.empty_like(qg)
+    q, out, kh, vh, lse = cache
+    B, T, H, Dh = q.shape
+    Hkv, S = kh.shape[1], kh.shape[2]
+    G = H // Hkv
+    GT = G * T
+    # dout stacked (B, Hkv, GT, Dh), and delta = rowsum(dout * out), in one pass over dout (token rows of H * Dh,
+    # a column slice of the model's gradient read in place)
+    dout, (_, _, token) = _as_rows(dout.astype(q.dtype, copy=False), 2)
+    dout_g = cp.empty((B, Hkv, GT, Dh), dtype=q.dtype)
     delta = cp.empty((B, Hkv, GT), dtype=numpy.float32)
     rows = B * Hkv * GT
     kernel("flash", f"flash_backward_prep<{Dh}>")((-(-rows // 4),), (128,), (
         dout, _i64(token), out, dout_g, delta, _i32(rows), _i32(T), _i32(Hkv), _i32(G)))
     scale = _f32(1.0 / math.sqrt(Dh))
-    dq = cp.empty_like(qg)
+    dq = cp.empty_like(q)
     kernel("flash", f"flash_backward_dq<{Dh}>")(((GT + FLASH_ROWS - 1) // FLASH_ROWS, B * Hkv), (128,), (
-        qg, kh, vh, dout_g, lse, delta, dq, _i32(GT), _i32(T), _i32(S), _i32(S - T), scale))
+        q, kh, vh, dout_g, lse, delta, dq, _i32(GT), _i32(T), _i32(S), _i32(S - T), _i32(Hkv), scale))
     # the rows in chunks of about T (one stacked head each when T is a multiple of 32), summed afterwards: more
     # blocks at once, and the same sums in the same order on every run
     chunk_rows = -(-max(T, FLASH_ROWS_DKV) // FLASH_ROWS_DKV) * FLASH_ROWS_DKV
@@ -365,14 +368,14 @@ def _flash_backward(dout, cache):
     dk_part = cp.empty((chunks, B, Hkv, S, Dh), dtype=numpy.float32)
     dv_part = cp.empty_like(dk_part)
     kernel("flash", f"flash_backward_dkdv<{Dh}>")(((S + FLASH_KEYS - 1) // FLASH_KEYS, B * Hkv, chunks), (128,), (
-        qg, kh, vh, dout_g, lse, delta, dk_part, dv_part, _i32(GT), _i32(T), _i32(S), _i32(S - T), scale,
+        q, kh, vh, dout_g, lse, delta, dk_part, dv_part, _i32(GT), _i32(T), _i32(S), _i32(S - T), _i32(Hkv), scale,
         _i32(chunk_rows)))
-    dk = cp.empty((B, S, Hkv, Dh), dtype=qg.dtype)
+    dk = cp.empty((B, S, Hkv, Dh), dtype=q.dtype)
     dv = cp.empty_like(dk)
     n = B * Hkv * S * Dh
     kernel("flash", "flash_sum_chunks")((_blocks(n),), (BLOCK,), (
         dk_part, dv_part, dk, dv, _i32(chunks), _i64(n), _i32(S), _i32(Hkv), _i32(Dh)))
-    return _unstack_heads(dq, T), dk, dv
+    return dq, dk, dv
 
 
 # --- SwiGLU ---------------------------------------------------------------------------------------------------
