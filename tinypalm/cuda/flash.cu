@@ -114,6 +114,11 @@ struct token_rows {
     __device__ __forceinline__ long long operator()(int r) const { return ((long long)(r % T) * H + r / T) * dh; }
 };
 
+// where block bh's first query head starts in a (B, T, H, DH) array: token 0 of head kv G, batch b
+__device__ __forceinline__ long long first_head(long long bh, int Hkv, int G, int T, int DH) {
+    return (bh / Hkv * T * Hkv * G + bh % Hkv * G) * DH;
+}
+
 // rows row0 .. row0 + n - 1 of a bf16 matrix with DH columns into shared memory (row stride LDS(DH)), zeros
 // from row_end on; 16-byte copies
 template <int DH, typename Rows>
@@ -278,7 +283,7 @@ flash_forward(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat1
     const long long bh = blockIdx.y;
     const int row0 = blockIdx.x * ROWS, G = GT / T;
     const token_rows q_rows = {T, Hkv * G, DH};
-    const long long heads = (bh / Hkv * T * Hkv * G + bh % Hkv * G) * DH;     // the block's first head
+    const long long heads = first_head(bh, Hkv, G, T, DH);
     q += heads; out += heads; lse += bh * GT;
     k += bh * S * DH; v += bh * S * DH;
 
@@ -365,7 +370,7 @@ __global__ void flash_backward_dq(const __nv_bfloat16* q, const __nv_bfloat16* k
     const long long bh = blockIdx.y;
     const int row0 = blockIdx.x * ROWS, G = GT / T;
     const token_rows q_rows = {T, Hkv * G, DH};
-    const long long heads = (bh / Hkv * T * Hkv * G + bh % Hkv * G) * DH;     // the block's first head
+    const long long heads = first_head(bh, Hkv, G, T, DH);
     q += heads; dq += heads; dout += bh * GT * DH; lse += bh * GT; delta += bh * GT;
     k += bh * S * DH; v += bh * S * DH;
 
@@ -463,7 +468,7 @@ __global__ void flash_backward_dkdv(const __nv_bfloat16* q, const __nv_bfloat16*
     const int key0 = blockIdx.x * KEYS, my_keys = key0 + warp * 16, G = GT / T;
     const int first_row = blockIdx.z * chunk_rows, row_end = min(GT, first_row + chunk_rows);
     const token_rows q_rows = {T, Hkv * G, DH};
-    q += (bh / Hkv * T * Hkv * G + bh % Hkv * G) * DH;                        // the block's first head
+    q += first_head(bh, Hkv, G, T, DH);
     dout += bh * GT * DH; lse += bh * GT; delta += bh * GT;
     k += bh * S * DH; v += bh * S * DH;
     const long long part = ((long long)blockIdx.z * gridDim.y + bh) * S * DH;
