@@ -166,6 +166,12 @@ def keep_freed_memory():
         pass
 
 
+def address(array):
+    """Where an array's data starts: a device pointer for cupy, a host address for numpy (numpy playing cupy in
+    the tests, bfloat16 included)."""
+    return array.ctypes.data if isinstance(array, numpy.ndarray) else array.data.ptr
+
+
 def to_numpy(a):
     """A host numpy copy of an array from either backend (on a GPU: one device-to-host copy, a synchronisation)."""
     return a.get() if hasattr(a, "get") and not isinstance(a, numpy.ndarray) else numpy.asarray(a)

@@ -30,7 +30,7 @@ import zlib
 
 import numpy as np
 
-from .backend import get_xp, to_numpy
+from .backend import address, get_xp, to_numpy
 from .errors import TinyPalmError
 from .model import layer_storage_names
 from .optim import AdamW, Stretch, clip_grad_norm
@@ -348,11 +348,6 @@ class MPIReducer:
         counts = [b - a for a, b in self.shards]
         displacements = [a for a, _ in self.shards]
         self.comm.Allgatherv(self.MPI.IN_PLACE, [flat, (counts, displacements)])
-
-
-def address(array):
-    """Where an array's data starts: a device pointer for cupy (a host address for numpy, in the tests)."""
-    return array.data.ptr if hasattr(array.data, "ptr") else array.ctypes.data
 
 
 def nccl_communicator(comm, nccl):

@@ -15,6 +15,7 @@ import math
 import numpy
 
 from .. import ops as twin
+from ..backend import address
 from .gemm import gemm, readable
 from .source import FLASH_HEAD_DIMS, ctype, kernel
 
@@ -162,10 +163,6 @@ def linear_backward(dy, x, w, dw):
 COPY_UNITS = ((16, "uint4"), (4, "unsigned int"), (2, "unsigned short"))       # copy.cu's instances, widest first
 
 
-def _address(a):
-    return a.ctypes.data if isinstance(a, numpy.ndarray) else a.data.ptr     # numpy plays cupy in the tests
-
-
 def concat_columns(xp, parts):
     # parts (N, c_i) -> (N, sum of c_i), each part's rows copied into its columns by copy.cu in the widest unit
     # that its bytes allow (the fused projection's parts are 16-byte multiples: one uint4 per thread)
@@ -178,7 +175,7 @@ def concat_columns(xp, parts):
     for part in parts:
         part, (_, cols, ld) = _as_rows(part, 1)
         dst = out[:, col:col + cols]
-        extents = (cols * size, ld * size, out.shape[1] * size, _address(part), _address(dst))
+        extents = (cols * size, ld * size, out.shape[1] * size, address(part), address(dst))
         unit, name = next((u, n) for u, n in COPY_UNITS if all(x % u == 0 for x in extents))
         kernel("copy", f"copy_rows<{name}>")((_blocks(N * cols * size // unit),), (BLOCK,), (
             part, _i64(ld * size), dst, _i64(out.shape[1] * size), _i64(N), _i64(cols * size)))
