@@ -42,7 +42,7 @@ from .flat import flatten
 from .loading import load_model
 from .lora import LoRA, TARGETS, DEFAULT_TARGETS, params_hash, write_npz, format_bytes
 from .model import LAYER_PARAMS, Layer, layer_storage_names
-from .optim import AdamW, update_runs
+from .optim import AdamW, clip_together, update_runs
 
 FORMAT, VERSION = "tinypalm-classifier", 1
 MODES = ("head", "top", "lora", "full")
@@ -321,17 +321,6 @@ def load_classifier(path, ckpt=None, backend="numpy"):
 
 # --- training -----------------------------------------------------------------------------------------------------
 
-def clip_together(xp, vectors, max_norm):
-    """Scale the gradient vectors together to a global L2 norm of at most max_norm; returns the norm before, as a
-    device scalar (read on the device, so that a step on a GPU never waits for the host)."""
-    total = xp.sqrt(sum(v @ v for v in vectors))
-    if max_norm:
-        scale = xp.minimum(1.0, max_norm / (total + 1e-6))       # exactly 1 at or under max_norm
-        for v in vectors:
-            v *= scale.astype(v.dtype)
-    return total
-
-
 def train(args):
     train_set, test_set = load_split(args)
     labels = sorted({label for _, label in train_set})
@@ -409,7 +398,7 @@ def train(args):
             every = (grads, head_grads)
             vectors = [head_grads.flat] + [grads.flat[a:b] for a, b, _ in runs]
             vectors += [grads.adapter.flat] if model.adapter is not None else []
-            clip_together(xp, vectors, args.grad_clip)
+            clip_together(vectors, args.grad_clip)
             lr = args.lr * (1.0 - step / total_steps)            # linear decay to zero
             for params, grads_of, optimizer in optimizers:
                 optimizer.step(params, grads_of(every), lr)

@@ -132,13 +132,21 @@ class Stretch:
 def clip_grad_norm(grads, max_norm):
     """Scale the gradients together so that their global L2 norm is at most max_norm; returns the norm before.
 
-    grads is a Flat: one dot product over its vector. Nothing is read back to the host: the norm is returned as a
-    0-d array (a numpy scalar on numpy) and the scale min(1, max_norm / norm) is applied on the device, so the
-    training loop reads the norm together with the loss, one synchronisation per step."""
-    g = grads.flat
-    total = (g @ g) ** 0.5
+    grads is a Flat: one dot product over its vector."""
+    return clip_together([grads.flat], max_norm)
+
+
+def clip_together(vectors, max_norm):
+    """clip_grad_norm over several gradient vectors at once (a classifier's head, runs of a model's gradients).
+
+    Nothing is read back to the host: the norm is returned as a 0-d array (a numpy scalar on numpy) and the scale
+    min(1, max_norm / norm) is applied on the device, so the training loop reads the norm together with the
+    loss, one synchronisation per step."""
+    total = sum(v @ v for v in vectors) ** 0.5
     if max_norm:
-        g *= (max_norm / (total + 1e-6)).clip(0.0, 1.0)       # exactly 1 when the norm is within max_norm
+        scale = (max_norm / (total + 1e-6)).clip(0.0, 1.0)   # exactly 1 when the norm is within max_norm
+        for v in vectors:
+            v *= scale.astype(v.dtype)
     return total
 
 
