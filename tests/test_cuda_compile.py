@@ -4,7 +4,6 @@ NVRTC wheel of the `test` extra), and the pure-Python parts around them are chec
 What needs a GPU (each kernel against its ops.py twin, the model on cupy against numpy) is in tinypalm.gpucheck;
 the last test here runs its kernel comparisons when a GPU is present."""
 
-import ctypes
 import inspect
 import re
 
@@ -351,10 +350,15 @@ def emu_adamw_flat(grid, block, p, g, m, v, decay, frozen, p_compute, grad_norm,
         memory(buf, n)[live] = new[live]
 
 
-def _heads(a, BH, Hkv, T, GT, DH):
-    """A (B, T, H, DH) array's memory as the kernels see it: (BH, GT, DH), a kv head's G query heads stacked."""
+def _heads(a, BH, Hkv, T, GT, DH, token=None):
+    """A (B, T, H, DH) array's memory as the kernels see it, its tokens `token` elements apart (H DH: contiguous):
+    (BH, GT, DH), a kv head's G query heads stacked."""
     B, G = BH // Hkv, GT // T
-    return _f64(memory(a, BH * GT * DH)).reshape(B, T, Hkv, G, DH).transpose(0, 2, 3, 1, 4).reshape(BH, GT, DH)
+    H = Hkv * G
+    token = token or H * DH
+    tokens = as_strided(memory(a, (B * T - 1) * token + H * DH), shape=(B, T, H, DH),
+                        strides=tuple(a.itemsize * s for s in (T * token, token, DH, 1)))
+    return _f64(tokens).reshape(B, T, Hkv, G, DH).transpose(0, 2, 3, 1, 4).reshape(BH, GT, DH)
 
 
 def _store_heads(a, x, Hkv, T):
@@ -418,8 +422,8 @@ def emu_flash_backward_dkdv(grid, block, q, k, v, dout, lse, delta, dk_part, dv_
 
 
 def byte_memory(a, n):
-    """The n bytes from a's first element, writeable (a kernel's void* argument)."""
-    return np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(a.ctypes.data))
+    """The n bytes from a's first element, writeable (a kernel's void* argument; n a multiple of a.itemsize)."""
+    return memory(a, n // a.itemsize).view(np.uint8)
 
 
 def emu_copy_rows(grid, block, src, src_stride, dst, dst_stride, rows, row_bytes):
@@ -431,14 +435,10 @@ def emu_copy_rows(grid, block, src, src_stride, dst, dst_stride, rows, row_bytes
 
 def emu_flash_backward_prep(grid, block, dout, token, out, dout_g, delta, rows, T, Hkv, G):
     assert grid[0] * 4 >= rows and block == (128,)
-    DH = out.size // rows
-    B, H = rows // (Hkv * G * T), Hkv * G
-    tokens = as_strided(memory(dout, (B * T - 1) * token + H * DH), shape=(B, T, H, DH),
-                        strides=(T * token * dout.itemsize, token * dout.itemsize, DH * dout.itemsize, dout.itemsize))
-    stacked = tokens.reshape(B, T, Hkv, G, DH).transpose(0, 2, 3, 1, 4).reshape(rows, DH)
-    memory(dout_g, rows * DH)[:] = stacked.reshape(-1)
-    out_rows = _heads(out, B * Hkv, Hkv, T, G * T, DH).reshape(rows, DH)     # out is (B, T, H, DH)
-    memory(delta, rows)[:] = (_f64(stacked) * out_rows).sum(-1)
+    DH, BH = out.size // rows, rows // (G * T)
+    stacked = _heads(dout, BH, Hkv, T, G * T, DH, token).reshape(rows, DH)   # dout: a column slice
+    memory(dout_g, rows * DH)[:] = stacked.reshape(-1)                        # bf16 values: exact
+    memory(delta, rows)[:] = (stacked * _heads(out, BH, Hkv, T, G * T, DH).reshape(rows, DH)).sum(-1)
 
 
 def emu_flash_sum_chunks(grid, block, dk_part, dv_part, dk, dv, chunks, n, S, Hkv, DH):
