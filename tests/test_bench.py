@@ -1,11 +1,16 @@
 """python -m tinypalm.bench: the order its comparison times the steps in, without PyTorch installed (a stand-in
 peer records its calls), and its shape flags."""
 
+import re
 import subprocess
 import sys
+import threading
+import time
 import types
 
-from tinypalm import bench, bench_torch
+import pytest
+
+from tinypalm import bench, bench_torch, cpu_ops
 
 
 def test_vs_torch_alternates_idle_and_times_blocks_under_load(monkeypatch, capsys):
@@ -40,7 +45,36 @@ def test_vs_torch_alternates_idle_and_times_blocks_under_load(monkeypatch, capsy
     assert busy and all(p.poll() is not None for p in busy)                    # the busy processes are gone
     out = capsys.readouterr().out
     assert "first step's loss: tinypalm " in out and ", torch 7.0000" in out
-    assert "with load / without (medians): tinypalm" in out and "torch" in out.splitlines()[-1]
+    assert "with load / without (medians): tinypalm" in out and "torch" in out.splitlines()[-2]
+    # the share of the cores tinypalm's threads got in each phase, and the fair share they could have had
+    for label in ("no load", "1 busy"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(label + ":"))
+        cores, cpu_ms = map(float, re.search(r"tinypalm's threads on ([\d.]+) cores, ([\d.]+) ms CPU a step", line).groups())
+        assert 0 < cores <= cpu_ops.pool.n_threads * 1.05 and cpu_ms > 0
+    threads, n_cores = cpu_ops.pool.n_threads, cpu_ops.default_cores()
+    fair = threads * min(1.0, n_cores / (threads + 1))
+    assert f"a fair share for {threads} threads beside 1 busy process on {n_cores} cores: {fair:.2f})" in out
+
+
+@pytest.mark.skipif(not hasattr(time, "pthread_getcpuclockid"), reason="no per-thread CPU clocks on this platform")
+def test_thread_cpu_seconds_counts_the_pool_workers_too(monkeypatch):
+    # two tasks that each burn 50 ms of CPU, one on the caller's thread and one on a worker (the caller's waits
+    # until the worker has taken the other): the clocks must count both, not only the caller's 50 ms
+    monkeypatch.setattr(cpu_ops, "pool", cpu_ops.ChunkPool(2))
+    worker_started = threading.Event()
+
+    def burn(_):
+        if threading.current_thread() is threading.main_thread():
+            assert worker_started.wait(10)
+        else:
+            worker_started.set()
+        start = time.thread_time()
+        while time.thread_time() - start < 0.05:
+            pass
+    before, caller_before = bench.thread_cpu_seconds(), time.thread_time()
+    cpu_ops.pool.run(burn, [0, 1])
+    caller = time.thread_time() - caller_before
+    assert 0.05 <= caller < 0.09 and bench.thread_cpu_seconds() - before >= caller + 0.05
 
 
 def test_shape_flags_time_that_shape_and_refuse_impossible_ones(capsys):

@@ -6,6 +6,7 @@
     python -m tinypalm.bench --backend cupy --preset full --dtype bfloat16 --batch-size 16 --seq-len 1024
     python -m tinypalm.bench --vs-torch           # the same step in PyTorch eager, timed alternately with ours
     python -m tinypalm.bench --load 2             # without load, then with 2 busy processes running: the slowdown
+                                                  # (on the CPU, taken apart by its threads' CPU clocks)
     python -m tinypalm.bench --vs-torch --d-model 384 --n-layers 6 --n-heads 6 --batch-size 64 --seq-len 256
                                                   # another shape: nanoGPT's shakespeare_char model and batch
 
@@ -26,7 +27,7 @@ from collections import defaultdict
 
 import numpy
 
-from . import batch_threads
+from . import batch_threads, cpu_ops
 from .backend import to_numpy
 from .cli import HelpFormatter, add_shape_flags, run_cli, with_shape_flags
 from .config import PRESETS, Config
@@ -116,6 +117,17 @@ def profile_ops(step, model, n, threads=1):
     return {name: t / n / threads for name, t in spent.items()}, total / n
 
 
+def thread_cpu_seconds():
+    """CPU seconds used so far by tinypalm's threads on the CPU (the caller's and cpu_ops' pool workers), or None
+    where the platform has no per-thread clock to read (macOS, Windows).
+
+    The share of the cores a step got, which its wall time alone cannot tell from how much work it did."""
+    if not hasattr(time, "pthread_getcpuclockid"):
+        return None
+    threads = [threading.current_thread(), *cpu_ops.pool._workers]
+    return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident)) for t in threads)
+
+
 def busy_processes(n):
     """n processes that each keep one core busy (a pure-Python loop) until terminated."""
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
@@ -143,18 +155,30 @@ def compare(args, cfg, model, step):
     if args.vs_torch:       # both start from the same weights and tokens, so their first losses must agree
         print("first step's loss: " + ", ".join(f"{name} {float(fn()):.4f}" for name, fn in steps.items()))
 
-    def measure(alternate=True):
+    on_cpu = args.backend == "numpy" and thread_cpu_seconds() is not None
+    cpu_use = {}              # label -> (cores tinypalm's threads kept busy, their CPU seconds per step), on the CPU
+
+    def measure(label, alternate=True):
         times = {name: [] for name in steps}
+        cpu = []
+
+        def timed(name, fn):
+            before = thread_cpu_seconds() if on_cpu and name == "tinypalm" else None
+            times[name] += time_steps(fn, model.xp, 1 if alternate else args.steps)
+            if before is not None:
+                cpu.append(thread_cpu_seconds() - before)
         if alternate:
             for fn in steps.values():
                 time_steps(fn, model.xp, args.warmup)
             for _ in range(args.steps):
                 for name, fn in steps.items():
-                    times[name] += time_steps(fn, model.xp, 1)
+                    timed(name, fn)
         else:
             for name, fn in steps.items():
                 time_steps(fn, model.xp, args.warmup)
-                times[name] = time_steps(fn, model.xp, args.steps)
+                timed(name, fn)
+        if cpu:
+            cpu_use[label] = (sum(cpu) / sum(times["tinypalm"]), sum(cpu) / args.steps)
         return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
     def report(label, timed):
@@ -163,22 +187,35 @@ def compare(args, cfg, model, step):
         if "torch" in timed:
             line += (f"; tinypalm / torch: median {timed['tinypalm'][0] / timed['torch'][0]:.2f}, "
                      f"min {timed['tinypalm'][1] / timed['torch'][1]:.2f}")
+        if label in cpu_use:
+            cores, cpu = cpu_use[label]
+            line += f"; tinypalm's threads on {cores:.2f} cores, {cpu * 1e3:.1f} ms CPU a step"
         print(line)
 
-    idle = measure()
+    idle = measure("no load")
     report("no load", idle)
     if args.load:
         busy = busy_processes(args.load)
         try:
             # each program's steps in a block of their own: alternating under load, PyTorch's OpenMP workers (they
             # spin for a while after each parallel region) took time from tinypalm's next step, 10-20% of it
-            loaded = measure(alternate=False)
+            loaded = measure(f"{args.load} busy", alternate=False)
         finally:
             for proc in busy:
                 proc.terminate()
                 proc.wait()
         report(f"{args.load} busy", loaded)
         print("  with load / without (medians): " + ", ".join(f"{name} {loaded[name][0] / idle[name][0]:.2f}x" for name in steps))
+        if len(cpu_use) == 2:
+            # the slowdown, taken apart: the share of the cores the step got, and the work it did there. Beside N
+            # busy processes on C cores, T threads that never wait get T x min(1, C / (T + N)) cores
+            (idle_cores, idle_cpu), (loaded_cores, loaded_cpu) = cpu_use.values()
+            threads, cores = cpu_ops.pool.n_threads, cpu_ops.default_cores()
+            fair = threads * min(1.0, cores / (threads + args.load))
+            print(f"  tinypalm's threads, by their CPU clocks: on {idle_cores:.2f} cores without load, {loaded_cores:.2f} "
+                  f"with it (a fair share for {threads} thread{'s' * (threads != 1)} beside {args.load} busy "
+                  f"process{'es' * (args.load != 1)} on {cores} cores: "
+                  f"{fair:.2f}); {loaded_cpu / idle_cpu:.2f}x the CPU time a step with load")
 
 
 def build_parser():

@@ -148,16 +148,21 @@ class ChunkPool:
             raise job.error
 
 
+def default_cores():
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                       # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def default_threads():
     env = os.environ.get("TINYPALM_NUM_THREADS")
     if env:
         if not env.isdigit() or int(env) < 1:
             raise TinyPalmError(f"TINYPALM_NUM_THREADS={env!r}: give a positive whole number of threads")
         return int(env)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:                       # macOS, Windows
-        return os.cpu_count() or 1
+    return default_cores()
 
 
 pool = ChunkPool(default_threads())
