@@ -124,7 +124,7 @@ def thread_cpu_seconds():
     The share of the cores a step got, which its wall time alone cannot tell from how much work it did."""
     if not hasattr(time, "pthread_getcpuclockid"):
         return None
-    threads = [threading.current_thread(), *cpu_ops.pool._workers]
+    threads = [threading.current_thread(), *cpu_ops.pool.workers]
     return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident)) for t in threads)
 
 

@@ -115,6 +115,11 @@ class ChunkPool:
     def _reset(self):
         self._job, self._cond, self._workers = None, threading.Condition(), []
 
+    @property
+    def workers(self):
+        """The pool's own threads, started at its first shared run (its tasks also run on the caller's thread)."""
+        return tuple(self._workers)
+
     def _worker(self):
         seen = None
         while True:
