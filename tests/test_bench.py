@@ -1,7 +1,9 @@
 """python -m tinypalm.bench: the order its comparison times the steps in, without PyTorch installed (a stand-in
 peer records its calls), and its shape flags."""
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -13,15 +15,30 @@ import pytest
 from tinypalm import bench, bench_torch, cpu_ops
 
 
-def test_vs_torch_alternates_idle_and_times_blocks_under_load(monkeypatch, capsys):
+def _process_state(pid):
+    # the state letter in /proc/PID/stat: R running, S sleeping, T stopped, ...
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(not bench.PAUSABLE or not sys.platform.startswith("linux"),
+                    reason="stopping the load for every other step needs SIGSTOP, and reading it /proc (Linux)")
+def test_vs_torch_alternates_idle_and_times_blocks_under_load_stopped_for_every_other_step(monkeypatch, capsys):
     calls = []
     busy = []
+
+    def load():             # what the busy processes were doing while a step ran
+        if not busy:
+            return "none"
+        states = {"stopped" if _process_state(p.pid) == "T" else "running" for p in busy}   # or still starting up
+        assert len(states) == 1, states
+        return states.pop()
 
     def make_step(model, batch_size, seq_len):
         real = real_make_step(model, batch_size, seq_len)
 
         def step():
-            calls.append("tinypalm")
+            calls.append(("tinypalm", load()))
             return real()
         return step
 
@@ -36,24 +53,65 @@ def test_vs_torch_alternates_idle_and_times_blocks_under_load(monkeypatch, capsy
     monkeypatch.setattr(bench, "busy_processes", busy_processes)
     monkeypatch.setattr(bench_torch, "import_torch", lambda: types.SimpleNamespace(__version__="peer",
                                                                                  get_num_threads=lambda: 1))
-    monkeypatch.setattr(bench_torch, "make_torch_step", lambda *a, **k: lambda: calls.append("torch") or 7.0)
+    monkeypatch.setattr(bench_torch, "make_torch_step", lambda *a, **k: lambda: calls.append(("torch", load())) or 7.0)
 
-    bench.main(["--vs-torch", "--load", "1", "--steps", "3", "--warmup", "1", "--batch-size", "2", "--seq-len", "8"])
-    idle = ["tinypalm", "torch"] * 2 + ["tinypalm", "torch"] * 3      # first losses, warm-up, then in turn
-    loaded = ["1 busy"] + ["tinypalm"] * 4 + ["torch"] * 4                     # each in a block of its own
+    bench.main(["--vs-torch", "--load", "2", "--steps", "3", "--warmup", "1", "--batch-size", "2", "--seq-len", "8"])
+    idle = [("tinypalm", "none"), ("torch", "none")] * 5          # first losses, warm-up, then in turn
+    loaded = ["2 busy"]
+    for name in ("tinypalm", "torch"):      # each in a block of its own: warm-up, then without and with load in turn
+        loaded += [(name, "running")] + [(name, "stopped"), (name, "running")] * 3
     assert calls == idle + loaded
-    assert busy and all(p.poll() is not None for p in busy)                    # the busy processes are gone
+    assert len(busy) == 2 and all(p.poll() is not None for p in busy)         # the busy processes are gone
     out = capsys.readouterr().out
     assert "first step's loss: tinypalm " in out and ", torch 7.0000" in out
-    assert "with load / without (medians): tinypalm" in out and "torch" in out.splitlines()[-2]
+    slowdown = next(line for line in out.splitlines() if "with load / without" in line)
+    for name in ("tinypalm", "torch"):      # the medians of its steps with and without load, and their ratio
+        with_load, without, ratio = map(float, re.search(name + r" ([\d.]+) / ([\d.]+) ms = ([\d.]+)x", slowdown).groups())
+        assert ratio > 0 and (name == "torch" or ratio == pytest.approx(with_load / without, rel=0.02))
     # the share of the cores tinypalm's threads got in each phase, and the fair share they could have had
-    for label in ("no load", "1 busy"):
+    for label in ("no load", "2 busy"):
         line = next(line for line in out.splitlines() if line.strip().startswith(label + ":"))
         cores, cpu_ms = map(float, re.search(r"tinypalm's threads on ([\d.]+) cores, ([\d.]+) ms CPU a step", line).groups())
         assert 0 < cores <= cpu_ops.pool.n_threads * 1.05 and cpu_ms > 0
     threads, n_cores = cpu_ops.pool.n_threads, cpu_ops.default_cores()
-    fair = threads * min(1.0, n_cores / (threads + 1))
-    assert f"a fair share for {threads} threads beside 1 busy process on {n_cores} cores: {fair:.2f})" in out
+    fair = threads * min(1.0, n_cores / (threads + 2))
+    assert f"a fair share for {threads} threads beside 2 busy processes on {n_cores} cores: {fair:.2f})" in out
+
+
+@pytest.mark.skipif(not bench.PAUSABLE or not sys.platform.startswith("linux"),
+                    reason="SIGSTOP and SIGCONT (not on Windows), and /proc to read a process's state (Linux)")
+def test_an_interrupted_bench_lets_the_stopped_busy_processes_run_before_it_ends_them(monkeypatch):
+    # a stopped process does not act on SIGTERM until it runs again: the bench would hang waiting for it
+    busy, states_at_terminate = [], []
+
+    def busy_processes(n):
+        for proc in real_busy_processes(n):
+            def terminate(proc=proc, real=proc.terminate):
+                states_at_terminate.append(_process_state(proc.pid))
+                os.kill(proc.pid, signal.SIGCONT)          # so that a failing bench fails here rather than hangs
+                real()
+            proc.terminate = terminate
+            busy.append(proc)
+        return busy
+    real_busy_processes, real_make_step = bench.busy_processes, bench.make_step
+    steps = []
+
+    def make_step(model, batch_size, seq_len):
+        real = real_make_step(model, batch_size, seq_len)
+
+        def step():         # interrupted in the block with load, at a step the busy processes are stopped for
+            steps.append(_process_state(busy[0].pid) if busy else "none")
+            if len(steps) == 3:
+                raise KeyboardInterrupt
+            return real()
+        return step
+    monkeypatch.setattr(bench, "busy_processes", busy_processes)
+    monkeypatch.setattr(bench, "make_step", make_step)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--load", "1", "--steps", "2", "--warmup", "0", "--batch-size", "1", "--seq-len", "8"])
+    assert steps == ["none", "none", "T"]
+    assert len(states_at_terminate) == 1 and states_at_terminate[0] != "T"
+    assert busy[0].wait(timeout=10) is not None
 
 
 @pytest.mark.skipif(not hasattr(time, "pthread_getcpuclockid"), reason="no per-thread CPU clocks on this platform")

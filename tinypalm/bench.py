@@ -5,8 +5,9 @@
     python -m tinypalm.bench --preset small --batch-size 8 --seq-len 256
     python -m tinypalm.bench --backend cupy --preset full --dtype bfloat16 --batch-size 16 --seq-len 1024
     python -m tinypalm.bench --vs-torch           # the same step in PyTorch eager, timed alternately with ours
-    python -m tinypalm.bench --load 2             # without load, then with 2 busy processes running: the slowdown
-                                                  # (on the CPU, taken apart by its threads' CPU clocks)
+    python -m tinypalm.bench --load 2             # without load, then beside 2 busy processes, stopped for every
+                                                  # other step: the slowdown (on the CPU, taken apart by its
+                                                  # threads' CPU clocks)
     python -m tinypalm.bench --vs-torch --d-model 384 --n-layers 6 --n-heads 6 --batch-size 64 --seq-len 256
                                                   # another shape: nanoGPT's shakespeare_char model and batch
 
@@ -18,6 +19,8 @@ it defaults to an H100 SXM's dense bf16 989.4 TFLOP/s).
 """
 
 import argparse
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -133,10 +136,52 @@ def busy_processes(n):
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
+PAUSABLE = hasattr(signal, "SIGSTOP")          # not on Windows: there the load runs throughout its phase
+LOAD_SETTLE_S = 0.05
+
+
+def set_busy(procs, running):
+    """Stop the busy processes where they are (SIGSTOP), returning once they have, or let them run on (SIGCONT),
+    returning after LOAD_SETTLE_S with the cores to themselves. In that time the scheduler spreads them over the
+    cores as it does a load that has run all along: woken while a step's thread held one core, both went to the
+    other, and one thread then kept 0.93 of a core beside two of them, against 0.65 when they had run all along."""
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGCONT if running else signal.SIGSTOP)
+    if running:
+        time.sleep(LOAD_SETTLE_S)
+    else:
+        for proc in procs:                  # returns on the stop; a stopped process is not reaped
+            os.waitpid(proc.pid, os.WUNTRACED)
+
+
+class StepTimes:
+    """One program's step times under one condition; with clocks=True (tinypalm's steps, on the CPU) also the CPU
+    seconds its threads spent on them."""
+
+    def __init__(self, xp, clocks):
+        self.xp, self.clocks, self.times, self.cpu = xp, clocks, [], []
+
+    def time(self, step):
+        before = thread_cpu_seconds() if self.clocks else None
+        self.times += time_steps(step, self.xp, 1)
+        if before is not None:
+            self.cpu.append(thread_cpu_seconds() - before)
+
+    def median(self):
+        return statistics.median(self.times)
+
+    def cores(self):
+        """The cores tinypalm's threads kept busy, and their CPU seconds a step."""
+        return sum(self.cpu) / sum(self.times), sum(self.cpu) / len(self.cpu)
+
+
 def compare(args, cfg, model, step):
     """Median step times of tinypalm (and with --vs-torch, of the same step in PyTorch, the two alternating
     step by step so that both see the same machine), as the machine is and, with --load N, while N busy
-    processes run (each program's steps then in a block of their own)."""
+    processes run: each program's steps then in a block of their own, in which the busy processes are stopped
+    for every other step, so that the slowdown compares steps with and without load on the same machine (its
+    speed moves by 10-25% from minute to minute, so a block without load and a block with it, one after the
+    other, measured the machine's drift as much as the load)."""
     steps = {"tinypalm": step}
     if args.vs_torch:
         from .bench_torch import import_torch, make_torch_step
@@ -156,66 +201,67 @@ def compare(args, cfg, model, step):
         print("first step's loss: " + ", ".join(f"{name} {float(fn()):.4f}" for name, fn in steps.items()))
 
     on_cpu = args.backend == "numpy" and thread_cpu_seconds() is not None
-    cpu_use = {}              # label -> (cores tinypalm's threads kept busy, their CPU seconds per step), on the CPU
 
-    def measure(label, alternate=True):
-        times = {name: [] for name in steps}
-        cpu = []
+    def timed():            # {program: StepTimes}
+        return {name: StepTimes(model.xp, clocks=on_cpu and name == "tinypalm") for name in steps}
 
-        def timed(name, fn):
-            before = thread_cpu_seconds() if on_cpu and name == "tinypalm" else None
-            times[name] += time_steps(fn, model.xp, 1 if alternate else args.steps)
-            if before is not None:
-                cpu.append(thread_cpu_seconds() - before)
-        if alternate:
-            for fn in steps.values():
-                time_steps(fn, model.xp, args.warmup)
-            for _ in range(args.steps):
-                for name, fn in steps.items():
-                    timed(name, fn)
-        else:
-            for name, fn in steps.items():
-                time_steps(fn, model.xp, args.warmup)
-                timed(name, fn)
-        if cpu:
-            cpu_use[label] = (sum(cpu) / sum(times["tinypalm"]), sum(cpu) / args.steps)
-        return {name: (statistics.median(t), min(t)) for name, t in times.items()}
-
-    def report(label, timed):
-        line = f"{label:>10s}: " + ", ".join(f"{name} median {t * 1e3:.1f} ms (min {t_min * 1e3:.1f})"
-                                            for name, (t, t_min) in timed.items())
-        if "torch" in timed:
-            line += (f"; tinypalm / torch: median {timed['tinypalm'][0] / timed['torch'][0]:.2f}, "
-                     f"min {timed['tinypalm'][1] / timed['torch'][1]:.2f}")
-        if label in cpu_use:
-            cores, cpu = cpu_use[label]
+    def report(label, programs):
+        line = f"{label:>10s}: " + ", ".join(f"{name} median {t.median() * 1e3:.1f} ms (min {min(t.times) * 1e3:.1f})"
+                                            for name, t in programs.items())
+        if "torch" in programs:
+            line += (f"; tinypalm / torch: median {programs['tinypalm'].median() / programs['torch'].median():.2f}, "
+                     f"min {min(programs['tinypalm'].times) / min(programs['torch'].times):.2f}")
+        if programs["tinypalm"].cpu:
+            cores, cpu = programs["tinypalm"].cores()
             line += f"; tinypalm's threads on {cores:.2f} cores, {cpu * 1e3:.1f} ms CPU a step"
         print(line)
 
-    idle = measure("no load")
+    idle = timed()
+    for fn in steps.values():
+        time_steps(fn, model.xp, args.warmup)
+    for _ in range(args.steps):
+        for name, fn in steps.items():
+            idle[name].time(fn)
     report("no load", idle)
-    if args.load:
-        busy = busy_processes(args.load)
-        try:
-            # each program's steps in a block of their own: alternating under load, PyTorch's OpenMP workers (they
-            # spin for a while after each parallel region) took time from tinypalm's next step, 10-20% of it
-            loaded = measure(f"{args.load} busy", alternate=False)
-        finally:
-            for proc in busy:
-                proc.terminate()
-                proc.wait()
-        report(f"{args.load} busy", loaded)
-        print("  with load / without (medians): " + ", ".join(f"{name} {loaded[name][0] / idle[name][0]:.2f}x" for name in steps))
-        if len(cpu_use) == 2:
-            # the slowdown, taken apart: the share of the cores the step got, and the work it did there. Beside N
-            # busy processes on C cores, T threads that never wait get T x min(1, C / (T + N)) cores
-            (idle_cores, idle_cpu), (loaded_cores, loaded_cpu) = cpu_use.values()
-            threads, cores = cpu_ops.pool.n_threads, cpu_ops.default_cores()
-            fair = threads * min(1.0, cores / (threads + args.load))
-            print(f"  tinypalm's threads, by their CPU clocks: on {idle_cores:.2f} cores without load, {loaded_cores:.2f} "
-                  f"with it (a fair share for {threads} thread{'s' * (threads != 1)} beside {args.load} busy "
-                  f"process{'es' * (args.load != 1)} on {cores} cores: "
-                  f"{fair:.2f}); {loaded_cpu / idle_cpu:.2f}x the CPU time a step with load")
+    if not args.load:
+        return
+
+    loaded = timed()
+    between = timed() if PAUSABLE else idle        # the steps without load, taking turns with those with it
+    busy = busy_processes(args.load)
+    try:
+        # each program's steps in a block of their own: alternating under load, PyTorch's OpenMP workers (they
+        # spin for a while after each parallel region) took time from tinypalm's next step, 10-20% of it
+        for name, fn in steps.items():
+            time_steps(fn, model.xp, args.warmup)
+            for _ in range(args.steps):
+                if PAUSABLE:
+                    set_busy(busy, running=False)
+                    between[name].time(fn)
+                    set_busy(busy, running=True)
+                loaded[name].time(fn)
+    finally:
+        if PAUSABLE:
+            set_busy(busy, running=True)       # a stopped process acts on SIGTERM only once it runs again
+        for proc in busy:
+            proc.terminate()
+            proc.wait()
+    report(f"{args.load} busy", loaded)
+    print("  with load / without (medians" + ("; each program's steps taking turns, the busy processes stopped for "
+                                              "every other one): " if PAUSABLE else
+                                              "; the load running throughout, the steps without it from above): ")
+          + ", ".join(f"{name} {loaded[name].median() * 1e3:.1f} / {between[name].median() * 1e3:.1f} ms = "
+                      f"{loaded[name].median() / between[name].median():.2f}x" for name in steps))
+    if on_cpu:
+        # the slowdown, taken apart: the share of the cores the step got, and the work it did there. Beside N
+        # busy processes on C cores, T threads that never wait get T x min(1, C / (T + N)) cores
+        (idle_cores, idle_cpu), (loaded_cores, loaded_cpu) = between["tinypalm"].cores(), loaded["tinypalm"].cores()
+        threads, cores = cpu_ops.pool.n_threads, cpu_ops.default_cores()
+        fair = threads * min(1.0, cores / (threads + args.load))
+        print(f"  tinypalm's threads, by their CPU clocks: on {idle_cores:.2f} cores without load, {loaded_cores:.2f} "
+              f"with it (a fair share for {threads} thread{'s' * (threads != 1)} beside {args.load} busy "
+              f"process{'es' * (args.load != 1)} on {cores} cores: "
+              f"{fair:.2f}); {loaded_cpu / idle_cpu:.2f}x the CPU time a step with load")
 
 
 def build_parser():
