@@ -78,6 +78,32 @@ def test_vs_torch_alternates_idle_and_times_blocks_under_load_stopped_for_every_
     assert f"a fair share for {threads} threads beside 2 busy processes on {n_cores} cores: {fair:.2f})" in out
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the busy processes' state in /proc (Linux)")
+def test_without_sigstop_the_load_runs_throughout_and_the_slowdown_is_against_the_steps_before_it(monkeypatch, capsys):
+    # Windows has no SIGSTOP: every step of the block runs beside the load, and the steps without it are the first
+    # phase's
+    busy, states = [], []
+    real_busy_processes, real_make_step = bench.busy_processes, bench.make_step
+    monkeypatch.setattr(bench, "busy_processes", lambda n: busy.extend(real_busy_processes(n)) or busy)
+
+    def make_step(model, batch_size, seq_len):
+        real = real_make_step(model, batch_size, seq_len)
+
+        def step():
+            states.append(_process_state(busy[0].pid) if busy else "none")
+            return real()
+        return step
+    monkeypatch.setattr(bench, "make_step", make_step)
+    monkeypatch.setattr(bench, "PAUSABLE", False)
+    bench.main(["--load", "1", "--steps", "3", "--warmup", "1", "--batch-size", "1", "--seq-len", "8"])
+    assert states[:4] == ["none"] * 4 and len(states) == 8 and "T" not in states[4:] and "none" not in states[4:]
+    assert busy[0].poll() is not None
+    out = capsys.readouterr().out.splitlines()
+    idle_median = float(re.search(r"no load: tinypalm median ([\d.]+) ms", out[1]).group(1))
+    assert "; the load running throughout, the steps without it from above): tinypalm" in out[3]
+    assert float(re.search(r"/ ([\d.]+) ms = ", out[3]).group(1)) == idle_median
+
+
 @pytest.mark.skipif(not bench.PAUSABLE or not sys.platform.startswith("linux"),
                     reason="SIGSTOP and SIGCONT (not on Windows), and /proc to read a process's state (Linux)")
 def test_an_interrupted_bench_lets_the_stopped_busy_processes_run_before_it_ends_them(monkeypatch):
