@@ -21,39 +21,52 @@ def _process_state(pid):
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
-@pytest.mark.skipif(not bench.PAUSABLE or not sys.platform.startswith("linux"),
-                    reason="stopping the load for every other step needs SIGSTOP, and reading it /proc (Linux)")
-def test_vs_torch_alternates_idle_and_times_blocks_under_load_stopped_for_every_other_step(monkeypatch, capsys):
-    calls = []
+def _watch_bench(monkeypatch, on_step, on_start=lambda procs: None):
+    """From here on, bench.main calls on_step() before each of tinypalm's steps, and on_start(procs) on the busy
+    processes it starts. Returns the list of every busy process started, filled as the bench starts them."""
     busy = []
+    real_busy_processes, real_make_step = bench.busy_processes, bench.make_step
 
-    def load():             # what the busy processes were doing while a step ran
-        if not busy:
-            return "none"
-        states = {"stopped" if _process_state(p.pid) == "T" else "running" for p in busy}   # or still starting up
-        assert len(states) == 1, states
-        return states.pop()
+    def busy_processes(n):
+        procs = real_busy_processes(n)
+        on_start(procs)
+        busy.extend(procs)
+        return procs
 
     def make_step(model, batch_size, seq_len):
         real = real_make_step(model, batch_size, seq_len)
 
         def step():
-            calls.append(("tinypalm", load()))
+            on_step()
             return real()
         return step
-
-    def busy_processes(n):
-        procs = real_busy_processes(n)
-        busy.extend(procs)
-        calls.append(f"{n} busy")
-        return procs
-
-    real_make_step, real_busy_processes = bench.make_step, bench.busy_processes
-    monkeypatch.setattr(bench, "make_step", make_step)
     monkeypatch.setattr(bench, "busy_processes", busy_processes)
+    monkeypatch.setattr(bench, "make_step", make_step)
+    return busy
+
+
+def _load(busy):
+    # what the busy processes were doing: "none" before any started, else all "stopped" or all "running" (or still
+    # starting up)
+    if not busy:
+        return "none"
+    states = {"stopped" if _process_state(p.pid) == "T" else "running" for p in busy}
+    assert len(states) == 1, states
+    return states.pop()
+
+
+LINUX = sys.platform.startswith("linux")
+
+
+@pytest.mark.skipif(not bench.PAUSABLE or not LINUX,
+                    reason="stopping the load for every other step needs SIGSTOP, and reading the processes' state /proc (Linux)")
+def test_vs_torch_alternates_idle_and_times_blocks_under_load_stopped_for_every_other_step(monkeypatch, capsys):
+    calls = []
+    busy = _watch_bench(monkeypatch, lambda: calls.append(("tinypalm", _load(busy))),
+                        on_start=lambda procs: calls.append(f"{len(procs)} busy"))
     monkeypatch.setattr(bench_torch, "import_torch", lambda: types.SimpleNamespace(__version__="peer",
                                                                                  get_num_threads=lambda: 1))
-    monkeypatch.setattr(bench_torch, "make_torch_step", lambda *a, **k: lambda: calls.append(("torch", load())) or 7.0)
+    monkeypatch.setattr(bench_torch, "make_torch_step", lambda *a, **k: lambda: calls.append(("torch", _load(busy))) or 7.0)
 
     bench.main(["--vs-torch", "--load", "2", "--steps", "3", "--warmup", "1", "--batch-size", "2", "--seq-len", "8"])
     idle = [("tinypalm", "none"), ("torch", "none")] * 5          # first losses, warm-up, then in turn
@@ -78,25 +91,15 @@ def test_vs_torch_alternates_idle_and_times_blocks_under_load_stopped_for_every_
     assert f"a fair share for {threads} threads beside 2 busy processes on {n_cores} cores: {fair:.2f})" in out
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the busy processes' state in /proc (Linux)")
+@pytest.mark.skipif(not LINUX, reason="reads the busy processes' state in /proc (Linux)")
 def test_without_sigstop_the_load_runs_throughout_and_the_slowdown_is_against_the_steps_before_it(monkeypatch, capsys):
     # Windows has no SIGSTOP: every step of the block runs beside the load, and the steps without it are the first
     # phase's
-    busy, states = [], []
-    real_busy_processes, real_make_step = bench.busy_processes, bench.make_step
-    monkeypatch.setattr(bench, "busy_processes", lambda n: busy.extend(real_busy_processes(n)) or busy)
-
-    def make_step(model, batch_size, seq_len):
-        real = real_make_step(model, batch_size, seq_len)
-
-        def step():
-            states.append(_process_state(busy[0].pid) if busy else "none")
-            return real()
-        return step
-    monkeypatch.setattr(bench, "make_step", make_step)
+    states = []
+    busy = _watch_bench(monkeypatch, lambda: states.append(_load(busy)))
     monkeypatch.setattr(bench, "PAUSABLE", False)
     bench.main(["--load", "1", "--steps", "3", "--warmup", "1", "--batch-size", "1", "--seq-len", "8"])
-    assert states[:4] == ["none"] * 4 and len(states) == 8 and "T" not in states[4:] and "none" not in states[4:]
+    assert states == ["none"] * 4 + ["running"] * 4
     assert busy[0].poll() is not None
     out = capsys.readouterr().out.splitlines()
     idle_median = float(re.search(r"no load: tinypalm median ([\d.]+) ms", out[1]).group(1))
@@ -104,38 +107,28 @@ def test_without_sigstop_the_load_runs_throughout_and_the_slowdown_is_against_th
     assert float(re.search(r"/ ([\d.]+) ms = ", out[3]).group(1)) == idle_median
 
 
-@pytest.mark.skipif(not bench.PAUSABLE or not sys.platform.startswith("linux"),
+@pytest.mark.skipif(not bench.PAUSABLE or not LINUX,
                     reason="SIGSTOP and SIGCONT (not on Windows), and /proc to read a process's state (Linux)")
 def test_an_interrupted_bench_lets_the_stopped_busy_processes_run_before_it_ends_them(monkeypatch):
     # a stopped process does not act on SIGTERM until it runs again: the bench would hang waiting for it
-    busy, states_at_terminate = [], []
+    states_at_terminate, steps = [], []
 
-    def busy_processes(n):
-        for proc in real_busy_processes(n):
+    def watch_terminate(procs):
+        for proc in procs:
             def terminate(proc=proc, real=proc.terminate):
                 states_at_terminate.append(_process_state(proc.pid))
                 os.kill(proc.pid, signal.SIGCONT)          # so that a failing bench fails here rather than hangs
                 real()
             proc.terminate = terminate
-            busy.append(proc)
-        return busy
-    real_busy_processes, real_make_step = bench.busy_processes, bench.make_step
-    steps = []
 
-    def make_step(model, batch_size, seq_len):
-        real = real_make_step(model, batch_size, seq_len)
-
-        def step():         # interrupted in the block with load, at a step the busy processes are stopped for
-            steps.append(_process_state(busy[0].pid) if busy else "none")
-            if len(steps) == 3:
-                raise KeyboardInterrupt
-            return real()
-        return step
-    monkeypatch.setattr(bench, "busy_processes", busy_processes)
-    monkeypatch.setattr(bench, "make_step", make_step)
+    def step():             # interrupted in the block with load, at a step the busy processes are stopped for
+        steps.append(_load(busy))
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+    busy = _watch_bench(monkeypatch, step, on_start=watch_terminate)
     with pytest.raises(KeyboardInterrupt):
         bench.main(["--load", "1", "--steps", "2", "--warmup", "0", "--batch-size", "1", "--seq-len", "8"])
-    assert steps == ["none", "none", "T"]
+    assert steps == ["none", "none", "stopped"]
     assert len(states_at_terminate) == 1 and states_at_terminate[0] != "T"
     assert busy[0].wait(timeout=10) is not None
 
