@@ -10,27 +10,27 @@
 Generation also stops when the model emits the end-of-text token (instruction-tuned models end answers with it).
 """
 
-import argparse
 import sys
 import time
 
 from tinypalm import TinyPalmError
-from tinypalm.cli import HelpFormatter, run_cli
+from tinypalm.cli import ArgumentParser, HelpFormatter, finite_float, run_cli
 from tinypalm.generate import stream
 from tinypalm.loading import load_model
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="a checkpoint .npz, or a training --out directory (its best.npz, else last.npz)")
     p.add_argument("--adapter", default=None, help="LoRA adapter file (or a LoRA run's --out) trained on --ckpt")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline); backslash escapes such "
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="\n", help="text to continue (default: a newline); backslash escapes such "
                    "as \\n are understood (--prompt-file takes its text as it is)")
-    p.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file instead of --prompt")
+    prompt.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file instead of --prompt")
     p.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 picks the most likely token every time")
+    p.add_argument("--temperature", type=finite_float, default=0.8, help="sampling temperature; 0 picks the most likely token every time")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only (default: all)")
-    p.add_argument("--top-p", type=float, default=None,
+    p.add_argument("--top-p", type=finite_float, default=None,
                    help="sample among the most likely tokens holding this much probability (default: all)")
     p.add_argument("--num-samples", type=int, default=1, help="how many samples to generate")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling; sample i uses seed + i")
@@ -69,6 +69,8 @@ def check_args(args):
     for name in ("max_new_tokens", "num_samples"):
         if getattr(args, name) < 1:
             raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.seed < 0:
+        raise TinyPalmError(f"--seed must not be negative, got {args.seed}")
     if args.temperature < 0:
         raise TinyPalmError(f"--temperature must not be negative, got {args.temperature} (0 is greedy)")
     if args.top_k is not None and args.top_k < 1:

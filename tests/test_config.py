@@ -41,10 +41,19 @@ def test_defaults_and_overrides():
     (dict(d_model=36, n_heads=4), "must be even"),
     (dict(d_model=32, n_heads=4, head_dim=7), "must be even"),
     (dict(d_model=0, n_heads=4), "positive integer"),
+    (dict(d_model=32, n_heads=4, rope_base=0.0), "rope_base must be a finite number, above 0"),
+    (dict(d_model=32, n_heads=4, rope_base=float("inf")), "rope_base must be a finite number"),
+    (dict(d_model=32, n_heads=4, norm_eps=0.0), "norm_eps must be a finite number, above 0"),
+    (dict(d_model=32, n_heads=4, norm_eps=float("nan")), "norm_eps must be a finite number"),
+    (dict(d_model=32, n_heads=4, z_loss=-1e-4), "z_loss must be a finite number, at least 0"),
 ])
 def test_inconsistent_configs(kwargs, words):
     with pytest.raises(TinyPalmError, match=words):
         Config(vocab_size=10, n_layers=1, **kwargs)
+
+
+def test_zero_z_loss_is_allowed():
+    assert Config(vocab_size=10, d_model=32, n_layers=1, n_heads=4, z_loss=0.0).z_loss == 0.0
 
 
 def test_unknown_preset():

@@ -164,6 +164,8 @@ def test_checkpoint_saved_before_end_of_text_still_evaluates_and_samples(tmp_pat
     (["--data", "one.txt"], ["at least 2"]),
     (["--data", "text.txt", "--seq-len", "100"], ["--seq-len 100", "max_seq_len 64"]),
     (["--data", "text.txt", "--stride", "99"], ["--stride 99"]),
+    (["--data", "text.txt", "--seq-len", "0"], ["--seq-len 0", "between 1"]),
+    (["--data", "text.txt", "--stride", "0"], ["--stride 0", "between 1"]),
     (["--data", "bpe.tok"], ["bpe.tok", "another tokenizer"]),
     (["--ckpt", "missing.npz"], ["missing.npz", "no such checkpoint"]),
 ])

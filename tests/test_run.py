@@ -1,6 +1,7 @@
 """A training run's housekeeping, in process: the lr floor, save scheduling, time left, memory, leftovers, --help."""
 
 import argparse
+import errno
 import importlib.util
 import io
 import os
@@ -199,8 +200,15 @@ def test_run_cli_turns_os_errors_and_ctrl_c_into_exit_statuses(capsys):
     with pytest.raises(SystemExit) as exit:
         run_cli(full_disk)
     assert exit.value.code == 2
-    assert capsys.readouterr().err == ("error: out/metrics.jsonl: No space left on device; free some disk space or "
-                                       "check the permissions\n")
+    assert capsys.readouterr().err == "error: out/metrics.jsonl: No space left on device; free some disk space\n"
+    for errno_, advice in ((errno.ENOENT, "check the path (its directory must exist)"),
+                           (errno.EISDIR, "give a file name, not a directory"), (errno.EACCES, "check the permissions")):
+        def fail():
+            raise OSError(errno_, os.strerror(errno_), "out/x.npz")
+        with pytest.raises(SystemExit) as exit:
+            run_cli(fail)
+        assert exit.value.code == 2
+        assert capsys.readouterr().err == f"error: out/x.npz: {os.strerror(errno_)}; {advice}\n"
     with pytest.raises(SystemExit) as exit:
         run_cli(ctrl_c)
     assert exit.value.code == 130

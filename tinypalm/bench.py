@@ -18,7 +18,6 @@ step's tokens need, 6N + 12 L H Dh T per token, over the step time and the devic
 it defaults to an H100 SXM's dense bf16 989.4 TFLOP/s).
 """
 
-import argparse
 import os
 import signal
 import statistics
@@ -32,7 +31,7 @@ import numpy
 
 from . import batch_threads, cpu_ops
 from .backend import to_numpy
-from .cli import HelpFormatter, add_shape_flags, run_cli, with_shape_flags
+from .cli import ArgumentParser, HelpFormatter, add_shape_flags, finite_float, run_cli, with_shape_flags
 from .config import PRESETS, Config
 from .errors import TinyPalmError
 from .model import PaLM
@@ -265,7 +264,7 @@ def compare(args, cfg, model, step):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m tinypalm.bench", description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="python -m tinypalm.bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
     p.add_argument("--preset", default=None,
                    help=f"time a Config preset ({', '.join(PRESETS)}) instead (default: the reference CPU benchmark shape)")
@@ -280,7 +279,7 @@ def build_parser():
     p.add_argument("--vs-torch", action="store_true", help="also time the same step in PyTorch eager (needs torch)")
     p.add_argument("--load", type=int, default=0, metavar="N",
                    help="time the step, then again while N busy-looping processes run (N = cores: a busy machine)")
-    p.add_argument("--peak-tflops", type=float, default=None,
+    p.add_argument("--peak-tflops", type=finite_float, default=None,
                    help=f"the device's peak for MFU (default on cupy: {H100_BF16_PEAK_TFLOPS}, an H100's dense bf16)")
     return p
 
@@ -294,6 +293,8 @@ def main(argv=None):
         raise TinyPalmError(f"--warmup must not be negative, got {args.warmup}")
     if args.load < 0:
         raise TinyPalmError(f"--load {args.load}: give the number of busy processes to run, 0 or more")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise TinyPalmError(f"--peak-tflops {args.peak_tflops}: give the device's peak in TFLOP/s, above 0")
 
     shape = with_shape_flags(Config.preset(args.preset).to_dict() if args.preset else BENCH_SHAPE, args)
     shape["max_seq_len"] = max(shape.get("max_seq_len", 0), args.seq_len)

@@ -121,10 +121,22 @@ def resolve(path):
     return path
 
 
+def is_npz(path):
+    """Whether a file starts as an .npz does (a zip archive); a truncated one still does, and fails to load."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return True                       # let the load say what is wrong with it
+
+
 def load(path, optimizer=False):
     """A Checkpoint from a file or a training --out directory. optimizer=True also reads AdamW's state (twice the
     weights' size; only --resume needs it), else opt_state is None."""
     path = resolve(path)
+    if not is_npz(path):
+        raise TinyPalmError(f"{path}: not a tinypalm checkpoint (not an .npz file); pass a checkpoint written by "
+                            "train.py, or its --out directory")
     try:
         with numpy.load(path, allow_pickle=False) as npz:
             if "meta" not in npz.files:

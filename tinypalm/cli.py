@@ -1,6 +1,9 @@
 """What the command-line programs share: clean exits on user errors, --help with defaults, durations for humans."""
 
 import argparse
+import errno
+import math
+import os
 import sys
 
 from .errors import TinyPalmError
@@ -21,8 +24,68 @@ def run_cli(main):
         sys.exit(0)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}; free some disk space or check the permissions", file=sys.stderr)
+        print(f"error: {where}{e.strerror or e}; {OS_ERROR_ADVICE.get(e.errno, 'check the path and the disk')}",
+              file=sys.stderr)
         sys.exit(2)
+
+
+OS_ERROR_ADVICE = {errno.ENOENT: "check the path (its directory must exist)",
+                   errno.EISDIR: "give a file name, not a directory",
+                   errno.ENOTDIR: "check the path: a part of it is a file, not a directory",
+                   errno.ENOSPC: "free some disk space",
+                   errno.EDQUOT: "free some disk space",
+                   errno.EACCES: "check the permissions",
+                   errno.EPERM: "check the permissions",
+                   errno.EROFS: "choose a place on a writable disk"}
+
+
+def finite_float(text):
+    """argparse type for a real number: nan and inf are refused (argparse then names the flag, exit status 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with a mistake on the command line told as every other user error: one line,
+    `error: ...`, and exit status 2 (argparse's own prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+class StdoutThatMayClose:
+    """sys.stdout for a long run: once its reader has gone (`python train.py | head`, after head's lines), what is
+    printed goes nowhere and the run carries on writing its files, instead of stopping half-way."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self):
+        # the stream's file descriptor now leads to os.devnull, so no later flush (at exit too) fails
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -40,8 +103,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 SHAPE_FLAGS = {"d_model": (int, "model width"), "n_layers": (int, "number of blocks"), "n_heads": (int, "query heads"),
                "n_kv_heads": (int, "key/value heads (1: multi-query)"), "head_dim": (int, "width of each head"),
                "d_ff": (int, "SwiGLU hidden width"), "max_seq_len": (int, "longest context the model can see"),
-               "rope_base": (float, "rotary embedding base"), "norm_eps": (float, "LayerNorm epsilon"),
-               "z_loss": (float, "weight of the z-loss")}
+               "rope_base": (finite_float, "rotary embedding base"),
+               "norm_eps": (finite_float, "LayerNorm epsilon"), "z_loss": (finite_float, "weight of the z-loss")}
 
 
 def add_shape_flags(group, names, default):

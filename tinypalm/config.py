@@ -1,5 +1,6 @@
 """Model shapes: the Config dataclass, its presets, and the parameter count."""
 
+import math
 from dataclasses import dataclass, asdict
 
 from .errors import TinyPalmError
@@ -38,6 +39,11 @@ class Config:
                                 "with j + head_dim/2); choose d_model and n_heads so that d_model/n_heads is even")
         if self.d_ff < 1:
             raise TinyPalmError(f"config: d_ff must be positive, got {self.d_ff}")
+        for name, positive in (("rope_base", True), ("norm_eps", True), ("z_loss", False)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise TinyPalmError(f"config: {name} must be a finite number, {'above' if positive else 'at least'} 0, "
+                                    f"got {value!r}")
 
     @classmethod
     def preset(cls, name, **overrides):

@@ -479,19 +479,19 @@ def plan_report(cfg, ranks, dtype="float32", bandwidth_gbs=100.0, bucket_bytes=B
 
 def main(argv=None):
     """Print what data parallelism moves and stores for a model; under mpiexec with --time, time its step."""
-    import argparse
     import statistics
 
     from .bench import BENCH_SHAPE, time_steps
+    from .cli import ArgumentParser, finite_float
     from .config import Config
     from .model import PaLM
 
     argv = sys.argv[1:] if argv is None else argv
     comm = init(argv)
-    p = argparse.ArgumentParser(prog="python -m tinypalm.dist", description=main.__doc__)
+    p = ArgumentParser(prog="python -m tinypalm.dist", description=main.__doc__)
     p.add_argument("--preset", default=None, help="a Config preset (default: the CPU benchmark shape of tinypalm.bench)")
     p.add_argument("--ranks", type=int, default=None, help="ranks to plan for (default: this run's)")
-    p.add_argument("--bandwidth", type=float, default=100.0, help="bus bandwidth per rank in GB/s (default 100)")
+    p.add_argument("--bandwidth", type=finite_float, default=100.0, help="bus bandwidth per rank in GB/s (default 100)")
     p.add_argument("--dtype", default="float32", choices=list(BYTES))
     p.add_argument("--time", action="store_true", help="time the data-parallel step (start it with mpiexec)")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
@@ -501,6 +501,13 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args(argv)
+    for name in ("ranks", "batch_size", "seq_len", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise TinyPalmError(f"--warmup must not be negative, got {args.warmup}")
+    if args.bandwidth <= 0:
+        raise TinyPalmError(f"--bandwidth {args.bandwidth}: give the bus bandwidth per rank in GB/s, above 0")
     shape = Config.preset(args.preset).to_dict() if args.preset else dict(BENCH_SHAPE)
     shape["max_seq_len"] = max(shape.get("max_seq_len", 0), args.seq_len)
     cfg = Config(**shape)

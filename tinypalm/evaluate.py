@@ -28,7 +28,7 @@ import numpy as np
 
 from . import data
 from .backend import DTYPES, read_scalars
-from .cli import format_duration, run_cli
+from .cli import ArgumentParser, format_duration, run_cli
 from .errors import TinyPalmError
 from .instruct import PairsData, is_pairs_file, read_pairs
 from .loading import load_model
@@ -146,7 +146,7 @@ def _same_tokenizer(a, b):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m tinypalm.evaluate", description=__doc__,
+    p = ArgumentParser(prog="python -m tinypalm.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a checkpoint .npz, or a training --out directory")
     p.add_argument("--adapter", default=None, metavar="PATH", help="adapter weights trained on top of --ckpt")
@@ -169,10 +169,10 @@ def main(argv=None):
         raise TinyPalmError(f"--batch-size must be at least 1, got {args.batch_size}")
     model, tokenizer, ckpt = load_model(args.ckpt, args.adapter, backend=args.backend, dtype=args.dtype, trains=False)
     max_len = model.config.max_seq_len
-    seq_len = args.seq_len or min(int(ckpt.train_args.get("seq_len", max_len)), max_len)
+    seq_len = args.seq_len if args.seq_len is not None else min(int(ckpt.train_args.get("seq_len", max_len)), max_len)
     if not 1 <= seq_len <= max_len:
         raise TinyPalmError(f"--seq-len {seq_len}: must be between 1 and the model's max_seq_len {max_len}")
-    stride = args.stride or seq_len
+    stride = args.stride if args.stride is not None else seq_len
     if not 1 <= stride <= seq_len:
         raise TinyPalmError(f"--stride {stride}: must be between 1 and --seq-len {seq_len}")
     trained_len = ckpt.train_args.get("seq_len")

@@ -31,7 +31,7 @@ import numpy
 
 from . import ops
 from .backend import DTYPES, get_xp, to_numpy
-from .cli import run_cli
+from .cli import ArgumentParser, run_cli
 from .errors import TinyPalmError
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
@@ -465,7 +465,7 @@ def run_bench():
 # --- the report ---------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tinypalm.gpucheck", description=__doc__,
+    p = ArgumentParser(prog="python -m tinypalm.gpucheck", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-seconds", type=int, default=120, help="length of the training run (0: skip it)")
     p.add_argument("--no-bench", action="store_true", help="skip the benchmark")
