@@ -250,7 +250,35 @@ def test_bad_input(work, head, tmp_path):
                                cwd=tmp_path, check=False), "--lora-rank 0")
     assert_user_error(classify("train", "--data", str(d / "task.csv"), *common, "--mode", "lora", "--lora-targets",
                                "wq,wz", cwd=tmp_path, check=False), "unknown projection wz")
+    for flags, words in ((["--lr", "nan"], ["argument --lr: expected a finite number, got 'nan'"]),
+                         (["--beta2", "1"], ["--beta2 must be in [0, 1), got 1.0"]),
+                         (["--grad-clip", "-1"], ["--grad-clip must not be negative"]),
+                         (["--seed", "-1"], ["--seed must not be negative, got -1"]),
+                         (["--mode", "lora", "--lora-alpha", "-2"], ["--lora-alpha -2.0", "must be positive"])):
+        assert_user_error(classify("train", "--data", str(d / "task.csv"), *common, *flags, cwd=tmp_path, check=False),
+                          *words)
     assert not (tmp_path / "x.npz").exists()
+    (tmp_path / "inputs.txt").write_text("1234\n", encoding="utf-8")
+    (tmp_path / "labels.txt").write_text("the user's own file\n", encoding="utf-8")
+    predict = ["predict", "--model", str(d / "head.npz"), "--input", "inputs.txt", "--output", "labels.txt"]
+    assert_user_error(classify(*predict, cwd=tmp_path, check=False), "--output labels.txt exists", "--force")
+    assert (tmp_path / "labels.txt").read_text(encoding="utf-8") == "the user's own file\n"
+    classify(*predict, "--force", cwd=tmp_path)
+    assert (tmp_path / "labels.txt").read_text(encoding="utf-8") == "digits\n"
+
+
+def test_eval_refuses_a_split_whose_data_changed(work, tmp_path):
+    # the held-out split is drawn again from the data file: changed, it could hold training examples
+    d = work
+    (tmp_path / "task.csv").write_bytes((d / "task.csv").read_bytes())
+    classify("train", "--data", "task.csv", "--ckpt", str(d / "base"), "--epochs", "1", "--out", "c.npz", cwd=tmp_path)
+    classify("eval", "--model", "c.npz", cwd=tmp_path)
+    write_csv(tmp_path / "task.csv", task_rows(60, 1))
+    assert_user_error(classify("eval", "--model", "c.npz", cwd=tmp_path, check=False),
+                      "task.csv has changed since c.npz was trained on it", "--data FILE")
+    assert json.loads(classify("eval", "--model", "c.npz", "--data", "task.csv", "--json", cwd=tmp_path).stdout)["n"] == 60
+    os.remove(tmp_path / "task.csv")
+    assert_user_error(classify("eval", "--model", "c.npz", cwd=tmp_path, check=False), "task.csv", "is gone", "--data FILE")
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

@@ -180,9 +180,17 @@ def test_lora_bad_input(base, corpus):  # noqa: F811
     assert_user_error(run("train.py", *common, "--lora-alpha", "4", cwd=d, check=False),
                       "--lora-alpha without --lora-rank")
     # an adapter for another base: train a second base, then apply the first one's adapter to it
+    assert_user_error(run("train.py", *common, "--lora-rank", "2", "--lora-alpha", "0", cwd=d, check=False),
+                      "--lora-alpha 0.0", "must be positive")
+    assert_user_error(run("train.py", *common, "--lora-rank", "2", "--freeze-layers", "1", cwd=d, check=False),
+                      "drop --freeze-layers")                                  # refused before anything is printed
     run("train.py", *common, "--lora-rank", "2", "--out", "ad", cwd=d)
-    assert_user_error(run("train.py", *common, "--lora-rank", "2", "--out", "ad", cwd=d, check=False),
-                      "already holds a LoRA run", "--overwrite")
+    adapter = (d / "ad" / "adapter_last.npz").read_bytes()
+    for lora_flags in (["--lora-rank", "2"], []):     # neither a new LoRA run nor a full one replaces it unasked
+        assert_user_error(run("train.py", *common, *lora_flags, "--out", "ad", cwd=d, check=False),
+                          "--out ad already holds a LoRA run (ad/adapter_best.npz: step 2", "--overwrite")
+    assert (d / "ad" / "adapter_last.npz").read_bytes() == adapter
+    assert [r["step"] for r in map(json.loads, open(d / "ad" / "metrics.jsonl"))] == [2, 2]
     run("train.py", "--data", str(corpus), *TINY, "--max-steps", "3", "--seed", "7", "--out", "other", cwd=d)
     for cmd in (["sample.py", "--ckpt", "other", "--adapter", "ad"], ["-m", "tinypalm.evaluate", "--ckpt", "other", "--adapter", "ad"],
                 ["-m", "tinypalm.lora", "merge", "--ckpt", "other", "--adapter", "ad", "--out", "m.npz"]):

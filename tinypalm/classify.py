@@ -26,6 +26,7 @@ layers, every parameter, or the adapters), and names its base checkpoint by cont
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import math
@@ -37,6 +38,7 @@ import zipfile
 import numpy
 
 from .backend import read_scalars, to_numpy
+from .cli import ArgumentParser, finite_float
 from .errors import TinyPalmError
 from .flat import flatten
 from .loading import load_model
@@ -414,7 +416,7 @@ def train(args):
     seconds = time.time() - t0
     meta = {"labels": labels, "pool": args.pool, "max_tokens": clf.max_tokens, "mode": args.mode, "dtype": str(model.dtype),
             "base": os.path.abspath(ck.path), "base_sha256": params_hash(ck.params), "data": os.path.abspath(args.data),
-            "test_data": os.path.abspath(args.test_data) if args.test_data else None,
+            "data_sha256": file_hash(args.data), "test_data": os.path.abspath(args.test_data) if args.test_data else None,
             "text_field": args.text_field, "label_field": args.label_field, "seed": args.seed,
             "test_fraction": args.test_fraction, "trainable_params": int(n_trainable), "train_seconds": seconds,
             "lora": {"rank": model.adapter.rank, "alpha": model.adapter.alpha, "targets": list(model.adapter.targets)}
@@ -436,11 +438,27 @@ def print_result(result, args):
 
 # --- eval and predict ---------------------------------------------------------------------------------------------
 
+def file_hash(path):
+    """sha256 of a file's bytes (None when it cannot be read: then reading it as data says why)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
 def evaluate(args):
     clf, meta = load_classifier(args.model, args.ckpt, args.backend)
     if args.data:             # another file, all of it held out
         test_set = read_examples(args.data, meta["text_field"], meta["label_field"])
     else:                     # the split the classifier was trained with
+        if not os.path.exists(meta["data"]):
+            raise TinyPalmError(f"{meta['data']}, which {args.model} was trained on, is gone; put it back, or score "
+                                "another file with --data FILE")
+        if meta["test_data"] is None and meta.get("data_sha256") not in (None, file_hash(meta["data"])):
+            raise TinyPalmError(f"{meta['data']} has changed since {args.model} was trained on it, so its held-out "
+                                "split could now hold training examples; score another file with --data FILE, or "
+                                "train again on this one")
         ns = argparse.Namespace(data=meta["data"], test_data=meta["test_data"], text_field=meta["text_field"],
                                 label_field=meta["label_field"], test_fraction=meta["test_fraction"], seed=meta["seed"])
         _, test_set = load_split(ns)
@@ -521,10 +539,11 @@ def fewshot(args):
         scores = numpy.array(label_log_likelihoods(model, prompt, continuations, "mean" if args.score == "mean" else "sum"))
         scores -= prior
         predicted.append(labels[int(numpy.argmax(scores))])
-        if not args.json and (j + 1) % 20 == 0:
-            print(f"\r{j + 1}/{len(test_set)} scored, {time.time() - t0:.0f}s", end="", file=sys.stderr, flush=True)
+        if not args.json and (j + 1) % 20 == 0:      # rewritten in place on a terminal, a line each in a log
+            print(f"{j + 1}/{len(test_set)} scored, {time.time() - t0:.0f}s", end="\r" if sys.stderr.isatty() else "\n",
+                  file=sys.stderr, flush=True)
     if not args.json:
-        print(f"\r{len(test_set)} scored in {time.time() - t0:.1f}s ({args.shots} shots, {per_text} tokens per text)",
+        print(f"{len(test_set)} scored in {time.time() - t0:.1f}s ({args.shots} shots, {per_text} tokens per text)",
               file=sys.stderr)
     result = report(labels, [label for _, label in test_set], predicted)
     result.update(mode=f"{args.shots}-shot", trainable_params=0, train_seconds=0.0, seconds=time.time() - t0)
@@ -595,7 +614,7 @@ def make_example(args):
 # --- command line ---------------------------------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m tinypalm.classify", description=__doc__,
+    p = ArgumentParser(prog="python -m tinypalm.classify", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -604,7 +623,7 @@ def build_parser():
         q.add_argument("--test-data", default=None, help="held-out examples in their own file (default: a split of --data)")
         q.add_argument("--text-field", default="text")
         q.add_argument("--label-field", default="label")
-        q.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of each label (default 0.2)")
+        q.add_argument("--test-fraction", type=finite_float, default=0.2, help="held-out share of each label (default 0.2)")
         q.add_argument("--seed", type=int, default=0, help="the split, the shuffling and the demonstrations")
         q.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
         q.add_argument("--json", action="store_true", help="print the evaluation as one JSON object")
@@ -617,17 +636,17 @@ def build_parser():
     q.add_argument("--mode", default="head", choices=MODES, help="what trains besides the head (default head)")
     q.add_argument("--top-layers", type=int, default=1, help="with --mode top: how many of the top layers train")
     q.add_argument("--lora-rank", type=int, default=8)
-    q.add_argument("--lora-alpha", type=float, default=None, help="default 2 x rank")
+    q.add_argument("--lora-alpha", type=finite_float, default=None, help="default 2 x rank")
     q.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), help=f"among {','.join(TARGETS)}")
     q.add_argument("--pool", default="mean", choices=["mean", "last"], help="how the head reads the hidden states")
     q.add_argument("--max-tokens", type=int, default=128, help="each text's first tokens that the model reads")
-    q.add_argument("--lr", type=float, default=2e-5)
+    q.add_argument("--lr", type=finite_float, default=2e-5)
     q.add_argument("--batch-size", type=int, default=16)
     q.add_argument("--epochs", type=int, default=3)
-    q.add_argument("--weight-decay", type=float, default=0.0)
-    q.add_argument("--beta1", type=float, default=0.9)
-    q.add_argument("--beta2", type=float, default=0.999)
-    q.add_argument("--grad-clip", type=float, default=1.0)
+    q.add_argument("--weight-decay", type=finite_float, default=0.0)
+    q.add_argument("--beta1", type=finite_float, default=0.9)
+    q.add_argument("--beta2", type=finite_float, default=0.999)
+    q.add_argument("--grad-clip", type=finite_float, default=1.0)
     q.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     q.set_defaults(func=train)
 
@@ -643,6 +662,7 @@ def build_parser():
     q.add_argument("--model", required=True)
     q.add_argument("--input", required=True, help="UTF-8 text file, one input per line")
     q.add_argument("--output", default=None, help="write the labels here (default: standard output)")
+    q.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     q.add_argument("--ckpt", default=None, help="its base checkpoint, if it has moved")
     q.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     q.set_defaults(func=predict)
@@ -671,12 +691,21 @@ def check_args(args):
     for name in ("batch_size", "epochs", "max_tokens", "per_label"):
         if getattr(args, name, 1) < 1:
             raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if getattr(args, "shots", 0) < 0:
-        raise TinyPalmError(f"--shots must not be negative, got {args.shots}")
+    for name in ("shots", "seed"):
+        if getattr(args, name, 0) < 0:
+            raise TinyPalmError(f"--{name} must not be negative, got {getattr(args, name)}")
     if getattr(args, "lr", 1.0) <= 0:
         raise TinyPalmError(f"--lr must be positive, got {args.lr}")
+    for name in ("weight_decay", "grad_clip"):
+        if getattr(args, name, 0.0) < 0:
+            raise TinyPalmError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(args, name, 0.0) < 1.0:
+            raise TinyPalmError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if args.command == "train" and os.path.exists(args.out) and not args.force:
         raise TinyPalmError(f"--out {args.out} exists; choose another name or pass --force to overwrite it")
+    if args.command == "predict" and args.output and os.path.exists(args.output) and not args.force:
+        raise TinyPalmError(f"--output {args.output} exists; choose another name or pass --force to overwrite it")
 
 
 def main(argv=None):

@@ -63,7 +63,7 @@ def _text_files(path, notify=True):
         raise TinyPalmError(f"--data {path}: no such file or directory; {_USAGE}")
     if not os.path.isdir(path):
         if notify and not is_token_file(path) and _is_binary(path):
-            print(f"note: --data {path} looks binary (it holds NUL bytes), not text; training on its raw bytes anyway",
+            print(f"note: --data {path} looks binary (it holds NUL bytes), not text; reading its raw bytes as they are",
                   file=sys.stderr)
         return [path]
 
@@ -137,6 +137,7 @@ def write_token_file(path, ids_chunks, tokenizer_dict, vocab_size=None):
     meta = json.dumps(tokenizer_dict, separators=(",", ":")).encode("utf-8")
     offset = -(-(_PREFIX.size + len(meta)) // _ALIGN) * _ALIGN
     tmp = f"{path}.tmp{os.getpid()}"        # this process's own: another writer of the same path keeps its file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     count = 0
     try:
         with open(tmp, "wb") as f:

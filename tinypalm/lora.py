@@ -19,7 +19,6 @@ The base is named by the sha256 of its parameters, so an adapter is never applie
 trained on. `python -m tinypalm.lora merge` folds the adapters into the base: W + (alpha / r) A B.
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -29,6 +28,7 @@ import zipfile
 import numpy
 
 from .backend import compute_dtype, to_numpy
+from .cli import ArgumentParser, finite_float
 from .errors import TinyPalmError
 from .flat import Layout
 
@@ -96,6 +96,9 @@ class LoRA:
         self.targets = parse_targets(targets)
         check_rank(cfg, rank, self.targets)
         self.rank, self.alpha = int(rank), float(alpha if alpha is not None else 2 * rank)
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise TinyPalmError(f"--lora-alpha {alpha}: must be positive (the adapters' product is scaled by "
+                                f"alpha / rank); leave it out for 2 x rank = {2 * self.rank}")
         self.scale = self.alpha / self.rank
         self.slices = projection_slices(cfg)
         shapes = {}
@@ -305,7 +308,7 @@ FLAGS = ("lora_rank", "lora_alpha", "lora_targets")
 def add_arguments(group):
     group.add_argument("--lora-rank", type=int, default=None, metavar="R",
                        help="with --init-from: train LoRA adapters of rank R, the base frozen")
-    group.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator: delta = (alpha/R) x A B (default 2R)")
+    group.add_argument("--lora-alpha", type=finite_float, default=None, help="LoRA scale numerator: delta = (alpha/R) x A B (default 2R)")
     group.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
                        help=f"projections to adapt, among {','.join(TARGETS)} (default {','.join(DEFAULT_TARGETS)})")
 
@@ -318,6 +321,8 @@ def check_flags(args, given):
                             "or drop them")
     if args.lora_rank is not None:
         parse_targets(args.lora_targets)
+        if args.freeze_layers:
+            raise TinyPalmError("--lora-rank freezes the whole base already; drop --freeze-layers")
 
 
 def start_training(args, model, ckpt):
@@ -327,8 +332,6 @@ def start_training(args, model, ckpt):
     Returns (the adapter, its base hash). The optimizer then takes adapter.params and grads.adapter."""
     if ckpt is None:
         raise TinyPalmError("--lora-rank adapts a trained model: pass --init-from CKPT")
-    if args.freeze_layers:
-        raise TinyPalmError("--lora-rank freezes the whole base already; drop --freeze-layers")
     if args.resume:
         meta, matrices = ckpt.adapter
         model.adapter = adapter_from(meta, matrices, ckpt.path, model.config, model.xp, model.dtype, "--resume")
@@ -336,10 +339,6 @@ def start_training(args, model, ckpt):
         return model.adapter, meta["base_sha256"]
     model.adapter = LoRA(model.config, args.lora_rank, args.lora_alpha, args.lora_targets, xp=model.xp,
                          dtype=model.dtype, seed=args.seed)
-    existing = [n for n in ("adapter_best.npz", "adapter_last.npz") if os.path.isfile(os.path.join(args.out, n))]
-    if existing and not args.overwrite:
-        raise TinyPalmError(f"--out {args.out} already holds a LoRA run ({', '.join(existing)}); continue it with "
-                            "--resume, pick another --out, or pass --overwrite to replace it")
     print(model.adapter.describe(model))
     return model.adapter, params_hash(ckpt.params)
 
@@ -371,7 +370,7 @@ def resume_checkpoint(out):
 # --- merge ------------------------------------------------------------------------------------------------------
 
 def merge_main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tinypalm.lora merge",
+    p = ArgumentParser(prog="python -m tinypalm.lora merge",
                                 description="Fold LoRA adapters into their base: a plain checkpoint with W + (alpha/r) A B.")
     p.add_argument("--ckpt", required=True, help="the base checkpoint the adapter was trained on")
     p.add_argument("--adapter", required=True, help="adapter file (or the LoRA run's --out directory)")

@@ -10,7 +10,8 @@ from . import checkpoint
 from .backend import check_dtype, compute_dtype
 from .errors import TinyPalmError
 
-RUN_FILES = ("last.npz", "best.npz", "metrics.jsonl", "loss.svg")
+CHECKPOINT_FILES = ("best.npz", "last.npz", "adapter_best.npz", "adapter_last.npz")    # a full run's, a LoRA run's
+RUN_FILES = (*CHECKPOINT_FILES, "metrics.jsonl", "loss.svg")
 
 
 # ------------------------------------------------------------------------------------------- the --out directory
@@ -20,15 +21,18 @@ def prepare_out_dir(out, resume, overwrite):
     """Clear what a killed save left in out, and refuse to start a new run over a trained one unless asked to.
 
     Returns the files of the old run that a new run with --overwrite replaces (deleted only once training starts)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TinyPalmError(f"--out {out} is a file; --out names the directory a run writes its files to, pick another")
     for path, size in checkpoint.remove_stale_temporaries(out):
         print(f"note: removed {path} ({size / 2**20:.1f} MB), left by a save that was killed; "
               "the checkpoints themselves are intact", file=sys.stderr)
     if resume:
         return []
-    found = [name for name in ("best.npz", "last.npz") if os.path.isfile(os.path.join(out, name))]
+    found = [name for name in CHECKPOINT_FILES if os.path.isfile(os.path.join(out, name))]
     if found and not overwrite:
         path = os.path.join(out, found[0])
-        raise TinyPalmError(f"--out {out} already holds a trained run ({path}: {checkpoint.describe(path)}); "
+        run = "LoRA run" if found[0].startswith("adapter_") else "trained run"
+        raise TinyPalmError(f"--out {out} already holds a {run} ({path}: {checkpoint.describe(path)}); "
                             "continue it with --resume, pick another --out, or pass --overwrite to replace it")
     return [os.path.join(out, name) for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
 
