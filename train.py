@@ -26,7 +26,8 @@ import numpy as np
 from tinypalm import Config, PaLM, TinyPalmError
 from tinypalm import checkpoint, data, dist, instruct, lora
 from tinypalm.backend import read_scalars
-from tinypalm.cli import SHAPE_FLAGS, HelpFormatter, add_shape_flags, format_duration, run_cli, with_shape_flags
+from tinypalm.cli import (SHAPE_FLAGS, ArgumentParser, HelpFormatter, StdoutThatMayClose, add_shape_flags, finite_float,
+                          format_duration, run_cli, with_shape_flags)
 from tinypalm.config import PRESETS
 from tinypalm.evaluate import evaluate_batches, token_byte_lengths
 from tinypalm.generate import stream
@@ -40,7 +41,7 @@ WEIGHT_SHAPE_FLAGS = tuple(SHAPE_FLAGS)[:6]      # the ones a checkpoint's weigh
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="small", help=f"model shape: one of {', '.join(PRESETS)}")
     add_shape_flags(g, SHAPE_FLAGS, "the preset's")
@@ -57,27 +58,28 @@ def build_parser():
     g.add_argument("--prepare", default=None, metavar="TOKEN_FILE", help="tokenise --data into TOKEN_FILE and exit")
     g = p.add_argument_group("training")
     g.add_argument("--out", default="out", help="directory for last.npz, best.npz, metrics.jsonl and loss.svg")
-    g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, replacing it")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds one, replacing it (with --prepare: replace TOKEN_FILE)")
     g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
     g.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (per rank under mpiexec)")
     g.add_argument("--zero", type=int, default=0, choices=[0, 1],
                    help="under mpiexec, 1 splits the AdamW state over the ranks (ZeRO-1)")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, reached at the end of warmup")
-    g.add_argument("--min-lr", type=float, default=None,
+    g.add_argument("--lr", type=finite_float, default=2e-3, help="peak learning rate, reached at the end of warmup")
+    g.add_argument("--min-lr", type=finite_float, default=None,
                    help="learning rate at the end of the cosine decay; at most --lr (default: --lr / 10)")
     g.add_argument("--warmup-steps", type=int, default=50, help="steps of linear warmup from 0 to --lr")
     g.add_argument("--max-steps", type=int, default=600, help="optimizer steps in all (raise it to --resume a finished run)")
     g.add_argument("--decay-steps", type=int, default=None, help="cosine decay length (default: --max-steps)")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decoupled weight decay of the layers' matrices")
-    g.add_argument("--beta1", type=float, default=0.9, help="AdamW's first-moment decay")
-    g.add_argument("--beta2", type=float, default=0.95, help="AdamW's second-moment decay")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout rate on each block's output")
+    g.add_argument("--weight-decay", type=finite_float, default=0.1, help="AdamW's decoupled weight decay of the layers' matrices")
+    g.add_argument("--beta1", type=finite_float, default=0.9, help="AdamW's first-moment decay")
+    g.add_argument("--beta2", type=finite_float, default=0.95, help="AdamW's second-moment decay")
+    g.add_argument("--grad-clip", type=finite_float, default=1.0, help="global gradient-norm clip (0: off)")
+    g.add_argument("--dropout", type=finite_float, default=0.0, help="dropout rate on each block's output")
     g.add_argument("--eval-every", type=int, default=100, help="evaluate and save last.npz (best.npz if better) every N steps")
     g.add_argument("--eval-steps", type=int, default=10, help="validation batches per evaluation")
     g.add_argument("--log-every", type=int, default=10, help="print progress every N steps")
-    g.add_argument("--save-every-s", type=float, default=300,
+    g.add_argument("--save-every-s", type=finite_float, default=300,
                    help="also save last.npz every this many seconds between evaluations (0: only at evaluations)")
     g.add_argument("--patience", type=int, default=0, help="stop after this many evaluations without improvement (0: never)")
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the batches and dropout")
@@ -106,7 +108,8 @@ def check_args(args):
                  "bpe_train_bytes"]:
         if getattr(args, name) < 1:
             raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ["warmup_steps", "patience", "freeze_layers", "sample_tokens", "save_every_s", "grad_clip", "weight_decay"]:
+    for name in ["warmup_steps", "patience", "freeze_layers", "sample_tokens", "save_every_s", "grad_clip", "weight_decay",
+                 "seed"]:
         if getattr(args, name) < 0:
             raise TinyPalmError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.decay_steps is not None and args.decay_steps < 1:
@@ -176,6 +179,11 @@ def prepare(args, tokenizer_dict):
     """--prepare: tokenise --data chunk by chunk into a token file (BPE learns from the corpus's head only)."""
     if not args.data:
         raise TinyPalmError("--prepare needs --data: the text file or directory to tokenise")
+    if os.path.isdir(args.prepare):
+        raise TinyPalmError(f"--prepare {args.prepare} is a directory; give the token file's name, e.g. "
+                            f"{os.path.join(args.prepare, 'train.tok')}")
+    if os.path.exists(args.prepare) and not args.overwrite:
+        raise TinyPalmError(f"--prepare {args.prepare} exists; choose another name, or pass --overwrite to replace it")
     head = data.read_corpus_head(args.data, args.bpe_train_bytes) if args.tokenizer == "bpe" else b""
     tokenizer = make_tokenizer(args, head, tokenizer_dict)
     n = data.prepare_token_file(args.data, args.prepare, tokenizer)
@@ -384,6 +392,12 @@ def main(argv=None):
     if saved_micro_batches not in (None, micro_batches):
         print(f"note: {micro_batches} micro-batches per step ({comm.size} rank(s) x --grad-accum {args.grad_accum}) where "
               f"the saved run had {saved_micro_batches}: the global batch changes; match it with --grad-accum")
+    if ckpt is not None and "preset" in given:
+        print(f"note: --preset {args.preset} is not used: the model's shape comes from {ckpt.path}")
+    if args.resume and "data" in given and args.data != ckpt.train_args.get("data"):
+        print(f"note: --data {args.data} is not the data this run trained on "
+              f"({ckpt.train_args.get('data') or 'the default corpus'}); from here its validation losses are measured on "
+              "the new data")
     print(f"model: {cfg.n_params() / 1e6:.2f}M parameters, d_model {cfg.d_model}, {cfg.n_layers} layers, "
           f"{cfg.n_heads} heads ({cfg.n_kv_heads} kv), d_ff {cfg.d_ff}, vocab {cfg.vocab_size}; "
           f"{args.backend} {args.dtype}; {tokens_per_step:,} tokens per step"
@@ -393,7 +407,11 @@ def main(argv=None):
     stop = StopRequest()
     progress = Progress()
     t_start, t_log, evals_without_gain = time.time(), time.time(), 0
-    step, running = start_step, []
+    step, running, save_due = start_step, [], False
+
+    def diverged_advice():
+        kept = f"the last good checkpoint is {last_path}" if os.path.exists(last_path) else "no checkpoint was written yet"
+        return f"{kept}; lower --lr, raise --warmup-steps or set --grad-clip"
 
     while step < args.max_steps:
         lr = lr_at(step, args.lr, lr_floor(args), args.warmup_steps, decay_steps)
@@ -409,9 +427,12 @@ def main(argv=None):
         loss, grad_norm = read_scalars(model.xp, loss, grad_norm)     # the step's one device-to-host read
         loss = comm.sum(loss)                         # over the ranks (alone: as it is)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            kept = f"the last good checkpoint is {last_path}" if os.path.exists(last_path) else "no checkpoint was written yet"
             raise TinyPalmError(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; stopped "
-                                f"without updating, {kept}; lower --lr, raise --warmup-steps or set --grad-clip")
+                                f"without updating, {diverged_advice()}")
+        if save_due:               # a timed save, made only now that these weights have given a finite loss
+            t_pause = time.time()
+            save("last.npz", step)
+            t_log, save_due = t_log + time.time() - t_pause, False
         comm.update(optimizer, trained, trained_grads(grads), lr)   # ZeRO-1: each rank its shard, then gathered
         model.params_updated()                            # bf16: refresh the compute copy of the weights
         step += 1
@@ -432,6 +453,9 @@ def main(argv=None):
         t_pause = time.time()
         if step % args.eval_every == 0 or step == args.max_steps or stopping:
             val, val_bpb = comm.from_root(evaluate(model, batches, byte_lengths, args))   # one verdict for all ranks
+            if not math.isfinite(val):
+                raise TinyPalmError(f"training diverged at step {step}: validation loss {val} after the update; not "
+                                    f"saved, {diverged_advice()}")
             improved = val < best_val
             best_val = min(best_val, val)
             evals_without_gain = 0 if improved else evals_without_gain + 1
@@ -448,7 +472,7 @@ def main(argv=None):
                 print(f"early stop: no improvement in {args.patience} evaluations")
                 break
         elif comm.any(saver.due()):             # the ranks' clocks differ: saving is collective under ZeRO-1
-            save("last.npz", step)
+            save_due = True
         t_log += time.time() - t_pause          # evaluating and saving are not training throughput
         if stopping:
             print(f"stopped: saved {last_path} at step {step}; continue with --resume --out {shlex.quote(args.out)}")
@@ -472,4 +496,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout = StdoutThatMayClose(sys.stdout)      # `python train.py | head` trains on after head has its lines
     run_cli(dist.ends_together(main))

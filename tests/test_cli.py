@@ -150,6 +150,62 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     assert open(tmp_path / "out" / "last.npz", "rb").read() == before
 
 
+def test_the_checkpoint_named_after_a_divergence_is_a_good_one(corpus, tmp_path):
+    # lr 50 without clipping: the weights blow up while the training loss is still finite, and the first
+    # non-finite loss is a validation loss, measured after the update; those weights must not be saved
+    run("train.py", "--data", str(corpus), *TINY, "--max-steps", "5", cwd=tmp_path)
+    r = run("train.py", "--data", str(corpus), *TINY, "--init-from", "out/best.npz", "--out", "div", "--lr", "50",
+            "--min-lr", "0", "--warmup-steps", "0", "--grad-clip", "0", "--eval-every", "1", "--max-steps", "100",
+            cwd=tmp_path, check=False)
+    assert_user_error(r, "training diverged", "validation loss nan", "not saved",
+                      "the last good checkpoint is div/last.npz")
+    r = subprocess.run([sys.executable, "-m", "tinypalm.evaluate", "--ckpt", "div/last.npz", "--data", str(corpus),
+                        "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert np.isfinite(json.loads(r.stdout)["loss"])
+
+
+def test_flags_a_checkpoint_overrides_or_that_change_the_data_get_a_note(corpus, tmp_path):
+    run("train.py", "--data", str(corpus), *TINY, "--max-steps", "2", cwd=tmp_path)
+    r = run("train.py", "--data", str(corpus), *TINY, "--max-steps", "1", "--init-from", "out/best.npz", "--out", "ft",
+            cwd=tmp_path)
+    assert "note: --preset tiny is not used: the model's shape comes from out/best.npz" in r.stdout
+    (tmp_path / "other.txt").write_text("other text, " * 400)
+    r = run("train.py", "--resume", "--data", "other.txt", "--max-steps", "3", cwd=tmp_path)
+    assert f"note: --data other.txt is not the data this run trained on ({corpus})" in r.stdout
+    assert "note: --data" not in run("train.py", "--resume", "--data", "other.txt", "--max-steps", "4", cwd=tmp_path).stdout
+
+
+def test_prepare_never_replaces_a_file_unasked(corpus, tmp_path):
+    (tmp_path / "src.txt").write_bytes(corpus.read_bytes())
+    assert_user_error(run("train.py", "--data", "src.txt", "--prepare", "src.txt", cwd=tmp_path, check=False),
+                      "--prepare src.txt exists", "--overwrite")
+    assert (tmp_path / "src.txt").read_bytes() == corpus.read_bytes()
+    (tmp_path / "folder").mkdir()
+    assert_user_error(run("train.py", "--data", "src.txt", "--prepare", "folder", cwd=tmp_path, check=False),
+                      "--prepare folder is a directory", "folder/train.tok")
+    run("train.py", "--data", "src.txt", "--prepare", "new/dir/a.tok", cwd=tmp_path)      # its directory is made
+    first = (tmp_path / "new" / "dir" / "a.tok").read_bytes()
+    (tmp_path / "other.txt").write_text("other text " * 500)
+    assert_user_error(run("train.py", "--data", "other.txt", "--prepare", "new/dir/a.tok", cwd=tmp_path, check=False),
+                      "exists")
+    assert (tmp_path / "new" / "dir" / "a.tok").read_bytes() == first
+    run("train.py", "--data", "other.txt", "--prepare", "new/dir/a.tok", "--overwrite", cwd=tmp_path)
+    assert (tmp_path / "new" / "dir" / "a.tok").read_bytes() != first
+
+
+def test_train_piped_into_head_trains_to_the_end(corpus, tmp_path):
+    # the reader of stdout goes away after the first line: the run still trains and saves all its steps
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data", str(corpus), *TINY,
+                             "--log-every", "1", "--max-steps", "30"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == ""
+    assert checkpoint.load(str(tmp_path / "out" / "last.npz")).step == 30
+
+
 def test_non_utf8_corpus_is_accepted(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("café olé naïve ".encode("latin-1") * 200 + b"\xff\xfe\x80")
@@ -182,8 +238,18 @@ def test_long_prompt_is_cut_from_the_left_with_a_notice(corpus, tmp_path):
     (["--lr", "1e-3", "--min-lr", "2e-3"], ["--min-lr 0.002 must be between 0 and --lr 0.001"]),
     (["--vocab-size", "512"], ["--vocab-size 512", "--tokenizer bpe"]),
     (["--preset", "palm-540b"], ["palm-540b", "needs about", "TiB", "smaller preset"]),
+    (["--lr", "nan"], ["argument --lr: expected a finite number, got 'nan'", "see train.py --help"]),
+    (["--grad-clip", "inf"], ["argument --grad-clip: expected a finite number, got 'inf'"]),
+    (["--batch-size", "many"], ["argument --batch-size: invalid int value: 'many'", "see train.py --help"]),
+    (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+    (["--seed", "-1"], ["--seed must not be negative, got -1"]),
+    (["--rope-base", "0"], ["rope_base must be a finite number, above 0, got 0.0"]),
+    (["--norm-eps", "-1"], ["norm_eps must be a finite number, above 0, got -1.0"]),
+    (["--z-loss", "-1"], ["z_loss must be a finite number, at least 0, got -1.0"]),
+    (["--out", "A_FILE"], ["--out A_FILE is a file", "directory"]),
 ])
 def test_train_bad_input(args, words, tmp_path):
+    (tmp_path / "A_FILE").write_text("a file of the user's")
     (tmp_path / "EMPTY").write_text("  \n")
     (tmp_path / "SHORT").write_text("just a few words, far fewer than needed")
     r = run("train.py", *TINY[:6], "--max-steps", "1", *args, cwd=tmp_path, check=False)
@@ -207,6 +273,9 @@ def test_sample_bad_checkpoints(corpus, tmp_path):
     data = (tmp_path / "out" / "last.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(data[: len(data) // 3])
     assert_user_error(run("sample.py", "--ckpt", "cut.npz", cwd=tmp_path, check=False), "truncated or corrupt")
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    assert_user_error(run("sample.py", "--ckpt", "notes.txt", cwd=tmp_path, check=False),
+                      "notes.txt: not a tinypalm checkpoint (not an .npz file)")
     np.savez(tmp_path / "foreign.npz", w=np.zeros(2))
     assert_user_error(run("sample.py", "--ckpt", "foreign.npz", cwd=tmp_path, check=False), "not a tinypalm checkpoint")
     with np.load(tmp_path / "out" / "last.npz") as npz:
@@ -339,6 +408,8 @@ def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(corpus, tmp_pat
     (["--preset", "nope"], ["unknown preset 'nope'"]),
     (["--batch-size", "0"], ["--batch-size must be at least 1, got 0"]),
     (["--steps", "0"], ["--steps must be at least 1"]),
+    (["--peak-tflops", "-5"], ["--peak-tflops -5.0", "above 0"]),
+    (["--peak-tflops", "nan"], ["argument --peak-tflops: expected a finite number"]),
 ])
 def test_bench_bad_input(args, words, tmp_path):
     r = subprocess.run([sys.executable, "-m", "tinypalm.bench", *args], capture_output=True, text=True, cwd=tmp_path,
@@ -364,6 +435,9 @@ def test_bench_cupy_without_a_gpu(tmp_path):
     (["--num-samples", "0"], ["--num-samples must be at least 1, got 0"]),
     (["--temperature", "-1"], ["--temperature must not be negative, got -1.0"]),
     (["--top-p", "1.5"], ["--top-p must be in (0, 1], got 1.5"]),
+    (["--temperature", "nan"], ["argument --temperature: expected a finite number, got 'nan'", "see sample.py --help"]),
+    (["--seed", "-1"], ["--seed must not be negative, got -1"]),
+    (["--prompt", "a", "--prompt-file", "p.txt"], ["argument --prompt-file: not allowed with argument --prompt"]),
 ])
 def test_sample_bad_input(args, words, tmp_path):
     r = run("sample.py", "--ckpt", "out", *args, cwd=tmp_path, check=False)
