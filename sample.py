@@ -11,6 +11,7 @@ Generation also stops when the model emits the end-of-text token (instruction-tu
 """
 
 import sys
+import warnings
 import time
 
 from tinypalm import TinyPalmError
@@ -48,7 +49,9 @@ def parse_escapes(text, flag):
     """A --prompt or --stop string with its backslash escapes (\\n, \\t, \\x41, \\u00e9) turned into characters:
     a shell passes "Q: cat\\n" as a backslash and an n."""
     try:
-        return text.encode("latin-1", errors="backslashreplace").decode("unicode_escape")
+        with warnings.catch_warnings():            # "\q" is kept as it is, without Python's warning about it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return text.encode("latin-1", errors="backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as e:
         raise TinyPalmError(f"{flag} {text!r}: bad backslash escape ({e.reason}); write a backslash as \\\\") from None
 
@@ -83,7 +86,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     stops = [parse_escapes(s, "--stop") for s in args.stop]
+    if "" in stops:
+        raise TinyPalmError("--stop '': an empty string would stop at once; give the text to stop at")
     prompt = read_prompt(args)
+    if not prompt:
+        raise TinyPalmError("the prompt is empty; pass some text with --prompt or --prompt-file")
     model, tokenizer, ckpt = load_model(args.ckpt, args.adapter, backend=args.backend, dtype=args.dtype, trains=False)
     val = f", best val loss {ckpt.best_val_loss:.4f}" if ckpt.best_val_loss is not None else ""
     adapter = f", with the adapter {model.adapter.path}" if model.adapter is not None else ""

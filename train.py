@@ -14,7 +14,6 @@ curves). A new run refuses an --out that holds a trained run, unless --overwrite
 """
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -27,7 +26,7 @@ from tinypalm import Config, PaLM, TinyPalmError
 from tinypalm import checkpoint, data, dist, instruct, lora
 from tinypalm.backend import read_scalars
 from tinypalm.cli import (SHAPE_FLAGS, ArgumentParser, HelpFormatter, StdoutThatMayClose, add_shape_flags, finite_float,
-                          format_duration, run_cli, with_shape_flags)
+                          format_duration, json_line, run_cli, with_shape_flags)
 from tinypalm.config import PRESETS
 from tinypalm.evaluate import evaluate_batches, token_byte_lengths
 from tinypalm.generate import stream
@@ -138,6 +137,9 @@ def check_tokenizer_flags(args, given, tokenizer_dict, source):
         raise TinyPalmError(f"{source} comes with its own tokenizer ({fixed.kind}, {fixed.vocab_size} tokens), which "
                             f"{flags} cannot change; drop {flags}" +
                             (", or --prepare the text again with them" if source.startswith("--data") else ""))
+    if "vocab_size" in given and args.vocab_size != fixed.vocab_size:    # BPE may learn fewer than it was asked
+        print(f"note: --vocab-size {args.vocab_size} is not used: {source} comes with its own tokenizer ({fixed.kind}, "
+              f"{fixed.vocab_size} tokens)")
 
 
 def lr_floor(args):
@@ -182,8 +184,15 @@ def prepare(args, tokenizer_dict):
     if os.path.isdir(args.prepare):
         raise TinyPalmError(f"--prepare {args.prepare} is a directory; give the token file's name, e.g. "
                             f"{os.path.join(args.prepare, 'train.tok')}")
-    if os.path.exists(args.prepare) and not args.overwrite:
-        raise TinyPalmError(f"--prepare {args.prepare} exists; choose another name, or pass --overwrite to replace it")
+    if data.is_token_file(args.data):
+        raise TinyPalmError(f"--data {args.data} is a token file already; train on it with --data {args.data}")
+    if os.path.exists(args.prepare):
+        if not os.path.isfile(args.prepare):
+            raise TinyPalmError(f"--prepare {args.prepare} is not a plain file; give the token file a name of its own")
+        if os.path.exists(args.data) and os.path.samefile(args.prepare, args.data):
+            raise TinyPalmError(f"--prepare {args.prepare} is --data itself; give the token file a name of its own")
+        if not args.overwrite:
+            raise TinyPalmError(f"--prepare {args.prepare} exists; choose another name, or pass --overwrite to replace it")
     head = data.read_corpus_head(args.data, args.bpe_train_bytes) if args.tokenizer == "bpe" else b""
     tokenizer = make_tokenizer(args, head, tokenizer_dict)
     n = data.prepare_token_file(args.data, args.prepare, tokenizer)
@@ -225,9 +234,9 @@ def load_pairs(args, tokenizer_dict):
     examples = instruct.PairsData(pairs, tokenizer, args.data)
     print(f"data: {args.data}, {len(pairs):,} prompt/response examples ({examples.n_train:,} train, "
           f"{examples.n_val:,} val), {sum(len(ids) for ids, _ in examples.examples):,} {tokenizer.kind} tokens")
-    if examples.n_cut(args.seq_len):
-        print(f"note: {examples.n_cut(args.seq_len):,} examples are longer than --seq-len {args.seq_len}; "
-              "their prompts lose their start (raise --seq-len to keep them whole)")
+    cut = examples.describe_cut(args.seq_len, "--seq-len")
+    if cut:
+        print(cut)
     return examples, tokenizer
 
 
@@ -383,7 +392,7 @@ def main(argv=None):
     def log(record):
         if comm.is_root:
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_line(record) + "\n")
 
     decay_steps = args.decay_steps or args.max_steps
     micro_batches = args.grad_accum * comm.size      # per step, over all ranks

@@ -178,9 +178,10 @@ def test_flags_a_checkpoint_overrides_or_that_change_the_data_get_a_note(corpus,
 
 def test_prepare_never_replaces_a_file_unasked(corpus, tmp_path):
     (tmp_path / "src.txt").write_bytes(corpus.read_bytes())
-    assert_user_error(run("train.py", "--data", "src.txt", "--prepare", "src.txt", cwd=tmp_path, check=False),
-                      "--prepare src.txt exists", "--overwrite")
-    assert (tmp_path / "src.txt").read_bytes() == corpus.read_bytes()
+    (tmp_path / "mine.tok").write_text("a file of the user's")
+    assert_user_error(run("train.py", "--data", "src.txt", "--prepare", "mine.tok", cwd=tmp_path, check=False),
+                      "--prepare mine.tok exists", "--overwrite")
+    assert (tmp_path / "mine.tok").read_text() == "a file of the user's"
     (tmp_path / "folder").mkdir()
     assert_user_error(run("train.py", "--data", "src.txt", "--prepare", "folder", cwd=tmp_path, check=False),
                       "--prepare folder is a directory", "folder/train.tok")
@@ -192,6 +193,22 @@ def test_prepare_never_replaces_a_file_unasked(corpus, tmp_path):
     assert (tmp_path / "new" / "dir" / "a.tok").read_bytes() == first
     run("train.py", "--data", "other.txt", "--prepare", "new/dir/a.tok", "--overwrite", cwd=tmp_path)
     assert (tmp_path / "new" / "dir" / "a.tok").read_bytes() != first
+    # never its own input, even with --overwrite; never a token file read as text
+    assert_user_error(run("train.py", "--data", "src.txt", "--prepare", "src.txt", "--overwrite", cwd=tmp_path,
+                          check=False), "--prepare src.txt is --data itself")
+    assert (tmp_path / "src.txt").read_bytes() == corpus.read_bytes()
+    assert_user_error(run("train.py", "--data", "new/dir/a.tok", "--prepare", "b.tok", cwd=tmp_path, check=False),
+                      "is a token file already", "--data new/dir/a.tok")
+
+
+def test_a_vocab_size_a_token_file_does_not_use_gets_a_note(corpus, tmp_path):
+    run("train.py", "--data", str(corpus), "--tokenizer", "bpe", "--vocab-size", "300", "--prepare", "b.tok",
+        cwd=tmp_path)
+    r = run("train.py", "--data", "b.tok", *TINY, "--max-steps", "1", "--tokenizer", "bpe", "--vocab-size", "400",
+            cwd=tmp_path)
+    assert "note: --vocab-size 400 is not used: --data b.tok (a token file) comes with its own tokenizer (bpe" in r.stdout
+    assert_user_error(run("train.py", "--data", "b.tok", *TINY, "--max-steps", "1", "--tokenizer", "bpe",
+                          "--vocab-size", "280", "--out", "o2", cwd=tmp_path, check=False), "cannot change")
 
 
 def test_train_piped_into_head_trains_to_the_end(corpus, tmp_path):
@@ -410,10 +427,12 @@ def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(corpus, tmp_pat
     (["--steps", "0"], ["--steps must be at least 1"]),
     (["--peak-tflops", "-5"], ["--peak-tflops -5.0", "above 0"]),
     (["--peak-tflops", "nan"], ["argument --peak-tflops: expected a finite number"]),
+    (["TINYPALM_NUM_THREADS=0"], ["TINYPALM_NUM_THREADS='0'", "a positive whole number"]),
 ])
 def test_bench_bad_input(args, words, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "tinypalm.bench", *args], capture_output=True, text=True, cwd=tmp_path,
-                       timeout=120)
+    env = {**os.environ, **dict(a.split("=") for a in args if "=" in a)}
+    r = subprocess.run([sys.executable, "-m", "tinypalm.bench", *[a for a in args if "=" not in a]], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120, env=env)
     assert_user_error(r, *words)
 
 
@@ -438,6 +457,9 @@ def test_bench_cupy_without_a_gpu(tmp_path):
     (["--temperature", "nan"], ["argument --temperature: expected a finite number, got 'nan'", "see sample.py --help"]),
     (["--seed", "-1"], ["--seed must not be negative, got -1"]),
     (["--prompt", "a", "--prompt-file", "p.txt"], ["argument --prompt-file: not allowed with argument --prompt"]),
+    (["--stop", ""], ["--stop ''", "empty string"]),
+    (["--prompt", ""], ["the prompt is empty"]),                # said before any checkpoint is read
+    (["--prompt", "\\q"], ["no such checkpoint"]),               # an unknown escape stays as it is, unwarned
 ])
 def test_sample_bad_input(args, words, tmp_path):
     r = run("sample.py", "--ckpt", "out", *args, cwd=tmp_path, check=False)

@@ -676,7 +676,11 @@ def test_gpucheck_without_a_gpu_says_so_in_one_line():
     import sys
     from test_cli import assert_user_error
     r = subprocess.run([sys.executable, "-m", "tinypalm.gpucheck"], capture_output=True, text=True, timeout=120)
-    assert_user_error(r, "gpucheck needs", "GPU")
+    assert_user_error(r, "gpucheck needs", "GPU", "on a machine with one")
+    assert "--backend numpy" not in r.stderr                   # gpucheck has no such flag
+    r = subprocess.run([sys.executable, "-m", "tinypalm.gpucheck", "--train-seconds", "-1"], capture_output=True,
+                       text=True, timeout=120)
+    assert_user_error(r, "--train-seconds must not be negative")
 
 
 def test_optim_adamw_takes_the_one_launch_kernel_where_the_backend_has_it(emulated, monkeypatch):

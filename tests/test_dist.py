@@ -15,6 +15,7 @@ from tinypalm import Config, PaLM, checkpoint, dist
 from tinypalm.flat import Layout
 from tinypalm.model import layer_storage_names, storage_shapes
 from tinypalm.optim import AdamW, Stretch, update_runs
+from test_cli import assert_user_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -422,6 +423,13 @@ def address(array):
 
 
 @needs_mpi
+def test_the_planner_refuses_a_timed_step_too_large_for_the_machine(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tinypalm.dist", "--time", "--preset", "palm-8b", "--steps", "1"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert_user_error(r, "--preset palm-8b (8.63B parameters) needs about", "GiB", "smaller preset")
+    assert "ZeRO-1" in r.stdout                               # the plan itself is printed first
+
+
 def test_the_timed_data_parallel_step_runs_under_mpiexec(tmp_path):
     result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "tinypalm.dist", "--time", "--preset", "tiny",
                              "--zero", "1", "--steps", "2", "--warmup", "1"], cwd=tmp_path, capture_output=True,

@@ -109,7 +109,15 @@ def test_examples_batches_and_mask(tmp_path):
     # too long for seq_len: the prompt is cut from the left, the response and its end-of-text stay
     x, y, mask = d.batch([2], seq_len=3)
     assert x[0].tolist() == [ord("l"), ord("o"), ord("w")] and y[0].tolist() == [ord("o"), ord("w"), eot]
-    assert mask[0].tolist() == [0, 1, 1] and d.n_cut(3) == 2             # "ab" + "xyz" is cut too
+    assert mask[0].tolist() == [0, 1, 1]
+    # "ab" + "xyz" is cut too, into its response: of x, y, z and EOT, x is never predicted
+    x, y, mask = d.batch([0], seq_len=3)
+    assert y[0].tolist() == [ord("y"), ord("z"), eot] and mask[0].tolist() == [1, 1, 1]
+    assert d.n_cut(3) == (2, 1, 1) and d.n_cut(3, [2]) == (1, 0, 0) and d.n_cut(16) == (0, 0, 0)
+    assert d.describe_cut(3, "--seq-len") == ("note: 2 examples are longer than --seq-len 3: their prompts lose their "
+                                              "start, and 1 of them the start of their response too (1 response "
+                                              "tokens never predicted); raise --seq-len to keep them whole")
+    assert d.describe_cut(16, "--seq-len") is None
     # batches are functions of (seed, step) alone, drawn from the training examples only
     a, b = d.train_batch(4, 16, seed=3, step=11), d.train_batch(4, 16, seed=3, step=11)
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
@@ -169,6 +177,22 @@ def test_evaluate_on_pairs(tuned):
     assert res["examples"] == 6 and res["tokens"] == 6 * 3        # " 5": two bytes, then end-of-text
     assert res["bytes"] == 6 * 2
     assert res["bits_per_byte"] == pytest.approx(res["loss"] * res["tokens"] / math.log(2) / res["bytes"])
+
+
+def test_evaluate_says_what_a_long_example_loses_and_writes_strict_json(tuned):
+    d, _ = tuned
+    (d / "long.jsonl").write_text(json.dumps({"prompt": "Q: 1+1=", "response": "2" * 100}) + "\n"
+                                  + json.dumps({"prompt": "Q: 2+2=", "response": ""}) + "\n")
+    r = run_module("tinypalm.evaluate", "--ckpt", "sft", "--data", "long.jsonl", "--seq-len", "32", "--json", cwd=d)
+    # the first example's 100 response tokens and end-of-text: the 32 positions predict its last 32
+    assert ("note: 1 examples are longer than --seq-len 32: their prompts lose their start, and 1 of them the start "
+            "of their response too (69 response tokens never predicted)") in r.stderr
+    assert json.loads(r.stdout)["tokens"] == 32 + 1
+    assert_user_error(run_module("tinypalm.evaluate", "--ckpt", "sft", "--data", "long.jsonl", "--stride", "8",
+                                 cwd=d, check=False), "--stride", "drop --stride")
+    (d / "empty.jsonl").write_text(json.dumps({"prompt": "Q: 1+1=", "response": ""}) + "\n")
+    r = run_module("tinypalm.evaluate", "--ckpt", "sft", "--data", "empty.jsonl", "--json", cwd=d)
+    assert '"bits_per_byte": null' in r.stdout and "NaN" not in r.stdout     # no bytes: strict JSON's null
 
 
 @pytest.fixture(scope="module")

@@ -149,6 +149,9 @@ def test_train_sample_merge_end_to_end(base, corpus):  # noqa: F811
         "--out", "merged.npz", cwd=d)
     assert_user_error(run_module("tinypalm.lora", "merge", "--ckpt", "base/best.npz", "--adapter", "ft",
                           "--out", "merged.npz", cwd=d, check=False), "merged.npz exists", "--force")
+    assert_user_error(run_module("tinypalm.lora", "merge", "--ckpt", "base/best.npz", "--adapter", "ft",
+                          "--out", "ft", "--force", cwd=d, check=False), "--out ft is a directory", "ft/merged.npz")
+    assert "usage: python -m tinypalm.lora merge" in run_module("tinypalm.lora", "--help", cwd=d).stdout
     # merged logits equal base + adapter
     from tinypalm.loading import load_model
     adapted, _, _ = load_model(str(d / "base" / "best.npz"), str(d / "ft" / "adapter_last.npz"), dtype="float64")

@@ -29,7 +29,6 @@ from collections import defaultdict
 
 import numpy
 
-from . import batch_threads, cpu_ops
 from .backend import to_numpy
 from .cli import ArgumentParser, HelpFormatter, add_shape_flags, finite_float, run_cli, with_shape_flags
 from .config import PRESETS, Config
@@ -126,6 +125,7 @@ def thread_cpu_seconds():
     The share of the cores a step got, which its wall time alone cannot tell from how much work it did."""
     if not hasattr(time, "pthread_getcpuclockid"):
         return None
+    from . import cpu_ops                 # imported when first used: its TINYPALM_NUM_THREADS check is a user error
     threads = [threading.current_thread(), *cpu_ops.pool.workers]
     return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident)) for t in threads)
 
@@ -255,6 +255,7 @@ def compare(args, cfg, model, step):
         # the slowdown, taken apart: the share of the cores the step got, and the work it did there. Beside N
         # busy processes on C cores, T threads that never wait get T x min(1, C / (T + N)) cores
         (idle_cores, idle_cpu), (loaded_cores, loaded_cpu) = between["tinypalm"].cores(), loaded["tinypalm"].cores()
+        from . import cpu_ops
         threads, cores = cpu_ops.pool.n_threads, cpu_ops.default_cores()
         fair = threads * min(1.0, cores / (threads + args.load))
         print(f"  tinypalm's threads, by their CPU clocks: on {idle_cores:.2f} cores without load, {loaded_cores:.2f} "
@@ -324,7 +325,7 @@ def main(argv=None):
     if xp is not numpy:
         print(f"peak GPU memory (pool): {xp.get_default_memory_pool().total_bytes() / 2**30:.2f} GiB")
 
-    threads = len(batch_threads.pieces(args.batch_size)) if model.split_batch is not None else 1
+    threads = len(model.split_batch.pieces(args.batch_size)) if model.split_batch is not None else 1
     per_op, total = profile_ops(step, model, max(3, args.steps // 3), threads)
     matmul = sum(t for name, t in per_op.items() if name in MATMUL_OPS)
     attention = sum(t for name, t in per_op.items() if name.startswith("attention"))

@@ -2,6 +2,7 @@
 
 import argparse
 import errno
+import json
 import math
 import os
 import sys
@@ -125,6 +126,16 @@ def with_shape_flags(shape, args, derive=True):
     if derive and "d_ff" not in given and "d_model" in given:
         shape["d_ff"] = None
     return shape
+
+
+def json_line(record):
+    """A dict as one line of strict JSON: a NaN or infinite float (bits per byte of no bytes, the perplexity of a
+    huge loss) becomes null, which every JSON reader accepts (json.dumps would write NaN or Infinity)."""
+    def strict(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return {k: strict(x) for k, x in v.items()} if isinstance(v, dict) else v
+    return json.dumps(strict(record))
 
 
 def format_duration(seconds):

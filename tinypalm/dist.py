@@ -484,6 +484,7 @@ def main(argv=None):
     from .bench import BENCH_SHAPE, time_steps
     from .cli import ArgumentParser, finite_float
     from .config import Config
+    from .run import check_memory
     from .model import PaLM
 
     argv = sys.argv[1:] if argv is None else argv
@@ -514,6 +515,8 @@ def main(argv=None):
     print("\n".join(plan_report(cfg, args.ranks or comm.size, args.dtype, args.bandwidth)))
     if not args.time:
         return
+    check_memory(cfg, args.backend, args.batch_size, args.seq_len, args.dtype,
+                 f"--preset {args.preset}" if args.preset else "the bench's model")
     comm.use_device(args.backend)
     model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=0)
     comm.attach(model, model.params, zero=args.zero)

@@ -19,7 +19,6 @@ on the tokenizer (a BPE token holds several bytes); bits per byte measures the s
 """
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -28,7 +27,7 @@ import numpy as np
 
 from . import data
 from .backend import DTYPES, read_scalars
-from .cli import ArgumentParser, format_duration, run_cli
+from .cli import ArgumentParser, format_duration, json_line, run_cli
 from .errors import TinyPalmError
 from .instruct import PairsData, is_pairs_file, read_pairs
 from .loading import load_model
@@ -186,9 +185,15 @@ def main(argv=None):
 
     t0 = time.time()
     if args.data and is_pairs_file(args.data):
-        pairs = PairsData(read_pairs(args.data), tokenizer, args.data)
+        if args.stride is not None:
+            raise TinyPalmError(f"--stride slides windows over text; {args.data} holds prompt/response examples, each "
+                                "scored in one window: drop --stride")
+        pairs = PairsData(read_pairs(args.data), tokenizer, args.data, needs_train=args.split == "train")
         indices = {"all": np.arange(len(pairs.examples)), "train": np.arange(pairs.n_train),
                    "val": pairs.val_indices()}[args.split]
+        cut = pairs.describe_cut(seq_len, "--seq-len", indices)
+        if cut:
+            print(cut, file=sys.stderr)
         source = f"{args.data}: {len(indices):,} prompt/response examples ({args.split})"
         progress = Progress(len(indices), "examples")
         result = evaluate_pairs(model, pairs, indices, seq_len, args.batch_size, byte_lengths, progress)
@@ -211,7 +216,7 @@ def main(argv=None):
     result = {**head, **result, "seconds": time.time() - t0}
 
     if args.json:
-        print(json.dumps(result))
+        print(json_line(result))
         return
     adapter = f" with the adapter {model.adapter.path}" if model.adapter is not None else ""
     print(f"{ckpt.path} (step {ckpt.step}){adapter} on {source}")

@@ -63,7 +63,9 @@ def require_gpu():
     try:
         return get_xp("cupy")
     except TinyPalmError as e:
-        raise TinyPalmError(f"gpucheck needs CuPy and an NVIDIA GPU: {e}") from None
+        reason = str(e).split("; ")[0].removeprefix("--backend cupy: ")      # its advice is for the other programs
+        raise TinyPalmError(f"gpucheck needs CuPy and an NVIDIA GPU ({reason}); run it on a machine with one, "
+                            "after `pip install -e .[cuda12]` or `.[cuda13]`") from None
 
 
 # --- 1. kernels against their twins ---------------------------------------------------------------------------
@@ -466,10 +468,12 @@ def run_bench():
 
 def main(argv=None):
     p = ArgumentParser(prog="python -m tinypalm.gpucheck", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-seconds", type=int, default=120, help="length of the training run (0: skip it)")
     p.add_argument("--no-bench", action="store_true", help="skip the benchmark")
     args = p.parse_args(argv)
+    if args.train_seconds < 0:
+        raise TinyPalmError(f"--train-seconds must not be negative, got {args.train_seconds} (0 skips the training run)")
     cupy = require_gpu()
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]

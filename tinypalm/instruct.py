@@ -9,7 +9,8 @@ its own prompt as context, as it will be asked at generation time. Packing examp
 no compute on padding, but a window would then start mid-example (a response learned without its prompt) and
 attend across example boundaries; for the short examples of instruction data, padding costs little.
 An example longer than seq_len + 1 tokens keeps its last seq_len + 1 (the prompt is cut from the left, as
-generation cuts a long prompt), so the response and its end-of-text stay.
+generation cuts a long prompt), so the response and its end-of-text stay, unless the response alone is longer
+than seq_len: then its start is cut too (`n_cut` counts both kinds).
 
 The last 10% of the examples (at least one) are the validation split. Batches are drawn from (seed, step)
 alone, as for text.
@@ -97,7 +98,7 @@ def split_examples(n, val_fraction=0.1):
 class PairsData:
     """Tokenised examples and their batches: x, y (B, T) ints and the loss mask (B, T), 1 where a target counts."""
 
-    def __init__(self, pairs, tokenizer, path="the data"):
+    def __init__(self, pairs, tokenizer, path="the data", needs_train=True):
         if tokenizer.eot_id is None:
             raise TinyPalmError("prompt/response examples end with an end-of-text token, and this checkpoint's tokenizer "
                                 "has none (a tinypalm without it saved it); pretrain a new base model (python train.py) "
@@ -108,7 +109,7 @@ class PairsData:
             p, r = tokenizer.encode(prompt), tokenizer.encode(response)
             self.examples.append((np.concatenate([p, r, [self.eot]]).astype(np.int32), len(p)))
         self.n_train, self.n_val = split_examples(len(self.examples))
-        if self.n_train < 1:
+        if self.n_train < 1 and needs_train:    # (scoring all the examples, or the validation split, needs none)
             raise TinyPalmError(f"--data {path}: {len(self.examples)} example; at least 2 are needed, since the last "
                                 "10% of the examples (at least one) are held out for validation")
 
@@ -116,9 +117,24 @@ class PairsData:
     def load(cls, path, tokenizer):
         return cls(read_pairs(path), tokenizer, path)
 
-    def n_cut(self, seq_len):
-        """How many examples are longer than seq_len + 1 tokens, and so lose the start of their prompt."""
-        return sum(len(ids) > seq_len + 1 for ids, _ in self.examples)
+    def n_cut(self, seq_len, indices=None):
+        """(examples longer than seq_len + 1 tokens, which lose the start of their prompt; of those, the ones
+        whose response is cut too; response tokens and end-of-text that are never predicted) among indices."""
+        examples = self.examples if indices is None else [self.examples[i] for i in indices]
+        lost = [len(ids) - n_prompt - seq_len for ids, n_prompt in examples]     # targets: the response and eot
+        return (sum(len(ids) > seq_len + 1 for ids, _ in examples), sum(n > 0 for n in lost),
+                sum(n for n in lost if n > 0))
+
+    def describe_cut(self, seq_len, flag, indices=None):
+        """A note on what n_cut counts, or None when every example fits."""
+        n_long, n_response, n_targets = self.n_cut(seq_len, indices)
+        if not n_long:
+            return None
+        text = f"note: {n_long:,} examples are longer than {flag} {seq_len}: their prompts lose their start"
+        if n_response:
+            text += (f", and {n_response:,} of them the start of their response too ({n_targets:,} response tokens "
+                     "never predicted)")
+        return text + f"; raise {flag} to keep them whole"
 
     def batch(self, indices, seq_len):
         """Rows of the given examples, padded to the longest (at most seq_len positions)."""

@@ -379,6 +379,9 @@ def merge_main(argv=None):
     args = p.parse_args(argv)
     from . import checkpoint
     from .loading import load_model
+    if os.path.isdir(args.out):
+        raise TinyPalmError(f"--out {args.out} is a directory; give the merged checkpoint's file name, e.g. "
+                            f"{os.path.join(args.out, 'merged.npz')}")
     if os.path.exists(args.out) and not args.force:
         raise TinyPalmError(f"--out {args.out} exists; choose another name or pass --force to overwrite it")
     model, tokenizer, ck = load_model(args.ckpt, args.adapter)
@@ -389,11 +392,18 @@ def merge_main(argv=None):
     print(f"wrote {args.out}: {ck.path} with {n:,} adapter parameters folded in")
 
 
+USAGE = ("usage: python -m tinypalm.lora merge --ckpt BASE --adapter ADAPTER --out MERGED.npz (folds LoRA adapters "
+         "into their base; merge --help says more)")
+
+
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return
     if not argv or argv[0] != "merge":
-        raise TinyPalmError("usage: python -m tinypalm.lora merge --ckpt BASE --adapter ADAPTER --out MERGED.npz")
+        raise TinyPalmError(USAGE)
     merge_main(argv[1:])
 
 

@@ -172,7 +172,8 @@ def check_memory(cfg, backend, batch_size, seq_len, dtype, what, base_trains=Tru
         threads = (f" ({buffers} gradient buffers, one per thread: TINYPALM_NUM_THREADS=1 needs one)"
                    if buffers > 1 else "")
         parts = f"gradients{threads}, AdamW state and activations" if base_trains else "activations (LoRA)"
-        raise TinyPalmError(f"{what} ({cfg.n_params() / 1e9:.2f}B parameters) needs about {gib(need)} for weights, "
+        size = f"{cfg.n_params() / 1e9:.2f}B" if cfg.n_params() >= 1e9 else f"{cfg.n_params() / 1e6:.2f}M"
+        raise TinyPalmError(f"{what} ({size} parameters) needs about {gib(need)} for weights, "
                             f"{parts} at batch {batch_size} x {seq_len}, and only {gib(have)} of {where} is free; "
                             "use a smaller preset or shape, or a smaller batch")
 
