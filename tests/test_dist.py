@@ -428,6 +428,10 @@ def test_the_planner_refuses_a_timed_step_too_large_for_the_machine(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert_user_error(r, "--preset palm-8b (8.63B parameters) needs about", "GiB", "smaller preset")
     assert "ZeRO-1" in r.stdout                               # the plan itself is printed first
+    r = subprocess.run([sys.executable, "-m", "tinypalm.dist", "--time", "--preset", "tiny", "--ranks", "3", "--steps",
+                        "1", "--warmup", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "note: the plan is for --ranks 3; the step is timed on the 1 rank(s)" in r.stdout and "timed: 1 rank(s)" in r.stdout
 
 
 def test_the_timed_data_parallel_step_runs_under_mpiexec(tmp_path):

@@ -515,6 +515,9 @@ def main(argv=None):
     print("\n".join(plan_report(cfg, args.ranks or comm.size, args.dtype, args.bandwidth)))
     if not args.time:
         return
+    if args.ranks not in (None, comm.size):
+        print(f"note: the plan is for --ranks {args.ranks}; the step is timed on the {comm.size} rank(s) this run has "
+              f"(start it with mpiexec -n {args.ranks} to time those)")
     check_memory(cfg, args.backend, args.batch_size, args.seq_len, args.dtype,
                  f"--preset {args.preset}" if args.preset else "the bench's model")
     comm.use_device(args.backend)
