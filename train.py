@@ -468,7 +468,8 @@ def main(argv=None):
             improved = val < best_val
             best_val = min(best_val, val)
             evals_without_gain = 0 if improved else evals_without_gain + 1
-            print(f"step {step}: val loss {val:.4f}, {val_bpb:.3f} bits/byte"
+            bpb = f"{val_bpb:.3f} bits/byte" if math.isfinite(val_bpb) else "no bytes to count bits/byte"
+            print(f"step {step}: val loss {val:.4f}, {bpb}"
                   + (" (best)" if improved else f" (best {best_val:.4f})"), flush=True)
             log({"split": "val", "step": step, "loss": val, "bits_per_byte": val_bpb})
             save("last.npz", step)

@@ -186,8 +186,8 @@ def work(corpus, tmp_path_factory):  # noqa: F811
 def head(work):
     r = classify("train", "--data", "task.csv", "--ckpt", "base", "--mode", "head", "--lr", "3e-2", "--epochs", "8",
                  "--out", "head.npz", "--json", cwd=work)
-    assert "mode head: 130 trainable parameters" in r.stdout            # (64 + 1) x 2
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    assert "mode head: 130 trainable parameters" in r.stderr            # (64 + 1) x 2; stdout: the JSON alone
+    return json.loads(r.stdout)
 
 
 def test_train_eval_predict_fewshot(work, head):
@@ -215,7 +215,7 @@ def test_modes_save_and_reload(work, mode):
     d = work
     r = classify("train", "--data", "task.csv", "--ckpt", "base", "--mode", mode, "--lr", "1e-3", "--epochs", "1",
                  "--out", f"{mode}.npz", "--json", "--lora-rank", "2", cwd=d)
-    trained = json.loads(r.stdout.strip().splitlines()[-1])
+    trained = json.loads(r.stdout)
     again = json.loads(classify("eval", "--model", f"{mode}.npz", "--json", cwd=d).stdout)
     assert again["accuracy"] == trained["accuracy"] and again["confusion"] == trained["confusion"]
     size = os.path.getsize(d / f"{mode}.npz")

@@ -193,6 +193,8 @@ def test_evaluate_says_what_a_long_example_loses_and_writes_strict_json(tuned):
     (d / "empty.jsonl").write_text(json.dumps({"prompt": "Q: 1+1=", "response": ""}) + "\n")
     r = run_module("tinypalm.evaluate", "--ckpt", "sft", "--data", "empty.jsonl", "--json", cwd=d)
     assert '"bits_per_byte": null' in r.stdout and "NaN" not in r.stdout     # no bytes: strict JSON's null
+    r = run_module("tinypalm.evaluate", "--ckpt", "sft", "--data", "empty.jsonl", cwd=d)
+    assert "bits per byte n/a (no bytes)" in r.stdout
 
 
 @pytest.fixture(scope="module")

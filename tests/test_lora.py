@@ -152,6 +152,15 @@ def test_train_sample_merge_end_to_end(base, corpus):  # noqa: F811
     assert_user_error(run_module("tinypalm.lora", "merge", "--ckpt", "base/best.npz", "--adapter", "ft",
                           "--out", "ft", "--force", cwd=d, check=False), "--out ft is a directory", "ft/merged.npz")
     assert "usage: python -m tinypalm.lora merge" in run_module("tinypalm.lora", "--help", cwd=d).stdout
+    base_bytes = (d / "base" / "best.npz").read_bytes()
+    assert_user_error(run_module("tinypalm.lora", "merge", "--ckpt", "base", "--adapter", "ft", "--out",
+                                 "base/best.npz", "--force", cwd=d, check=False), "is the base checkpoint itself")
+    assert (d / "base" / "best.npz").read_bytes() == base_bytes
+    assert_user_error(run("sample.py", "--ckpt", "ft", cwd=d, check=False),
+                      "ft: holds a LoRA run's adapters, not a model", "--adapter")
+    (d / "notes.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    assert_user_error(run("sample.py", "--ckpt", "base", "--adapter", "notes.jsonl", cwd=d, check=False),
+                      "--adapter notes.jsonl: not a tinypalm adapter (not an .npz file)")
     # merged logits equal base + adapter
     from tinypalm.loading import load_model
     adapted, _, _ = load_model(str(d / "base" / "best.npz"), str(d / "ft" / "adapter_last.npz"), dtype="float64")

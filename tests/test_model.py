@@ -1,5 +1,7 @@
 """The whole model: every parameter's gradient against finite differences, causality, init, KV cache."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -259,3 +261,39 @@ def test_the_backward_stops_above_frozen_bottom_layers(monkeypatch):
     model.frozen = frozenset(["layers.0.norm", *layer_storage_names(1)])     # the embedding trains: all the way down
     model.loss_and_grads(tokens, targets)
     assert sorted(set(ran)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("tokens,targets,words", [
+    ([[1, -1]], None, "tokens: ids from -1 to 1, outside [0, 256)"),
+    ([[1, 256]], None, "tokens: ids from 1 to 256, outside [0, 256)"),
+    (np.zeros((1, 4), np.float32), None, "tokens must be integer token ids, got float32"),
+    (np.zeros((0, 4), int), None, "tokens must be (batch, time) with both at least 1, got shape (0, 4)"),
+    (np.zeros(4, int), None, "got shape (4,)"),
+    (np.zeros((1, 65), int), None, "65 positions, and the model sees at most max_seq_len 64"),
+    (np.zeros((2, 4), int), np.zeros((1, 4), int), "targets must have the tokens' shape (2, 4), got (1, 4)"),
+    (np.zeros((1, 4), int), np.full((1, 4), -1), "targets: ids from -1 to -1"),
+    (np.zeros((1, 4), int), np.zeros((1, 4)), "targets must be integer token ids, got float64"),
+])
+def test_bad_tokens_and_targets_are_named(tokens, targets, words):
+    from tinypalm import TinyPalmError
+    model = PaLM(Config.preset("tiny"), dtype="float64")
+    with pytest.raises(TinyPalmError, match=re.escape(words)):
+        if targets is None:
+            model.forward(tokens)
+        else:
+            model.loss_and_grads(tokens, targets)
+
+
+def test_assigning_a_parameter_copies_it_into_the_model():
+    from tinypalm import TinyPalmError
+    model = PaLM(Config.preset("tiny"), dtype="float64")
+    tokens = np.random.default_rng(0).integers(0, 256, (1, 8))
+    new = np.random.default_rng(1).standard_normal(model.params["layers.0.wq"].shape)
+    model.params["layers.0.wq"] = new
+    twin = PaLM(Config.preset("tiny"), dtype="float64", params={**model.params, "layers.0.wq": new})
+    np.testing.assert_array_equal(model.params["layers.0.wq"], new)
+    np.testing.assert_array_equal(model.forward(tokens), twin.forward(tokens))   # the model reads the new values
+    with pytest.raises(TinyPalmError, match="not one of these arrays"):
+        model.params["layers.9.wq"] = new
+    with pytest.raises(TinyPalmError, match=r"the value given is \(3,\)"):
+        model.params["embed"] = np.zeros(3)

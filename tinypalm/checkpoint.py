@@ -115,6 +115,9 @@ def resolve(path):
         for name in ("best.npz", "last.npz"):
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name)
+        if any(os.path.isfile(os.path.join(path, f"adapter_{name}")) for name in ("best.npz", "last.npz")):
+            raise TinyPalmError(f"{path}: holds a LoRA run's adapters, not a model; pass its base checkpoint with "
+                                f"--ckpt and {path} with --adapter")
         raise TinyPalmError(f"{path}: directory holds no best.npz or last.npz; train first or pass a checkpoint file")
     if not os.path.exists(path):
         raise TinyPalmError(f"{path}: no such checkpoint; pass a .npz file written by train.py or its out/ directory")

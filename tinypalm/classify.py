@@ -360,12 +360,14 @@ def train(args):
     n_trainable = clf.head.flat.size + sum(b - a for a, b, _ in runs)
     n_trainable += model.adapter.n_params if model.adapter is not None else 0
     itemsize = model.master_dtype.itemsize                    # AdamW's moments: float32 for a bf16 model
+    log = sys.stderr if args.json else sys.stdout             # --json: stdout holds the one JSON object alone
     print(f"data: {len(train_set) + (0 if args.test_data else len(test_set))} examples in {args.data}, "
           f"{len(labels)} labels; {len(train_set)} train, {len(test_set)} held out"
-          + (f" ({args.test_data})" if args.test_data else f" (stratified {args.test_fraction:.0%}, seed {args.seed})"))
+          + (f" ({args.test_data})" if args.test_data else f" (stratified {args.test_fraction:.0%}, seed {args.seed})"),
+          file=log)
     print(f"mode {args.mode}: {n_trainable:,} trainable parameters of {model.params.flat.size + clf.head.flat.size:,}; "
           f"AdamW state {format_bytes(2 * itemsize * n_trainable)} against "
-          f"{format_bytes(2 * itemsize * (model.params.flat.size + clf.head.flat.size))} for full fine-tuning")
+          f"{format_bytes(2 * itemsize * (model.params.flat.size + clf.head.flat.size))} for full fine-tuning", file=log)
 
     t0 = time.time()
     seqs = clf.encode([t for t, _ in train_set])
@@ -412,7 +414,7 @@ def train(args):
             test_logits = clf.logits(test_seqs)
         accuracy = numpy.mean(test_logits.argmax(axis=1) == numpy.array([labels.index(t) for t in test_truth]))
         print(f"epoch {epoch + 1}/{args.epochs} | train loss {numpy.mean(read_scalars(xp, *losses)):.4f} | held-out accuracy "
-              f"{accuracy:.4f} | {time.time() - t0:.1f}s", flush=True)
+              f"{accuracy:.4f} | {time.time() - t0:.1f}s", file=log, flush=True)
     seconds = time.time() - t0
     meta = {"labels": labels, "pool": args.pool, "max_tokens": clf.max_tokens, "mode": args.mode, "dtype": str(model.dtype),
             "base": os.path.abspath(ck.path), "base_sha256": params_hash(ck.params), "data": os.path.abspath(args.data),
@@ -425,7 +427,7 @@ def train(args):
     save_classifier(args.out, clf, meta, changed)
     result = report(labels, test_truth, clf.predict([t for t, _ in test_set]))
     result.update(mode=args.mode, trainable_params=int(n_trainable), train_seconds=seconds)
-    print(f"wrote {args.out} ({format_bytes(os.path.getsize(args.out))}); trained in {seconds:.1f}s\n")
+    print(f"wrote {args.out} ({format_bytes(os.path.getsize(args.out))}); trained in {seconds:.1f}s\n", file=log)
     print_result(result, args)
 
 

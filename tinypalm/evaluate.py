@@ -222,8 +222,9 @@ def main(argv=None):
     print(f"{ckpt.path} (step {ckpt.step}){adapter} on {source}")
     shape = (f"windows of {seq_len}, stride {stride}" if "stride" in result
              else f"responses of {result['examples']:,} examples")
+    bpb = f"{result['bits_per_byte']:.4f}" if result["bytes"] else "n/a (no bytes)"
     print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | bits per byte "
-          f"{result['bits_per_byte']:.4f} ({result['tokens']:,} tokens scored, {result['bytes']:,} bytes; {shape})")
+          f"{bpb} ({result['tokens']:,} tokens scored, {result['bytes']:,} bytes; {shape})")
 
 
 if __name__ == "__main__":

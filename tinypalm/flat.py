@@ -8,6 +8,8 @@ memory, one kernel launch, one message, instead of one per parameter.
 
 import math
 
+from .errors import TinyPalmError
+
 
 class Layout:
     """Where each stored array sits in a flat vector: `spans[name] = (start, stop)`, in storage order.
@@ -36,12 +38,23 @@ class Layout:
 class Flat(dict):
     """A dict of views into one flat vector `.flat`; `.stored` holds the stored arrays by storage name.
 
-    Write through the views in place (`p -= ...`, `p[...] = ...`) so they stay tied to the vector."""
+    Write through the views in place (`p -= ...`, `p[...] = ...`) so they stay tied to the vector; assigning
+    `flat[name] = array` copies the array in."""
 
     def __init__(self, layout, flat):
         self.layout, self.flat = layout, flat
         self.stored = layout.carve(flat)
         super().__init__(layout.named(self.stored))
+
+    def __setitem__(self, name, value):
+        # flat[name] = value writes value into the view, so the vector stays the one the model reads (replacing
+        # the view would leave the model on the old values without a word)
+        if name not in self:
+            raise TinyPalmError(f"{name!r} is not one of these arrays; their names are fixed by the layout")
+        view = self[name]
+        if tuple(getattr(value, "shape", ())) != view.shape:
+            raise TinyPalmError(f"{name} is {view.shape}; the value given is {tuple(getattr(value, 'shape', ()))}")
+        view[...] = value
 
     def zeros_like(self, dtype=None):
         zeros = self.flat.astype(dtype or self.flat.dtype, copy=True)

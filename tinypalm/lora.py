@@ -259,6 +259,10 @@ def resolve_adapter(path):
 def read_adapter(path, flag="--adapter"):
     """An adapter file's (meta, {name: array} of its matrices, optimizer state or None), its format checked;
     flag names the option that gave the file in the error lines."""
+    from .checkpoint import is_npz
+    if not is_npz(path):
+        raise TinyPalmError(f"{flag} {path}: not a tinypalm adapter (not an .npz file); pass a file written by "
+                            "train.py --lora-rank, or its --out directory")
     try:
         with numpy.load(path, allow_pickle=False) as npz:
             meta = json.loads(str(npz["meta"])) if "meta" in npz.files else {}
@@ -378,7 +382,11 @@ def merge_main(argv=None):
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = p.parse_args(argv)
     from . import checkpoint
+    from .checkpoint import resolve
     from .loading import load_model
+    if os.path.exists(args.out) and os.path.samefile(args.out, resolve(args.ckpt)):
+        raise TinyPalmError(f"--out {args.out} is the base checkpoint itself; write the merged one to a file of its own "
+                            "(the adapters are only valid on their base)")
     if os.path.isdir(args.out):
         raise TinyPalmError(f"--out {args.out} is a directory; give the merged checkpoint's file name, e.g. "
                             f"{os.path.join(args.out, 'merged.npz')}")

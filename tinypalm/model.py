@@ -31,6 +31,7 @@ import numpy
 
 from .backend import get_xp, get_ops, batch_splitter, check_dtype, compute_dtype, to_numpy
 from .config import Config
+from .errors import TinyPalmError
 from .flat import Layout
 
 LAYER_PARAMS = ("norm", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -245,11 +246,26 @@ class PaLM:
             kv_cache.length = pos + T
         return logits, (block_caches, ln_cache, h)
 
-    def _tokens(self, tokens):
-        tokens = self.xp.asarray(tokens)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be (batch, time), got shape {tokens.shape}")
-        return tokens
+    def _tokens(self, tokens, what="tokens", shape=None):
+        """tokens (or targets, of the tokens' shape) as a device array, refused with a TinyPalmError naming what
+        is wrong: (B, T) integer ids in [0, vocab_size), 1 <= T <= max_seq_len. The ids' range is checked on host
+        arrays only (a device array's would cost a synchronisation)."""
+        if isinstance(tokens, (list, tuple)):
+            tokens = numpy.asarray(tokens)
+        dtype, got_shape = getattr(tokens, "dtype", None), getattr(tokens, "shape", None)
+        if dtype is None or numpy.dtype(dtype).kind not in "iu":
+            raise TinyPalmError(f"{what} must be integer token ids, got {dtype if dtype is not None else type(tokens).__name__}")
+        if len(got_shape) != 2 or 0 in got_shape:
+            raise TinyPalmError(f"{what} must be (batch, time) with both at least 1, got shape {tuple(got_shape)}")
+        if shape is not None and tuple(got_shape) != tuple(shape):
+            raise TinyPalmError(f"{what} must have the tokens' shape {tuple(shape)}, got {tuple(got_shape)}")
+        if got_shape[1] > self.config.max_seq_len:
+            raise TinyPalmError(f"{what}: {got_shape[1]} positions, and the model sees at most max_seq_len "
+                                f"{self.config.max_seq_len}; cut the sequences")
+        if isinstance(tokens, numpy.ndarray) and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise TinyPalmError(f"{what}: ids from {tokens.min()} to {tokens.max()}, outside [0, "
+                                f"{self.config.vocab_size}) of this model's vocabulary")
+        return self.xp.asarray(tokens)
 
     def forward(self, tokens, kv_cache=None):
         """tokens (B, T) -> logits (B, T, V). With a KVCache, tokens continue the cached positions. On numpy,
@@ -263,7 +279,7 @@ class PaLM:
     def loss(self, tokens, targets, loss_mask=None):
         """The training loss without the backward pass (for evaluation), as a Python float (read from the device);
         loss_mask as in loss_and_grads."""
-        logits, targets = self.forward(tokens), self._tokens(targets)
+        logits, targets = self.forward(tokens), self._tokens(targets, "targets", numpy.shape(tokens))
         loss_mask = self._loss_mask(loss_mask, targets)
         loss, _, _ = self._loss_forward(logits.reshape(-1, logits.shape[-1]), targets, loss_mask)
         return float(to_numpy(loss))
@@ -274,7 +290,7 @@ class PaLM:
             return None
         loss_mask = self.xp.asarray(loss_mask)
         if loss_mask.shape != targets.shape:
-            raise ValueError(f"loss_mask must have the targets' shape {targets.shape}, got {loss_mask.shape}")
+            raise TinyPalmError(f"loss_mask must have the targets' shape {targets.shape}, got {loss_mask.shape}")
         return loss_mask
 
     def _loss_forward(self, logits, targets, loss_mask):
@@ -332,7 +348,7 @@ class PaLM:
 
         On numpy the batch's rows are cut into one piece per thread, run side by side (batch_threads.py): the
         same result up to rounding, dropout included."""
-        tokens, targets = self._tokens(tokens), self._tokens(targets)
+        tokens, targets = self._tokens(tokens), self._tokens(targets, "targets", numpy.shape(tokens))
         loss_mask = self._loss_mask(loss_mask, targets)
         grads = self.grads_like() if grads is None else grads
         if self.split_batch is not None:
