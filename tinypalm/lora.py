@@ -28,6 +28,7 @@ import zipfile
 import numpy
 
 from .backend import compute_dtype, to_numpy
+from .checkpoint import is_npz, resolve
 from .cli import ArgumentParser, finite_float
 from .errors import TinyPalmError
 from .flat import Layout
@@ -259,7 +260,6 @@ def resolve_adapter(path):
 def read_adapter(path, flag="--adapter"):
     """An adapter file's (meta, {name: array} of its matrices, optimizer state or None), its format checked;
     flag names the option that gave the file in the error lines."""
-    from .checkpoint import is_npz
     if not is_npz(path):
         raise TinyPalmError(f"{flag} {path}: not a tinypalm adapter (not an .npz file); pass a file written by "
                             "train.py --lora-rank, or its --out directory")
@@ -382,7 +382,6 @@ def merge_main(argv=None):
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     args = p.parse_args(argv)
     from . import checkpoint
-    from .checkpoint import resolve
     from .loading import load_model
     if os.path.exists(args.out) and os.path.samefile(args.out, resolve(args.ckpt)):
         raise TinyPalmError(f"--out {args.out} is the base checkpoint itself; write the merged one to a file of its own "
