@@ -617,7 +617,7 @@ def make_example(args):
 
 def build_parser():
     p = ArgumentParser(prog="python -m tinypalm.classify", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     def data_flags(q):

@@ -146,7 +146,7 @@ def _same_tokenizer(a, b):
 
 def build_parser():
     p = ArgumentParser(prog="python -m tinypalm.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a checkpoint .npz, or a training --out directory")
     p.add_argument("--adapter", default=None, metavar="PATH", help="adapter weights trained on top of --ckpt")
     p.add_argument("--data", default=None, help="text file, directory of text files, token file, or JSONL of "

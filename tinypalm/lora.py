@@ -375,7 +375,7 @@ def resume_checkpoint(out):
 
 def merge_main(argv=None):
     p = ArgumentParser(prog="python -m tinypalm.lora merge",
-                                description="Fold LoRA adapters into their base: a plain checkpoint with W + (alpha/r) A B.")
+                       description="Fold LoRA adapters into their base: a plain checkpoint with W + (alpha/r) A B.")
     p.add_argument("--ckpt", required=True, help="the base checkpoint the adapter was trained on")
     p.add_argument("--adapter", required=True, help="adapter file (or the LoRA run's --out directory)")
     p.add_argument("--out", required=True, help="the merged checkpoint to write (.npz)")
