@@ -15,7 +15,7 @@ import warnings
 import time
 
 from tinypalm import TinyPalmError
-from tinypalm.cli import ArgumentParser, HelpFormatter, finite_float, run_cli
+from tinypalm.cli import ArgumentParser, HelpFormatter, check_ranges, finite_float, run_cli
 from tinypalm.generate import stream
 from tinypalm.loading import load_model
 
@@ -69,11 +69,7 @@ def read_prompt(args):
 
 
 def check_args(args):
-    for name in ("max_new_tokens", "num_samples"):
-        if getattr(args, name) < 1:
-            raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.seed < 0:
-        raise TinyPalmError(f"--seed must not be negative, got {args.seed}")
+    check_ranges(args, at_least_1=["max_new_tokens", "num_samples"], not_negative=["seed"])
     if args.temperature < 0:
         raise TinyPalmError(f"--temperature must not be negative, got {args.temperature} (0 is greedy)")
     if args.top_k is not None and args.top_k < 1:

@@ -25,8 +25,8 @@ import numpy as np
 from tinypalm import Config, PaLM, TinyPalmError
 from tinypalm import checkpoint, data, dist, instruct, lora
 from tinypalm.backend import read_scalars
-from tinypalm.cli import (SHAPE_FLAGS, ArgumentParser, HelpFormatter, StdoutThatMayClose, add_shape_flags, finite_float,
-                          format_duration, json_line, run_cli, with_shape_flags)
+from tinypalm.cli import (SHAPE_FLAGS, ArgumentParser, HelpFormatter, StdoutThatMayClose, add_shape_flags, check_ranges,
+                          finite_float, format_duration, json_line, run_cli, with_shape_flags)
 from tinypalm.config import PRESETS
 from tinypalm.evaluate import evaluate_batches, token_byte_lengths
 from tinypalm.generate import stream
@@ -103,19 +103,11 @@ def explicit_flags(parser, argv):
 
 
 def check_args(args):
-    for name in ["batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_steps", "log_every",
-                 "bpe_train_bytes"]:
-        if getattr(args, name) < 1:
-            raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ["warmup_steps", "patience", "freeze_layers", "sample_tokens", "save_every_s", "grad_clip", "weight_decay",
-                 "seed"]:
-        if getattr(args, name) < 0:
-            raise TinyPalmError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if args.decay_steps is not None and args.decay_steps < 1:
-        raise TinyPalmError(f"--decay-steps must be at least 1, got {args.decay_steps}")
-    for name in ["beta1", "beta2", "dropout"]:
-        if not 0.0 <= getattr(args, name) < 1.0:
-            raise TinyPalmError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    check_ranges(args, at_least_1=["batch_size", "seq_len", "grad_accum", "max_steps", "eval_every", "eval_steps",
+                                   "log_every", "bpe_train_bytes", "decay_steps"],
+                 not_negative=["warmup_steps", "patience", "freeze_layers", "sample_tokens", "save_every_s", "grad_clip",
+                               "weight_decay", "seed"],
+                 fraction=["beta1", "beta2", "dropout"])
     if args.lr <= 0:
         raise TinyPalmError(f"--lr must be positive, got {args.lr}")
     if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:

@@ -30,7 +30,7 @@ from collections import defaultdict
 import numpy
 
 from .backend import to_numpy
-from .cli import ArgumentParser, HelpFormatter, add_shape_flags, finite_float, run_cli, with_shape_flags
+from .cli import ArgumentParser, HelpFormatter, add_shape_flags, check_ranges, finite_float, run_cli, with_shape_flags
 from .config import PRESETS, Config
 from .errors import TinyPalmError
 from .model import PaLM
@@ -287,11 +287,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for name in ("batch_size", "seq_len", "steps"):
-        if getattr(args, name) < 1:
-            raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise TinyPalmError(f"--warmup must not be negative, got {args.warmup}")
+    check_ranges(args, at_least_1=["batch_size", "seq_len", "steps"], not_negative=["warmup"])
     if args.load < 0:
         raise TinyPalmError(f"--load {args.load}: give the number of busy processes to run, 0 or more")
     if args.peak_tflops is not None and args.peak_tflops <= 0:

@@ -38,7 +38,7 @@ import zipfile
 import numpy
 
 from .backend import read_scalars, to_numpy
-from .cli import ArgumentParser, finite_float
+from .cli import ArgumentParser, check_ranges, finite_float
 from .errors import TinyPalmError
 from .flat import flatten
 from .loading import load_model
@@ -690,20 +690,10 @@ def build_parser():
 
 
 def check_args(args):
-    for name in ("batch_size", "epochs", "max_tokens", "per_label"):
-        if getattr(args, name, 1) < 1:
-            raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("shots", "seed"):
-        if getattr(args, name, 0) < 0:
-            raise TinyPalmError(f"--{name} must not be negative, got {getattr(args, name)}")
+    check_ranges(args, at_least_1=["batch_size", "epochs", "max_tokens", "per_label"],
+                 not_negative=["shots", "seed", "weight_decay", "grad_clip"], fraction=["beta1", "beta2"])
     if getattr(args, "lr", 1.0) <= 0:
         raise TinyPalmError(f"--lr must be positive, got {args.lr}")
-    for name in ("weight_decay", "grad_clip"):
-        if getattr(args, name, 0.0) < 0:
-            raise TinyPalmError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    for name in ("beta1", "beta2"):
-        if not 0.0 <= getattr(args, name, 0.0) < 1.0:
-            raise TinyPalmError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if args.command == "train" and os.path.exists(args.out) and not args.force:
         raise TinyPalmError(f"--out {args.out} exists; choose another name or pass --force to overwrite it")
     if args.command == "predict" and args.output and os.path.exists(args.output) and not args.force:

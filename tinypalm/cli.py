@@ -51,6 +51,18 @@ def finite_float(text):
     return value
 
 
+def check_ranges(args, at_least_1=(), not_negative=(), fraction=()):
+    """Refuse, in one line naming the flag and its value, a count below 1, an amount below 0 or a rate outside
+    [0, 1). A name the args lack (another subcommand's flag) or left at None is not checked."""
+    for names, ok, rule in ((at_least_1, lambda v: v >= 1, "must be at least 1"),
+                            (not_negative, lambda v: v >= 0, "must not be negative"),
+                            (fraction, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")):
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and not ok(value):
+                raise TinyPalmError(f"--{name.replace('_', '-')} {rule}, got {value}")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, with a mistake on the command line told as every other user error: one line,
     `error: ...`, and exit status 2 (argparse's own prints the whole usage first)."""

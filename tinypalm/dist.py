@@ -482,7 +482,7 @@ def main(argv=None):
     import statistics
 
     from .bench import BENCH_SHAPE, time_steps
-    from .cli import ArgumentParser, finite_float
+    from .cli import ArgumentParser, check_ranges, finite_float
     from .config import Config
     from .run import check_memory
     from .model import PaLM
@@ -502,11 +502,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args(argv)
-    for name in ("ranks", "batch_size", "seq_len", "steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise TinyPalmError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise TinyPalmError(f"--warmup must not be negative, got {args.warmup}")
+    check_ranges(args, at_least_1=["ranks", "batch_size", "seq_len", "steps"], not_negative=["warmup"])
     if args.bandwidth <= 0:
         raise TinyPalmError(f"--bandwidth {args.bandwidth}: give the bus bandwidth per rank in GB/s, above 0")
     shape = Config.preset(args.preset).to_dict() if args.preset else dict(BENCH_SHAPE)

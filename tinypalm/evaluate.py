@@ -27,7 +27,7 @@ import numpy as np
 
 from . import data
 from .backend import DTYPES, read_scalars
-from .cli import ArgumentParser, format_duration, json_line, run_cli
+from .cli import ArgumentParser, check_ranges, format_duration, json_line, run_cli
 from .errors import TinyPalmError
 from .instruct import PairsData, is_pairs_file, read_pairs
 from .loading import load_model
@@ -164,8 +164,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise TinyPalmError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_ranges(args, at_least_1=["batch_size"])
     model, tokenizer, ckpt = load_model(args.ckpt, args.adapter, backend=args.backend, dtype=args.dtype, trains=False)
     max_len = model.config.max_seq_len
     seq_len = args.seq_len if args.seq_len is not None else min(int(ckpt.train_args.get("seq_len", max_len)), max_len)
