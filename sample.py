@@ -94,8 +94,6 @@ def main(argv=None):
           file=sys.stderr)
 
     prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
-    if not prompt_ids:
-        raise TinyPalmError("the prompt is empty; pass some text with --prompt or --prompt-file")
     limit = model.config.max_seq_len
     if len(prompt_ids) >= limit:
         print(f"note: the prompt is {len(prompt_ids)} tokens and the model sees at most {limit}; "
