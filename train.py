@@ -298,6 +298,10 @@ def parse_run(argv):
     if args.resume and ckpt.step >= args.max_steps:
         raise TinyPalmError(f"--resume: {ckpt.path} is already at step {ckpt.step} of --max-steps {args.max_steps}, "
                             f"nothing is left to train; raise --max-steps (e.g. --max-steps {2 * ckpt.step}) to go on")
+    if args.resume and args.patience and ckpt.evals_without_gain >= args.patience:
+        raise TinyPalmError(f"--resume: {ckpt.path} stopped early at step {ckpt.step}, with no improvement in its last "
+                            f"{ckpt.evals_without_gain} evaluations (--patience {args.patience}); raise --patience, or "
+                            "pass --patience 0 to train to --max-steps")
     if ckpt is not None:
         check_tokenizer_flags(args, given, ckpt.tokenizer_dict, ckpt.path)
     elif "vocab_size" in given and args.tokenizer != "bpe":
@@ -353,12 +357,13 @@ def main(argv=None):
     comm.attach(model, trained, zero=args.zero, micro_batches=args.grad_accum)
     optimizer = AdamW(trained, betas=(args.beta1, args.beta2), weight_decay=args.weight_decay, frozen=frozen,
                       shard=comm.shard)
-    start_step, best_val = 0, math.inf
+    start_step, best_val, evals_without_gain = 0, math.inf, 0
     if args.resume:
         if ckpt.opt_state is None:
             raise TinyPalmError(f"--resume: {ckpt.path} holds weights only (no optimizer state); use --init-from instead")
         comm.load_optimizer(optimizer, ckpt.opt_state, model.xp)
         start_step, best_val = ckpt.step, ckpt.best_val_loss if ckpt.best_val_loss is not None else math.inf
+        evals_without_gain = ckpt.evals_without_gain      # --patience counts on from where the run stopped
     if comm.is_root:
         remove_old_run(replaced, args.out)       # only now, with the new run ready to start
         os.makedirs(args.out, exist_ok=True)
@@ -374,10 +379,10 @@ def main(argv=None):
         if comm.is_root and args.lora_rank is not None:
             lora.save_adapter(os.path.join(args.out, f"adapter_{name}"), model.adapter, base_hash, step,
                               {**train_args, "init_from": args.init_from}, whole if name == "last.npz" else None,
-                              None if math.isinf(best_val) else best_val)
+                              None if math.isinf(best_val) else best_val, evals_without_gain)
         elif comm.is_root:
             checkpoint.save(os.path.join(args.out, name), model, tokenizer, step, whole, train_args,
-                            None if math.isinf(best_val) else best_val)
+                            None if math.isinf(best_val) else best_val, evals_without_gain)
         if name == "last.npz":
             saver.saved(time.time() - t0)
 
@@ -407,7 +412,7 @@ def main(argv=None):
           + (f"; resuming at step {start_step}" if args.resume else ""))
     stop = StopRequest()
     progress = Progress()
-    t_start, t_log, evals_without_gain = time.time(), time.time(), 0
+    t_start, t_log = time.time(), time.time()
     step, running, save_due = start_step, [], False
 
     def diverged_advice():

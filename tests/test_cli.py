@@ -343,6 +343,20 @@ def test_a_new_run_never_replaces_a_trained_one_unasked(corpus, tmp_path):
     assert_user_error(r, "already at step 2 of --max-steps 2", "raise --max-steps")
 
 
+def test_resume_counts_patience_on_from_where_the_run_stopped(corpus, tmp_path):
+    # an lr far below the weights' float32 resolution leaves them as they are: every evaluation after the first
+    # gives the same loss, no improvement
+    frozen_run = [*TINY, "--lr", "1e-30", "--eval-every", "1", "--max-steps", "50"]
+    r = run("train.py", "--data", str(corpus), *frozen_run, "--patience", "2", cwd=tmp_path)
+    assert "early stop: no improvement in 2 evaluations" in r.stdout
+    assert checkpoint.load(str(tmp_path / "out" / "last.npz")).step == 3
+    r = run("train.py", "--resume", "--patience", "2", cwd=tmp_path, check=False)
+    assert_user_error(r, "out/last.npz stopped early at step 3", "--patience 2", "raise --patience", "--patience 0")
+    r = run("train.py", "--resume", "--patience", "3", cwd=tmp_path)     # one more evaluation without gain
+    assert "resuming at step 3" in r.stdout and "early stop: no improvement in 3 evaluations" in r.stdout
+    assert checkpoint.load(str(tmp_path / "out" / "last.npz")).step == 4
+
+
 def test_a_killed_save_leaves_nothing_behind_at_the_next_start(corpus, tmp_path):
     run("train.py", "--data", str(corpus), *TINY, "--max-steps", "2", cwd=tmp_path)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -28,10 +28,10 @@ from .model import param_shapes
 FORMAT, VERSION = "tinypalm-checkpoint", 1
 
 
-def save(path, model, tokenizer, step, optimizer=None, train_args=None, best_val_loss=None):
+def save(path, model, tokenizer, step, optimizer=None, train_args=None, best_val_loss=None, evals_without_gain=0):
     meta = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(),
             "dtype": str(model.dtype), "step": int(step), "train_args": train_args or {},
-            "best_val_loss": best_val_loss}
+            "best_val_loss": best_val_loss, "evals_without_gain": int(evals_without_gain)}
     arrays = {"meta": numpy.array(json.dumps(meta))}
     arrays.update({f"param.{name}": p for name, p in model.params_numpy().items()})
     if optimizer is not None:
@@ -107,6 +107,7 @@ class Checkpoint:
         self.tokenizer_dict = meta["tokenizer"]
         self.train_args = meta.get("train_args", {})
         self.best_val_loss = meta.get("best_val_loss")
+        self.evals_without_gain = meta.get("evals_without_gain", 0)    # for --patience across --resume
 
 
 def resolve(path):

@@ -213,12 +213,14 @@ def params_hash(params):
     return h.hexdigest()
 
 
-def save_adapter(path, adapter, base_hash, step=0, train_args=None, optimizer=None, best_val_loss=None):
+def save_adapter(path, adapter, base_hash, step=0, train_args=None, optimizer=None, best_val_loss=None,
+                 evals_without_gain=0):
     """Write atomically (temporary file, then rename), like checkpoints; with the optimizer's state (opt.<key>,
     as in a checkpoint) when given, so that train.py --resume continues the run."""
     meta = {"format": FORMAT, "version": VERSION, "rank": adapter.rank, "alpha": adapter.alpha,
             "targets": list(adapter.targets), "config": adapter.config.to_dict(), "base_sha256": base_hash,
-            "step": int(step), "train_args": train_args or {}, "best_val_loss": best_val_loss}
+            "step": int(step), "train_args": train_args or {}, "best_val_loss": best_val_loss,
+            "evals_without_gain": int(evals_without_gain)}
     arrays = {"meta": numpy.array(json.dumps(meta))}
     arrays.update({f"lora.{name}": to_numpy(p) for name, p in adapter.params.items()})
     if optimizer is not None:
@@ -349,8 +351,9 @@ def start_training(args, model, ckpt):
 
 def resume_checkpoint(out):
     """For train.py --resume of a LoRA run: its base's checkpoint (the run's --init-from) carrying the run's own
-    state from out/adapter_last.npz in place of the base's: path, step, train_args, opt_state, best_val_loss, and
-    `adapter` (the file's meta and matrices), so that train.py resumes it as it resumes any run."""
+    state from out/adapter_last.npz in place of the base's: path, step, train_args, opt_state, best_val_loss,
+    evals_without_gain, and `adapter` (the file's meta and matrices), so that train.py resumes it as it resumes any
+    run."""
     from . import checkpoint
     path = os.path.join(out, "adapter_last.npz")
     meta, matrices, opt_state = read_adapter(path, "--resume")
@@ -365,7 +368,8 @@ def resume_checkpoint(out):
     if meta["config"] != base.config.to_dict() or meta["base_sha256"] != params_hash(base.params):
         raise TinyPalmError(f"--resume: {base_path} is no longer the base this LoRA run started from (sha256 "
                             f"{meta['base_sha256'][:12]}...); put that checkpoint back at {base_path}")
-    run = {**base.meta, "step": meta["step"], "train_args": meta["train_args"], "best_val_loss": meta.get("best_val_loss")}
+    run = {**base.meta, "step": meta["step"], "train_args": meta["train_args"], "best_val_loss": meta.get("best_val_loss"),
+           "evals_without_gain": meta.get("evals_without_gain", 0)}
     ckpt = checkpoint.Checkpoint(path, run, base.config, base.params, opt_state)
     ckpt.adapter = (meta, matrices)
     return ckpt
