@@ -244,8 +244,8 @@ def test_long_prompt_is_cut_from_the_left_with_a_notice(corpus, tmp_path):
     (["--preset", "huge"], ["unknown preset 'huge'"]),
     (["--d-model", "30", "--n-heads", "4"], ["not divisible by n_heads"]),
     (["--n-heads", "4", "--n-kv-heads", "3"], ["not divisible by n_kv_heads"]),
-    (["--d-model", "20", "--n-heads", "4"], ["head_dim 5 must be even"]),
-    (["--head-dim", "7"], ["head_dim 7 must be even"]),
+    (["--d-model", "20", "--n-heads", "4"], ["head_dim must be an even integer", "got 5"]),
+    (["--head-dim", "7"], ["head_dim must be an even integer", "got 7"]),
     (["--resume"], ["--resume", "does not exist"]),
     (["--preset", "huge", "--data", "does/not/exist.txt"], ["unknown preset 'huge'"]),    # checked before any data
     (["--d-model", "30", "--n-heads", "4", "--data", "does/not/exist.txt"], ["not divisible by n_heads"]),

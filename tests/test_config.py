@@ -38,8 +38,11 @@ def test_defaults_and_overrides():
 @pytest.mark.parametrize("kwargs,words", [
     (dict(d_model=30, n_heads=4), "not divisible by n_heads"),
     (dict(d_model=32, n_heads=4, n_kv_heads=3), "not divisible by n_kv_heads"),
-    (dict(d_model=36, n_heads=4), "must be even"),
-    (dict(d_model=32, n_heads=4, head_dim=7), "must be even"),
+    (dict(d_model=36, n_heads=4), "head_dim must be an even integer of at least 2.*got 9"),
+    (dict(d_model=32, n_heads=4, head_dim=7), "head_dim must be an even integer.*got 7"),
+    (dict(d_model=32, n_heads=4, head_dim=0), "head_dim must be an even integer of at least 2.*got 0"),
+    (dict(d_model=32, n_heads=4, head_dim=4.0), "head_dim must be an even integer.*got 4.0"),
+    (dict(d_model=32, n_heads=4, d_ff=0), "d_ff must be a positive integer, got 0"),
     (dict(d_model=0, n_heads=4), "positive integer"),
     (dict(d_model=32, n_heads=4, rope_base=0.0), "rope_base must be a finite number, above 0"),
     (dict(d_model=32, n_heads=4, rope_base=float("inf")), "rope_base must be a finite number"),

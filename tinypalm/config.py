@@ -34,11 +34,12 @@ class Config:
         if self.n_heads % self.n_kv_heads:
             raise TinyPalmError(f"config: n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}; "
                                 "each key/value head must serve the same number of query heads")
-        if self.head_dim < 2 or self.head_dim % 2:
-            raise TinyPalmError(f"config: head_dim {self.head_dim} must be even (rotary embeddings pair dimension j "
-                                "with j + head_dim/2); choose d_model and n_heads so that d_model/n_heads is even")
-        if self.d_ff < 1:
-            raise TinyPalmError(f"config: d_ff must be positive, got {self.d_ff}")
+        if not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
+            raise TinyPalmError(f"config: head_dim must be an even integer of at least 2 (rotary embeddings pair "
+                                f"dimension j with j + head_dim/2), got {self.head_dim!r}; by default it is "
+                                "d_model / n_heads")
+        if not isinstance(self.d_ff, int) or self.d_ff < 1:
+            raise TinyPalmError(f"config: d_ff must be a positive integer, got {self.d_ff!r}")
         for name, positive in (("rope_base", True), ("norm_eps", True), ("z_loss", False)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (positive and value == 0):
