@@ -187,6 +187,7 @@ def head(work):
     r = classify("train", "--data", "task.csv", "--ckpt", "base", "--mode", "head", "--lr", "3e-2", "--epochs", "8",
                  "--out", "head.npz", "--json", cwd=work)
     assert "mode head: 130 trainable parameters" in r.stderr            # (64 + 1) x 2; stdout: the JSON alone
+    assert "note: --max-tokens 128 is beyond the model's context: it reads each text's first 64 tokens" in r.stderr
     return json.loads(r.stdout)
 
 
@@ -214,7 +215,9 @@ def test_train_eval_predict_fewshot(work, head):
 def test_modes_save_and_reload(work, mode):
     d = work
     r = classify("train", "--data", "task.csv", "--ckpt", "base", "--mode", mode, "--lr", "1e-3", "--epochs", "1",
-                 "--out", f"{mode}.npz", "--json", "--lora-rank", "2", cwd=d)
+                 "--out", f"{mode}.npz", "--json", *(["--lora-rank", "2"] if mode == "lora" else []),
+                 "--max-tokens", "32", cwd=d)
+    assert "note: --max-tokens" not in r.stderr                         # within the model's 64 positions
     trained = json.loads(r.stdout)
     again = json.loads(classify("eval", "--model", f"{mode}.npz", "--json", cwd=d).stdout)
     assert again["accuracy"] == trained["accuracy"] and again["confusion"] == trained["confusion"]
@@ -254,7 +257,10 @@ def test_bad_input(work, head, tmp_path):
                          (["--beta2", "1"], ["--beta2 must be in [0, 1), got 1.0"]),
                          (["--grad-clip", "-1"], ["--grad-clip must not be negative"]),
                          (["--seed", "-1"], ["--seed must not be negative, got -1"]),
-                         (["--mode", "lora", "--lora-alpha", "-2"], ["--lora-alpha -2.0", "must be positive"])):
+                         (["--mode", "lora", "--lora-alpha", "-2"], ["--lora-alpha -2.0", "must be positive"]),
+                         (["--top-layers", "2"], ["--top-layers applies to --mode top only", "mode is head"]),
+                         (["--mode", "full", "--lora-rank", "2"], ["--lora-rank applies to --mode lora only"]),
+                         (["--mode", "top", "--lora-targets", "wq"], ["--lora-targets applies to --mode lora only"])):
         assert_user_error(classify("train", "--data", str(d / "task.csv"), *common, *flags, cwd=tmp_path, check=False),
                           *words)
     assert not (tmp_path / "x.npz").exists()
@@ -287,7 +293,8 @@ def test_training_on_the_cupy_standin_reads_the_host_once_per_epoch(work, mode, 
     from test_standin import run_on_standin
     epochs = 2
     out, reads = run_on_standin(["-m", "tinypalm.classify", "train", "--backend", "cupy", "--data", "task.csv",
-                                 "--ckpt", "base", "--mode", mode, "--epochs", str(epochs), "--lora-rank", "2",
+                                 "--ckpt", "base", "--mode", mode, "--epochs", str(epochs),
+                                 *(["--lora-rank", "2"] if mode == "lora" else []),
                                  "--out", str(tmp_path / "clf.npz")], work, tmp_path / "reads.json")
     assert f"epoch {epochs}/{epochs}" in out.stdout
     in_training = {site: n for site, n in reads.items() if site.endswith("(train)")}

@@ -337,6 +337,7 @@ def train(args):
     # what trains: the head always; then per mode the model's stored arrays from layer `lowest` up, or the adapters
     lowest, trained_model = cfg.n_layers, []
     if args.mode == "top":
+        args.top_layers = 1 if args.top_layers is None else args.top_layers
         if not 1 <= args.top_layers <= cfg.n_layers:
             raise TinyPalmError(f"--top-layers {args.top_layers}: the model has {cfg.n_layers} layers; pick 1 to {cfg.n_layers}")
         lowest = cfg.n_layers - args.top_layers
@@ -345,7 +346,9 @@ def train(args):
         lowest, trained_model = 0, list(model.layout.spans)
     elif args.mode == "lora":
         lowest = 0
-        model.adapter = LoRA(cfg, args.lora_rank, args.lora_alpha, args.lora_targets, xp=xp, dtype=model.dtype, seed=args.seed)
+        rank = LORA_RANK if args.lora_rank is None else args.lora_rank
+        model.adapter = LoRA(cfg, rank, args.lora_alpha, args.lora_targets or DEFAULT_TARGETS, xp=xp, dtype=model.dtype,
+                             seed=args.seed)
     optimizers = [(clf.head, lambda g: g[1], AdamW(clf.head, betas, weight_decay=args.weight_decay))]
     runs, changed = [], []           # the trained stretches of the model's flat vector; their canonical names
     if trained_model:
@@ -368,6 +371,9 @@ def train(args):
     print(f"mode {args.mode}: {n_trainable:,} trainable parameters of {model.params.flat.size + clf.head.flat.size:,}; "
           f"AdamW state {format_bytes(2 * itemsize * n_trainable)} against "
           f"{format_bytes(2 * itemsize * (model.params.flat.size + clf.head.flat.size))} for full fine-tuning", file=log)
+    if clf.max_tokens < args.max_tokens:
+        print(f"note: --max-tokens {args.max_tokens} is beyond the model's context: it reads each text's first "
+              f"{clf.max_tokens} tokens", file=log)
 
     t0 = time.time()
     seqs = clf.encode([t for t, _ in train_set])
@@ -636,10 +642,13 @@ def build_parser():
     q.add_argument("--out", required=True, help="the classifier file to write (.npz)")
     q.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     q.add_argument("--mode", default="head", choices=MODES, help="what trains besides the head (default head)")
-    q.add_argument("--top-layers", type=int, default=1, help="with --mode top: how many of the top layers train")
-    q.add_argument("--lora-rank", type=int, default=8)
-    q.add_argument("--lora-alpha", type=finite_float, default=None, help="default 2 x rank")
-    q.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), help=f"among {','.join(TARGETS)}")
+    # the flags of one mode: None unless given, so that check_args can refuse them with another mode
+    q.add_argument("--top-layers", type=int, default=None, help="with --mode top: how many of the top layers train "
+                   "(default 1)")
+    q.add_argument("--lora-rank", type=int, default=None, help=f"with --mode lora (default {LORA_RANK})")
+    q.add_argument("--lora-alpha", type=finite_float, default=None, help="with --mode lora (default 2 x rank)")
+    q.add_argument("--lora-targets", default=None, help=f"with --mode lora: among {','.join(TARGETS)} (default "
+                   f"{','.join(DEFAULT_TARGETS)})")
     q.add_argument("--pool", default="mean", choices=["mean", "last"], help="how the head reads the hidden states")
     q.add_argument("--max-tokens", type=int, default=128, help="each text's first tokens that the model reads")
     q.add_argument("--lr", type=finite_float, default=2e-5)
@@ -689,7 +698,16 @@ def build_parser():
     return p
 
 
+MODE_FLAGS = {"top": ["top_layers"], "lora": ["lora_rank", "lora_alpha", "lora_targets"]}
+LORA_RANK = 8
+
+
 def check_args(args):
+    for mode, names in MODE_FLAGS.items():
+        for name in names:
+            if getattr(args, name, None) is not None and args.mode != mode:
+                raise TinyPalmError(f"--{name.replace('_', '-')} applies to --mode {mode} only, and this run's mode is "
+                                    f"{args.mode}; add --mode {mode} or drop the flag")
     check_ranges(args, at_least_1=["batch_size", "epochs", "max_tokens", "per_label"],
                  not_negative=["shots", "seed", "weight_decay", "grad_clip"], fraction=["beta1", "beta2"])
     if getattr(args, "lr", 1.0) <= 0:
