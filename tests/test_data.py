@@ -192,6 +192,22 @@ def test_write_token_file_failure_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_write_token_file_on_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path):
+    import errno
+
+    def chunks():
+        yield np.arange(10)
+        raise OSError(errno.ENOSPC, "No space left on device")     # what a write to a full disk raises
+
+    path = tmp_path / "t.bin"
+    data.write_token_file(path, [np.arange(5)], {"vocab_size": 10})
+    before = path.read_bytes()
+    with pytest.raises(TinyPalmError, match=f"cannot write token file {path}: No space left on device; the previous "
+                                            f"{path} is intact; free some disk space"):
+        data.write_token_file(path, chunks(), {"vocab_size": 10})
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
 def test_prepare_token_file_matches_whole_encoding(tmp_path):
     src = tmp_path / "corpus"
     src.mkdir()

@@ -22,7 +22,7 @@ import numpy
 
 from .backend import to_numpy
 from .config import Config
-from .errors import TinyPalmError
+from .errors import TinyPalmError, os_error_advice
 from .model import param_shapes
 
 FORMAT, VERSION = "tinypalm-checkpoint", 1
@@ -46,8 +46,8 @@ def save(path, model, tokenizer, step, optimizer=None, train_args=None, best_val
         os.replace(tmp, path)
     except OSError as e:                  # a full disk, a read-only or vanished directory, ...
         kept = f"the previous {path} is intact" if os.path.exists(path) else f"{path} was not written"
-        raise TinyPalmError(f"cannot write checkpoint {path}: {e.strerror or e}; {kept}; "
-                            "free some disk space or pass another --out") from None
+        raise TinyPalmError(f"cannot write checkpoint {path}: {e.strerror or e}; {kept}; {os_error_advice(e)} "
+                            "or pass another --out") from None
     finally:
         try:
             os.remove(tmp)

@@ -1,13 +1,12 @@
 """What the command-line programs share: clean exits on user errors, --help with defaults, durations for humans."""
 
 import argparse
-import errno
 import json
 import math
 import os
 import sys
 
-from .errors import TinyPalmError
+from .errors import TinyPalmError, os_error_advice
 
 
 def run_cli(main):
@@ -25,19 +24,8 @@ def run_cli(main):
         sys.exit(0)
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}; {OS_ERROR_ADVICE.get(e.errno, 'check the path and the disk')}",
-              file=sys.stderr)
+        print(f"error: {where}{e.strerror or e}; {os_error_advice(e)}", file=sys.stderr)
         sys.exit(2)
-
-
-OS_ERROR_ADVICE = {errno.ENOENT: "check the path (its directory must exist)",
-                   errno.EISDIR: "give a file name, not a directory",
-                   errno.ENOTDIR: "check the path: a part of it is a file, not a directory",
-                   errno.ENOSPC: "free some disk space",
-                   errno.EDQUOT: "free some disk space",
-                   errno.EACCES: "check the permissions",
-                   errno.EPERM: "check the permissions",
-                   errno.EROFS: "choose a place on a writable disk"}
 
 
 def finite_float(text):

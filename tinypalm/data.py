@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from .errors import TinyPalmError
+from .errors import TinyPalmError, os_error_advice
 
 # Token file layout: a 32-byte prefix, the tokenizer as JSON, zero padding up to a multiple of 4096
 # bytes (so the tokens start page-aligned), then the tokens as little-endian uint16 or uint32.
@@ -152,9 +152,12 @@ def write_token_file(path, ids_chunks, tokenizer_dict, vocab_size=None):
             f.seek(0)  # the count is known only now
             f.write(_PREFIX.pack(MAGIC, VERSION, itemsize, count, len(meta)))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):          # a full disk names no file: say which one could not be written
+            kept = f"the previous {path} is intact" if os.path.exists(path) else f"{path} was not written"
+            raise TinyPalmError(f"cannot write token file {path}: {e.strerror or e}; {kept}; {os_error_advice(e)}") from None
         raise
     return count
 

@@ -30,7 +30,7 @@ import numpy
 from .backend import compute_dtype, to_numpy
 from .checkpoint import is_npz, resolve
 from .cli import ArgumentParser, finite_float
-from .errors import TinyPalmError
+from .errors import TinyPalmError, os_error_advice
 from .flat import Layout
 
 TARGETS = ("wq", "wk", "wv", "w_gate", "w_up", "wo", "w_down")
@@ -239,8 +239,8 @@ def write_npz(path, arrays):
         os.replace(tmp, path)
     except OSError as e:                  # a full disk, a read-only or vanished directory, ...
         kept = f"the previous {path} is intact" if os.path.exists(path) else f"{path} was not written"
-        raise TinyPalmError(f"cannot write adapter {path}: {e.strerror or e}; {kept}; "
-                            "free some disk space or pass another --out") from None
+        raise TinyPalmError(f"cannot write adapter {path}: {e.strerror or e}; {kept}; {os_error_advice(e)} "
+                            "or pass another --out") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
