@@ -489,6 +489,10 @@ def test_data_notices_for_binary_files_and_folders(corpus, tmp_path):
     (folder / "b.txt").write_text("more text\n")
     (folder / "logo.png").write_bytes(b"\x89PNG\0\0\0" * 100)
     r = run("train.py", "--data", "docs", "--prepare", "docs.tok", cwd=tmp_path)
-    assert "note: --data docs: reading 2 text files, skipping 1 binary (logo.png) and 1 hidden" in r.stderr
+    assert "note: --data docs: reading 2 text files, skipping 1 binary (logo.png) and 1 hidden\n" in r.stderr
+    os.symlink("moved.txt", folder / "notes.txt")                  # a link to a file that is gone
+    r = run("train.py", "--data", "docs", "--prepare", "docs2.tok", cwd=tmp_path)
+    assert ("note: --data docs: reading 2 text files, skipping 1 binary (logo.png), 1 hidden and 1 broken link "
+            "(notes.txt)\n") in r.stderr
     r = run("train.py", "--data", "docs/logo.png", "--prepare", "logo.tok", cwd=tmp_path)
     assert "note: --data docs/logo.png looks binary" in r.stderr

@@ -70,7 +70,7 @@ def _text_files(path, notify=True):
     def fail(e):
         raise TinyPalmError(f"--data {e.filename}: cannot list it ({e.strerror or e}); check its permissions") from None
 
-    rel, hidden = [], 0
+    rel, hidden, broken = [], 0, []
     for root, dirs, files in os.walk(path, onerror=fail):
         hidden += sum(d.startswith(".") for d in dirs)
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # prune hidden directories (.git, ...)
@@ -80,6 +80,8 @@ def _text_files(path, notify=True):
                 hidden += 1
             elif os.path.isfile(full):
                 rel.append(os.path.relpath(full, path).replace(os.sep, "/"))
+            elif os.path.islink(full) and not os.path.exists(full):     # a link to nothing
+                broken.append(os.path.relpath(full, path))
     files = [os.path.join(path, r) for r in sorted(rel)]
     binary = [f for f in files if _is_binary(f)]
     files = [f for f in files if f not in set(binary)]
@@ -89,8 +91,10 @@ def _text_files(path, notify=True):
         skipped = [f"{len(binary)} binary" + (f" ({', '.join(os.path.relpath(b, path) for b in binary[:3])}"
                                                f"{', ...' if len(binary) > 3 else ''})" if binary else "")]
         skipped += [f"{hidden} hidden"] if hidden else []
+        skipped += [f"{len(broken)} broken link{'s' * (len(broken) != 1)} ({', '.join(broken[:3])}"
+                    f"{', ...' if len(broken) > 3 else ''})"] if broken else []
         print(f"note: --data {path}: reading {len(files)} text file{'s' * (len(files) != 1)}, skipping "
-              f"{' and '.join(skipped)}", file=sys.stderr)
+              f"{', '.join(skipped[:-1]) + ' and ' if len(skipped) > 1 else ''}{skipped[-1]}", file=sys.stderr)
     return files
 
 
