@@ -406,7 +406,8 @@ def main(argv=None):
               "the new data")
     print(f"model: {cfg.n_params() / 1e6:.2f}M parameters, d_model {cfg.d_model}, {cfg.n_layers} layers, "
           f"{cfg.n_heads} heads ({cfg.n_kv_heads} kv), d_ff {cfg.d_ff}, vocab {cfg.vocab_size}; "
-          f"{args.backend} {args.dtype}; {tokens_per_step:,} tokens per step"
+          f"{args.backend} {args.dtype}; {'up to ' if is_pairs else ''}{tokens_per_step:,} tokens per step"
+          + (" (a batch is as long as its longest example)" if is_pairs else "")
           + (f" over {comm.size} ranks" + (", optimizer state split (ZeRO-1)" if comm.shard else "")
              if comm.size > 1 else "")
           + (f"; resuming at step {start_step}" if args.resume else ""))
@@ -414,6 +415,7 @@ def main(argv=None):
     progress = Progress()
     t_start, t_log = time.time(), time.time()
     step, running, save_due = start_step, [], False
+    positions = 0                  # run through the model since the last log line: batches of pairs are shorter
 
     def diverged_advice():
         kept = f"the last good checkpoint is {last_path}" if os.path.exists(last_path) else "no checkpoint was written yet"
@@ -425,6 +427,7 @@ def main(argv=None):
         first = (step * comm.size + comm.rank) * args.grad_accum      # this rank's share of the step's micro-batches
         for micro in range(first, first + args.grad_accum):           # their gradients add up in one buffer
             x, y, mask = batches.train_batch(args.batch_size, args.seq_len, args.seed, micro)
+            positions += x.size
             dropout_seed = (args.seed * 1_000_003 + micro) & 0x7FFFFFFF
             micro_loss, grads = model.loss_and_grads(x, y, args.dropout, dropout_seed, grads=grads, loss_mask=mask)
             loss += micro_loss / micro_batches         # on the device: nothing is read back yet
@@ -448,13 +451,14 @@ def main(argv=None):
         if step % args.log_every == 0 or step == args.max_steps:
             now = time.time()
             progress.add(len(running), now - t_log)
-            rate = len(running) * tokens_per_step / (now - t_log)
+            tokens = int(comm.sum(positions))                # since the last log line, over all ranks
+            rate = tokens / (now - t_log)
             print(f"step {step}/{args.max_steps} | loss {np.mean(running):.4f} | lr {lr:.2e} | {rate:,.0f} tok/s | "
                   f"{format_duration(now - t_start)} elapsed, {format_duration(progress.left(args.max_steps - step))} left",
                   flush=True)
             log({"split": "train", "step": step, "loss": float(np.mean(running)), "lr": lr, "grad_norm": grad_norm,
-                 "tokens_per_s": rate, "elapsed_s": now - t_start})
-            running, t_log = [], now
+                 "tokens": tokens, "tokens_per_s": rate, "elapsed_s": now - t_start})
+            running, t_log, positions = [], now, 0
 
         t_pause = time.time()
         if step % args.eval_every == 0 or step == args.max_steps or stopping:

@@ -104,7 +104,9 @@ def test_examples_batches_and_mask(tmp_path):
     # row 0: "ab" + "xyz" + EOT; the targets x, y, z, EOT count, the prompt's "b" does not
     assert x[0].tolist() == [97, 98, 120, 121, 122, eot] and y[0].tolist() == [98, 120, 121, 122, eot, eot]
     assert mask[0].tolist() == [0, 1, 1, 1, 1, 0]
-    assert y[1].tolist()[:1] == [eot] and mask[1].tolist() == [1, 0, 0, 0, 0, 0]   # no prompt: "q" -> EOT counts
+    # no prompt: end-of-text stands in for it, so "q" is predicted, then EOT
+    assert x[1].tolist()[:2] == [eot, ord("q")] and y[1].tolist()[:2] == [ord("q"), eot]
+    assert mask[1].tolist() == [1, 1, 0, 0, 0, 0]
     assert mask[2].tolist() == [0, 0, 0, 0, 1, 1]                    # "hello" predicts "w", then "w" predicts EOT
     # too long for seq_len: the prompt is cut from the left, the response and its end-of-text stay
     x, y, mask = d.batch([2], seq_len=3)
@@ -168,6 +170,16 @@ def test_instruction_tuning_end_to_end(tuned):
                 cwd=d)
         assert re.fullmatch(re.escape(prompt) + r" \d\n", s.stdout), s.stdout
         assert "[3 tokens" in s.stderr and "stopped at end-of-text" in s.stderr
+
+
+def test_tokens_per_second_counts_the_batches_as_they_ran(tuned):
+    # a batch of pairs is as long as its longest example, not --seq-len: the log counts what the model ran
+    d, r = tuned
+    assert "up to 256 tokens per step (a batch is as long as its longest example)" in r.stdout
+    pairs = PairsData.load(str(d / "qa.jsonl"), ByteTokenizer())
+    ran = sum(pairs.train_batch(16, 16, 0, step)[0].size for step in range(80))
+    records = [json.loads(line) for line in (d / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(rec["tokens"] for rec in records if rec["split"] == "train") == ran < 80 * 16 * 16
 
 
 def test_evaluate_on_pairs(tuned):

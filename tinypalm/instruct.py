@@ -1,7 +1,9 @@
 """Instruction data: a JSONL file of {"prompt": ..., "response": ...} lines, one example per line.
 
 Each example becomes the tokens prompt + response + end-of-text, and the loss counts only the predictions of the
-response's tokens and of the end-of-text: the model learns to answer and then to stop, not to write prompts.
+response's tokens and of the end-of-text: the model learns to answer and then to stop, not to write prompts. An
+empty prompt becomes one end-of-text token (what ends the example before), so that the response's first token is
+predicted from something.
 
 Padding, not packing. A batch holds one example per row, starting at position 0, right-padded with end-of-text
 to its longest example; padded positions are masked out of the loss. So every response is learned with exactly
@@ -107,6 +109,8 @@ class PairsData:
         self.examples = []                 # (ids: prompt + response + end-of-text, number of prompt tokens)
         for prompt, response in pairs:
             p, r = tokenizer.encode(prompt), tokenizer.encode(response)
+            if len(p) == 0:            # an empty prompt: end-of-text stands in, so the response's first token counts
+                p = np.array([self.eot])
             self.examples.append((np.concatenate([p, r, [self.eot]]).astype(np.int32), len(p)))
         self.n_train, self.n_val = split_examples(len(self.examples))
         if self.n_train < 1 and needs_train:    # (scoring all the examples, or the validation split, needs none)
