@@ -332,12 +332,13 @@ def main(argv=None):
                  base_trains=args.lora_rank is None)
     if is_pairs:                # instruction tuning: one example per row, the loss on the responses
         batches, tokenizer = load_pairs(args, ckpt.tokenizer_dict if ckpt else None)
+        byte_lengths = token_byte_lengths(tokenizer)
     else:
         tokens, tokenizer = load_tokens(args, given, ckpt.tokenizer_dict if ckpt else None)
-        train_tokens, val_tokens = data.split_train_val(tokens)
-        data.check_length(len(train_tokens), len(val_tokens), args.seq_len)
+        byte_lengths = token_byte_lengths(tokenizer)
+        train_tokens, val_tokens = data.split_train_val(tokens, byte_lengths=byte_lengths)   # the same text for
+        data.check_length(len(train_tokens), len(val_tokens), args.seq_len)                 # every tokenizer
         batches = data.StreamBatches(train_tokens, val_tokens)
-    byte_lengths = token_byte_lengths(tokenizer)
     comm.check_same("the data (a training and a validation batch, the tokenizer, the checkpoint step)",
                     dist.fingerprint(tokenizer.to_dict(), ckpt.step if ckpt else 0,
                                      *batches.train_batch(args.batch_size, args.seq_len, args.seed, 0)[:2],

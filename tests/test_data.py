@@ -262,6 +262,24 @@ def test_split_is_last_ten_percent():
     assert len(train) == 750 and val[0] == 750
 
 
+def test_split_by_bytes_is_the_same_text_for_every_tokenizer(monkeypatch):
+    rng = np.random.default_rng(0)
+    byte_lengths = np.array([1] * 256 + [0] + list(rng.integers(2, 9, 300)))       # bytes, end-of-text, merges
+    tokens = rng.integers(0, len(byte_lengths), 5000)
+    total = int(byte_lengths[tokens].sum())
+    for chunk in (1 << 22, 7, 1):                            # one pass, and a file counted a few tokens at a time
+        monkeypatch.setattr(data, "_COUNT_CHUNK", chunk)
+        train, val = data.split_train_val(tokens, byte_lengths=byte_lengths)
+        # the most tokens at the end that hold at most 10% of the bytes
+        assert byte_lengths[val].sum() <= total // 10 < byte_lengths[tokens[-len(val) - 1:]].sum()
+        assert len(train) + len(val) == len(tokens) and np.shares_memory(val, tokens)
+    # one token per byte: the fraction of the bytes is the fraction of the tokens, as without byte_lengths
+    ones = np.ones(256, dtype=np.int64)
+    byte_tokens = rng.integers(0, 256, 1003)
+    assert all(np.array_equal(a, b) for a, b in zip(data.split_train_val(byte_tokens, byte_lengths=ones),
+                                                    data.split_train_val(byte_tokens)))
+
+
 def test_split_memmap_stays_memmap(tmp_path):
     path = tmp_path / "t.bin"
     data.write_token_file(path, [np.arange(500)], {"vocab_size": 500})

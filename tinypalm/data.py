@@ -240,13 +240,41 @@ def prepare_token_file(src_path, out_path, tokenizer, chunk_bytes=1 << 24):
 # -------------------------------------------------------------------------------------------- batches
 
 
-def split_train_val(tokens, val_fraction=0.1):
-    """The last val_fraction of the stream is validation. Slices are views, so memmaps stay memmaps."""
+def split_train_val(tokens, val_fraction=0.1, byte_lengths=None):
+    """(train, validation): the last val_fraction of the stream is validation. Slices are views, so memmaps stay
+    memmaps.
+
+    byte_lengths ((V,) ints, the bytes each token id decodes to): the fraction is of the text's bytes, not of its
+    tokens, so that models with different tokenizers are validated on the same text (to within one token). A BPE
+    token holds more bytes where the text is like what BPE learned from, so the last 10% of its tokens can be
+    several percent more text than the last 10% of the bytes. Without it, or for bytes, the fraction of tokens."""
     if not 0 <= val_fraction < 1:
         raise TinyPalmError(f"validation fraction {val_fraction}: must be at least 0 and below 1; pass e.g. 0.1")
-    n_val = int(len(tokens) * val_fraction)
+    if byte_lengths is None:
+        n_val = int(len(tokens) * val_fraction)
+    else:
+        n_val = _tail_within(tokens, byte_lengths, int(_n_bytes(tokens, byte_lengths) * val_fraction))
     n_train = len(tokens) - n_val
     return tokens[:n_train], tokens[n_train:]
+
+
+_COUNT_CHUNK = 1 << 22         # tokens at a time: a memmapped token file is counted without loading it whole
+
+
+def _n_bytes(tokens, byte_lengths):
+    return sum(int(byte_lengths[tokens[i:i + _COUNT_CHUNK]].sum()) for i in range(0, len(tokens), _COUNT_CHUNK))
+
+
+def _tail_within(tokens, byte_lengths, n_bytes):
+    """The most tokens at the end of the stream that decode to at most n_bytes bytes."""
+    n = 0
+    for stop in range(len(tokens), 0, -_COUNT_CHUNK):
+        start = max(0, stop - _COUNT_CHUNK)
+        from_end = np.cumsum(byte_lengths[tokens[start:stop]][::-1])     # bytes of this chunk's last 1, 2, ...
+        if from_end[-1] > n_bytes:
+            return n + int(np.searchsorted(from_end, n_bytes, side="right"))
+        n, n_bytes = n + (stop - start), n_bytes - int(from_end[-1])
+    return n
 
 
 def check_length(n_train, n_val, seq_len):

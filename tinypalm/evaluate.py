@@ -208,7 +208,7 @@ def main(argv=None):
             tokens = tokenizer.encode(corpus)
             source = f"{desc}: {len(corpus):,} bytes -> {len(tokens):,} {tokenizer.kind} tokens"
         if args.split != "all":
-            tokens = data.split_train_val(tokens)[args.split == "val"]
+            tokens = data.split_train_val(tokens, byte_lengths=byte_lengths)[args.split == "val"]
             source += f", {args.split} split {len(tokens):,}"
         progress = Progress(max(len(tokens) - 1, 0))
         result = evaluate_tokens(model, tokens, seq_len, args.batch_size, stride, byte_lengths, progress)
