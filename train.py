@@ -33,7 +33,7 @@ from tinypalm.generate import stream
 from tinypalm.model import layer_storage_names
 from tinypalm.optim import AdamW, lr_at
 from tinypalm.plot import read_metrics, write_loss_svg
-from tinypalm.run import Progress, SaveSchedule, StopRequest, check_memory, prepare_out_dir, remove_old_run
+from tinypalm.run import Progress, SaveSchedule, StopRequest, check_memory, prepare_out_dir, start_out_dir
 from tinypalm.tokenizer import ByteTokenizer, BPETokenizer, tokenizer_from_dict
 
 WEIGHT_SHAPE_FLAGS = tuple(SHAPE_FLAGS)[:6]      # the ones a checkpoint's weights fix
@@ -324,7 +324,7 @@ def main(argv=None):
             raise TinyPalmError("--prepare writes one token file: run it as one process, then train under mpiexec "
                                 "with --data TOKEN_FILE")
         return prepare(args, ckpt.tokenizer_dict if ckpt else None)
-    replaced = prepare_out_dir(args.out, args.resume, args.overwrite) if comm.is_root else []
+    replaced = prepare_out_dir(args.out, args.resume, args.overwrite, args.init_from) if comm.is_root else []
     base = ckpt.config if ckpt else None
     cfg = model_config(args, vocab_bound(args), base)          # shape errors and memory, before reading the corpus
     check_memory(cfg, args.backend, args.batch_size, args.seq_len, args.dtype,
@@ -366,8 +366,7 @@ def main(argv=None):
         start_step, best_val = ckpt.step, ckpt.best_val_loss if ckpt.best_val_loss is not None else math.inf
         evals_without_gain = ckpt.evals_without_gain      # --patience counts on from where the run stopped
     if comm.is_root:
-        remove_old_run(replaced, args.out)       # only now, with the new run ready to start
-        os.makedirs(args.out, exist_ok=True)
+        start_out_dir(args.out, replaced)        # only now, with the new run ready to start
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     last_path = os.path.join(args.out, "adapter_last.npz" if args.lora_rank is not None else "last.npz")
     train_args = {k: v for k, v in vars(args).items() if k not in ("resume", "init_from", "prepare", "overwrite")}
@@ -462,25 +461,31 @@ def main(argv=None):
             running, t_log, positions = [], now, 0
 
         t_pause = time.time()
-        if step % args.eval_every == 0 or step == args.max_steps or stopping:
+        scheduled = step % args.eval_every == 0 or step == args.max_steps
+        if scheduled or stopping:
             val, val_bpb = comm.from_root(evaluate(model, batches, byte_lengths, args))   # one verdict for all ranks
             if not math.isfinite(val):
                 raise TinyPalmError(f"training diverged at step {step}: validation loss {val} after the update; not "
                                     f"saved, {diverged_advice()}")
-            improved = val < best_val
-            best_val = min(best_val, val)
-            evals_without_gain = 0 if improved else evals_without_gain + 1
+            # an evaluation only because of Ctrl-C decides nothing (best.npz, --patience): the run then goes on,
+            # resumed, exactly as if it had never stopped
+            improved = scheduled and val < best_val
+            if scheduled:
+                best_val = min(best_val, val)
+                evals_without_gain = 0 if improved else evals_without_gain + 1
             bpb = f"{val_bpb:.3f} bits/byte" if math.isfinite(val_bpb) else "no bytes to count bits/byte"
             print(f"step {step}: val loss {val:.4f}, {bpb}"
-                  + (" (best)" if improved else f" (best {best_val:.4f})"), flush=True)
+                  + (" (best)" if improved else f" (best {best_val:.4f})")
+                  + ("" if scheduled else "; on stopping, off the --eval-every steps that best.npz and --patience "
+                                          "go by"), flush=True)
             log({"split": "val", "step": step, "loss": val, "bits_per_byte": val_bpb})
-            save("last.npz", step)
-            if improved:
+            if improved:               # best.npz first: a kill between the two saves leaves last.npz to redo it
                 save("best.npz", step)
+            save("last.npz", step)
             if comm.is_root:
                 write_loss_svg(os.path.join(args.out, "loss.svg"), *read_metrics(metrics_path),
                                title=f"tinypalm {cfg.n_params() / 1e6:.1f}M")
-            if args.patience and evals_without_gain >= args.patience:
+            if scheduled and args.patience and evals_without_gain >= args.patience:
                 print(f"early stop: no improvement in {args.patience} evaluations")
                 break
         elif comm.any(saver.due()):             # the ranks' clocks differ: saving is collective under ZeRO-1

@@ -139,6 +139,10 @@ def test_ctrl_c_saves_and_exits_with_status_130(corpus, tmp_path):
     assert "continue with --resume" in out and "Traceback" not in err
     ck = checkpoint.load(str(tmp_path / "out" / "last.npz"))
     assert 3 <= ck.step < 100000
+    # the evaluation made on stopping decides nothing the run goes by: no best.npz, no best loss, no --patience
+    assert "on stopping, off the --eval-every steps that best.npz and --patience go by" in out
+    assert ck.best_val_loss is None and ck.evals_without_gain == 0
+    assert not (tmp_path / "out" / "best.npz").exists()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
@@ -359,6 +363,32 @@ def test_resume_counts_patience_on_from_where_the_run_stopped(corpus, tmp_path):
     assert checkpoint.load(str(tmp_path / "out" / "last.npz")).step == 4
 
 
+def test_one_out_directory_holds_one_running_run(corpus, tmp_path):
+    proc = train_until(tmp_path, "step 5/", "--data", str(corpus), *TINY, "--max-steps", "100000", "--log-every", "1")
+    try:
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            r = run("train.py", "--data", str(corpus), *TINY, "--max-steps", "200000", *extra, cwd=tmp_path,
+                    check=False)
+            assert_user_error(r, "--out out is in use by another training run right now", "pick another --out")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    stopped_at = checkpoint.load(str(tmp_path / "out" / "last.npz")).step          # its checkpoint, untouched
+    assert stopped_at >= 5
+    run("train.py", "--resume", "--max-steps", str(stopped_at + 2), cwd=tmp_path)  # free again once it has ended
+
+
+def test_overwrite_never_deletes_the_checkpoint_a_run_starts_from(corpus, tmp_path):
+    run("train.py", "--data", str(corpus), *TINY, "--max-steps", "5", cwd=tmp_path)
+    before = (tmp_path / "out" / "best.npz").read_bytes()
+    for extra in ([], ["--lora-rank", "2"]):
+        r = run("train.py", "--data", str(corpus), *TINY, "--max-steps", "2", "--init-from", "out/best.npz",
+                "--overwrite", *extra, cwd=tmp_path, check=False)
+        assert_user_error(r, "--init-from out/best.npz is a checkpoint of the run in --out out", "copy it out of out")
+    assert (tmp_path / "out" / "best.npz").read_bytes() == before
+
+
 def test_a_killed_save_leaves_nothing_behind_at_the_next_start(corpus, tmp_path):
     run("train.py", "--data", str(corpus), *TINY, "--max-steps", "2", cwd=tmp_path)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -417,7 +447,7 @@ def test_help_shows_defaults(tmp_path):
 
 
 def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(corpus, tmp_path):
-    # the disk fills up after the first evaluation's two saves (last.npz, best.npz)
+    # the disk fills up after the first evaluation's two saves (best.npz, last.npz)
     script = ("import errno, numpy, runpy, sys\n"
               "real, calls = numpy.savez, []\n"
               "def savez(file, **arrays):\n"
@@ -430,8 +460,8 @@ def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(corpus, tmp_pat
               "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     r = subprocess.run([sys.executable, "-c", script, "--data", str(corpus), *TINY, "--max-steps", "10"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert_user_error(r, "cannot write checkpoint out/last.npz: No space left on device",
-                      "the previous out/last.npz is intact")
+    assert_user_error(r, "cannot write checkpoint out/best.npz: No space left on device",
+                      "the previous out/best.npz is intact")
     assert checkpoint.load(str(tmp_path / "out" / "last.npz")).step == 5
     assert sorted(os.listdir(tmp_path / "out")) == ["best.npz", "last.npz", "loss.svg", "metrics.jsonl"]
 

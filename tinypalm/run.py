@@ -6,6 +6,11 @@ import signal
 import sys
 import time
 
+try:
+    import fcntl
+except ImportError:                 # Windows: --out is not locked
+    fcntl = None
+
 from . import checkpoint
 from .backend import check_dtype, compute_dtype
 from .errors import TinyPalmError
@@ -17,12 +22,16 @@ RUN_FILES = (*CHECKPOINT_FILES, "metrics.jsonl", "loss.svg")
 # ------------------------------------------------------------------------------------------- the --out directory
 
 
-def prepare_out_dir(out, resume, overwrite):
-    """Clear what a killed save left in out, and refuse to start a new run over a trained one unless asked to.
+def prepare_out_dir(out, resume, overwrite, init_from=None):
+    """Clear what a killed save left in out, and refuse to start a new run over a trained one unless asked to, or
+    over one that is training right now (lock_out_dir).
 
-    Returns the files of the old run that a new run with --overwrite replaces (deleted only once training starts)."""
+    Returns the files of the old run that a new run with --overwrite replaces (deleted only once training starts);
+    never the checkpoint init_from, which the new run starts from."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise TinyPalmError(f"--out {out} is a file; --out names the directory a run writes its files to, pick another")
+    if os.path.isdir(out):
+        lock_out_dir(out)
     for path, size in checkpoint.remove_stale_temporaries(out):
         print(f"note: removed {path} ({size / 2**20:.1f} MB), left by a save that was killed; "
               "the checkpoints themselves are intact", file=sys.stderr)
@@ -34,15 +43,42 @@ def prepare_out_dir(out, resume, overwrite):
         run = "LoRA run" if found[0].startswith("adapter_") else "trained run"
         raise TinyPalmError(f"--out {out} already holds a {run} ({path}: {checkpoint.describe(path)}); "
                             "continue it with --resume, pick another --out, or pass --overwrite to replace it")
-    return [os.path.join(out, name) for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    replaced = [os.path.join(out, name) for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    base = checkpoint.resolve(init_from) if init_from else None
+    if base and os.path.exists(base) and any(os.path.samefile(base, path) for path in replaced):
+        raise TinyPalmError(f"--init-from {init_from} is a checkpoint of the run in --out {out}, which --overwrite "
+                            f"would delete; copy it out of {out} first, or pick another --out")
+    return replaced
 
 
-def remove_old_run(paths, out):
-    """--overwrite: delete the old run's files (the list prepare_out_dir returned)."""
-    if any(path.endswith(".npz") for path in paths):
-        print(f"--overwrite: replacing the run in {out} ({', '.join(os.path.basename(p) for p in paths)})")
-    for path in paths:
+def start_out_dir(out, replaced):
+    """Make out, hold it (lock_out_dir), and with --overwrite delete the old run's files (the list prepare_out_dir
+    returned): only once the new run is ready to start."""
+    os.makedirs(out, exist_ok=True)
+    lock_out_dir(out)
+    if any(path.endswith(".npz") for path in replaced):
+        print(f"--overwrite: replacing the run in {out} ({', '.join(os.path.basename(p) for p in replaced)})")
+    for path in replaced:
         os.remove(path)
+
+
+_LOCKED = {}          # the --out directories this process holds: path -> its open file descriptor
+
+
+def lock_out_dir(out):
+    """Hold out for this process alone until it ends, however it ends (the system drops the lock of a killed
+    process too): a second run on the same --out, or a --resume of a run that is still training, is refused
+    instead of mixing two runs' checkpoints and logs. Nothing is locked where there is no fcntl (Windows)."""
+    if fcntl is None or os.path.abspath(out) in _LOCKED:
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise TinyPalmError(f"--out {out} is in use by another training run right now; wait for it to end (and "
+                            "--resume it then, if it is this one), or pick another --out") from None
+    _LOCKED[os.path.abspath(out)] = fd
 
 
 class StopRequest:
