@@ -29,6 +29,7 @@ from tinypalm.cli import (SHAPE_FLAGS, ArgumentParser, HelpFormatter, StdoutThat
                           finite_float, format_duration, json_line, run_cli, with_shape_flags)
 from tinypalm.config import PRESETS
 from tinypalm.evaluate import evaluate_batches, token_byte_lengths
+from tinypalm.files import check_writable
 from tinypalm.generate import stream
 from tinypalm.model import layer_storage_names
 from tinypalm.optim import AdamW, lr_at
@@ -185,6 +186,7 @@ def prepare(args, tokenizer_dict):
             raise TinyPalmError(f"--prepare {args.prepare} is --data itself; give the token file a name of its own")
         if not args.overwrite:
             raise TinyPalmError(f"--prepare {args.prepare} exists; choose another name, or pass --overwrite to replace it")
+    check_writable(args.prepare, "--prepare")            # before tokenising, which can take long
     head = data.read_corpus_head(args.data, args.bpe_train_bytes) if args.tokenizer == "bpe" else b""
     tokenizer = make_tokenizer(args, head, tokenizer_dict)
     n = data.prepare_token_file(args.data, args.prepare, tokenizer)

@@ -264,6 +264,10 @@ def test_bad_input(work, head, tmp_path):
         assert_user_error(classify("train", "--data", str(d / "task.csv"), *common, *flags, cwd=tmp_path, check=False),
                           *words)
     assert not (tmp_path / "x.npz").exists()
+    r = classify("train", "--data", str(d / "task.csv"), "--ckpt", str(d / "base"), "--out", "cols.csv/c.npz",
+                 cwd=tmp_path, check=False)                               # refused before it trains
+    assert_user_error(r, "--out cols.csv/c.npz:", "cols.csv is a file, not a directory")
+    assert "epoch" not in r.stdout
     (tmp_path / "inputs.txt").write_text("1234\n", encoding="utf-8")
     (tmp_path / "labels.txt").write_text("the user's own file\n", encoding="utf-8")
     predict = ["predict", "--model", str(d / "head.npz"), "--input", "inputs.txt", "--output", "labels.txt"]

@@ -204,7 +204,7 @@ def test_prepare_never_replaces_a_file_unasked(corpus, tmp_path):
     assert_user_error(run("train.py", "--data", "new/dir/a.tok", "--prepare", "b.tok", cwd=tmp_path, check=False),
                       "is a token file already", "--data new/dir/a.tok")
     assert_user_error(run("train.py", "--data", "other.txt", "--prepare", "src.txt/c.tok", cwd=tmp_path, check=False),
-                      "src.txt: File exists", "a part of it is a file, not a directory")
+                      "--prepare src.txt/c.tok:", "src.txt is a file, not a directory")
 
 
 def test_a_vocab_size_a_token_file_does_not_use_gets_a_note(corpus, tmp_path):

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from tinypalm import Config, PaLM, TinyPalmError, checkpoint, cpu_ops, run
+from tinypalm import Config, PaLM, TinyPalmError, checkpoint, cpu_ops, files, run
 from tinypalm.bench import build_parser as bench_parser
 from tinypalm.generate import generate
 from tinypalm.optim import AdamW, lr_at
@@ -159,10 +159,16 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     stale.write_bytes(b"x" * 1000)
     live.write_bytes(b"y")
     (tmp_path / "notes.tmp123").write_text("not ours")
-    removed = checkpoint.remove_stale_temporaries(str(tmp_path))
+    removed = files.remove_stale_temporaries(str(tmp_path))
     assert removed == [(str(stale), 1000)]
     assert not stale.exists() and live.exists() and (tmp_path / "notes.tmp123").exists()
-    assert checkpoint.remove_stale_temporaries(str(tmp_path / "missing")) == []
+    assert files.remove_stale_temporaries(str(tmp_path / "missing")) == []
+    # the temporaries of one file, whatever its name: a token file's, a merged checkpoint's
+    tok, other = tmp_path / f"corpus.tok.tmp{finished.pid}", tmp_path / f"corpus.tokens.tmp{finished.pid}"
+    tok.write_bytes(b"z" * 10)
+    other.write_bytes(b"z")
+    assert files.remove_stale_temporaries_of(str(tmp_path / "corpus.tok")) == [(str(tok), 10)]
+    assert other.exists() and live.exists()
 
 
 def test_nan_weights_are_refused_at_sampling():

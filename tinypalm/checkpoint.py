@@ -8,21 +8,20 @@ Keys:
 The batch order and dropout masks are functions of (seed, step) alone, so the seed in the training arguments
 and the step are the whole random and data-position state: a resumed run continues exactly.
 
-Files are written to a temporary name in the same directory (`<name>.tmp<PID>`), flushed to disk, then renamed
-over the old one, so a crash or Ctrl-C during a save never leaves a broken or missing checkpoint. A kill -9 in
-the middle of a save leaves the temporary behind; `remove_stale_temporaries` clears those of dead processes.
+Files are written as files.py writes every file: to `<name>.tmp<PID>` beside it, flushed to disk, then renamed
+over the old one, so a crash or Ctrl-C during a save never leaves a broken or missing checkpoint.
 """
 
 import json
 import os
-import re
 import zipfile
 
 import numpy
 
 from .backend import to_numpy
 from .config import Config
-from .errors import TinyPalmError, os_error_advice
+from .errors import TinyPalmError
+from .files import write_atomically
 from .model import param_shapes
 
 FORMAT, VERSION = "tinypalm-checkpoint", 1
@@ -36,55 +35,7 @@ def save(path, model, tokenizer, step, optimizer=None, train_args=None, best_val
     arrays.update({f"param.{name}": p for name, p in model.params_numpy().items()})
     if optimizer is not None:
         arrays.update({f"opt.{key}": to_numpy(value) for key, value in optimizer.state_dict().items()})
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "wb") as f:
-            numpy.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:                  # a full disk, a read-only or vanished directory, ...
-        kept = f"the previous {path} is intact" if os.path.exists(path) else f"{path} was not written"
-        raise TinyPalmError(f"cannot write checkpoint {path}: {e.strerror or e}; {kept}; {os_error_advice(e)} "
-                            "or pass another --out") from None
-    finally:
-        try:
-            os.remove(tmp)
-        except OSError:                   # already renamed, never created, or the disk is gone
-            pass
-
-
-_TEMPORARY = re.compile(r"\.npz\.tmp(\d+)$")
-
-
-def _alive(pid):
-    if pid == os.getpid():
-        return False                      # this process is not saving anything while it looks
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:                       # it exists but belongs to someone else, or we cannot tell
-        return True
-    return True
-
-
-def remove_stale_temporaries(directory):
-    """Delete `*.npz.tmp<PID>` files in directory whose writing process is gone; returns [(path, bytes)].
-
-    A temporary whose PID is a live process is kept: it may be another run saving right now."""
-    removed = []
-    if not os.path.isdir(directory):
-        return removed
-    for name in sorted(os.listdir(directory)):
-        match = _TEMPORARY.search(name)
-        path = os.path.join(directory, name)
-        if match and os.path.isfile(path) and not _alive(int(match.group(1))):
-            size = os.path.getsize(path)
-            os.remove(path)
-            removed.append((path, size))
-    return removed
+    write_atomically(path, lambda f: numpy.savez(f, **arrays), "checkpoint", " or pass another --out")
 
 
 def describe(path):

@@ -40,9 +40,10 @@ import numpy
 from .backend import read_scalars, to_numpy
 from .cli import ArgumentParser, check_ranges, finite_float
 from .errors import TinyPalmError
+from .files import check_writable, write_atomically
 from .flat import flatten
 from .loading import load_model
-from .lora import LoRA, TARGETS, DEFAULT_TARGETS, params_hash, write_npz, format_bytes
+from .lora import LoRA, TARGETS, DEFAULT_TARGETS, params_hash, format_bytes
 from .model import LAYER_PARAMS, Layer, layer_storage_names
 from .optim import AdamW, clip_together, update_runs
 
@@ -289,7 +290,7 @@ def save_classifier(path, clf, meta, changed_params):
     arrays.update({f"param.{name}": to_numpy(clf.model.params[name]) for name in changed_params})
     if clf.model.adapter is not None:
         arrays.update({f"lora.{name}": to_numpy(p) for name, p in clf.model.adapter.params.items()})
-    write_npz(path, arrays)
+    write_atomically(path, lambda f: numpy.savez(f, **arrays), "classifier", " or pass another --out")
 
 
 def load_classifier(path, ckpt=None, backend="numpy"):
@@ -484,14 +485,14 @@ def predict(args):
     except (OSError, UnicodeDecodeError) as e:
         raise TinyPalmError(f"--input {args.input}: cannot read it as UTF-8 text ({type(e).__name__}); "
                             "pass a text file with one input per line") from None
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
-        for a in range(0, len(texts), 256):
-            for label in clf.predict([t if t.strip() else " " for t in texts[a:a + 256]]):
-                out.write(label + "\n")
-    finally:
-        if args.output:
-            out.close()
+    labels = (label for a in range(0, len(texts), 256)
+              for label in clf.predict([t if t.strip() else " " for t in texts[a:a + 256]]))
+    if args.output:                 # all or nothing: a run stopped half-way leaves no short file that looks whole
+        lines = "".join(label + "\n" for label in labels)
+        write_atomically(args.output, lambda f: f.write(lines.encode("utf-8")), "labels file", " or pass another --output")
+    else:
+        for label in labels:
+            sys.stdout.write(label + "\n")
 
 
 # --- few-shot prompting -------------------------------------------------------------------------------------------
@@ -608,10 +609,11 @@ def make_example(args):
     if os.path.exists(args.out) and not args.force:
         raise TinyPalmError(f"--out {args.out} exists; choose another name or pass --force to overwrite it")
     rows = example_rows(args.min_chars, args.per_label, args.seed)
-    with open(args.out, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["text", "label"])
+    writer.writerows(rows)
+    write_atomically(args.out, lambda f: f.write(text.getvalue().encode("utf-8")), "examples file")
     counts = {}
     for _, label in rows:
         counts[label] = counts.get(label, 0) + 1
@@ -712,6 +714,10 @@ def check_args(args):
                  not_negative=["shots", "seed", "weight_decay", "grad_clip"], fraction=["beta1", "beta2"])
     if getattr(args, "lr", 1.0) <= 0:
         raise TinyPalmError(f"--lr must be positive, got {args.lr}")
+    if args.command == "train":         # before training, which could take hours
+        check_writable(args.out, "--out")
+    if args.command == "predict" and args.output:
+        check_writable(args.output, "--output")
     if args.command == "train" and os.path.exists(args.out) and not args.force:
         raise TinyPalmError(f"--out {args.out} exists; choose another name or pass --force to overwrite it")
     if args.command == "predict" and args.output and os.path.exists(args.output) and not args.force:

@@ -13,7 +13,8 @@ import sys
 
 import numpy as np
 
-from .errors import TinyPalmError, os_error_advice
+from .errors import TinyPalmError
+from .files import write_atomically
 
 # Token file layout: a 32-byte prefix, the tokenizer as JSON, zero padding up to a multiple of 4096
 # bytes (so the tokens start page-aligned), then the tokens as little-endian uint16 or uint32.
@@ -140,29 +141,22 @@ def write_token_file(path, ids_chunks, tokenizer_dict, vocab_size=None):
     dtype = _DTYPES[itemsize]
     meta = json.dumps(tokenizer_dict, separators=(",", ":")).encode("utf-8")
     offset = -(-(_PREFIX.size + len(meta)) // _ALIGN) * _ALIGN
-    tmp = f"{path}.tmp{os.getpid()}"        # this process's own: another writer of the same path keeps its file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     count = 0
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_PREFIX.pack(MAGIC, VERSION, itemsize, 0, len(meta)) + meta)
-            f.write(b"\0" * (offset - f.tell()))
-            for ids in ids_chunks:
-                ids = np.asarray(ids)
-                if ids.size and (ids.min() < 0 or ids.max() >= 1 << (8 * itemsize)):
-                    raise ValueError(f"token ids outside [0, {1 << (8 * itemsize)}) for a {dtype.name} token file")
-                f.write(ids.astype(dtype).tobytes())
-                count += ids.size
-            f.seek(0)  # the count is known only now
-            f.write(_PREFIX.pack(MAGIC, VERSION, itemsize, count, len(meta)))
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):          # a full disk names no file: say which one could not be written
-            kept = f"the previous {path} is intact" if os.path.exists(path) else f"{path} was not written"
-            raise TinyPalmError(f"cannot write token file {path}: {e.strerror or e}; {kept}; {os_error_advice(e)}") from None
-        raise
+
+    def write(f):
+        nonlocal count
+        f.write(_PREFIX.pack(MAGIC, VERSION, itemsize, 0, len(meta)) + meta)
+        f.write(b"\0" * (offset - f.tell()))
+        for ids in ids_chunks:
+            ids = np.asarray(ids)
+            if ids.size and (ids.min() < 0 or ids.max() >= 1 << (8 * itemsize)):
+                raise ValueError(f"token ids outside [0, {1 << (8 * itemsize)}) for a {dtype.name} token file")
+            f.write(ids.astype(dtype).tobytes())
+            count += ids.size
+        f.seek(0)  # the count is known only now
+        f.write(_PREFIX.pack(MAGIC, VERSION, itemsize, count, len(meta)))
+
+    write_atomically(path, write, "token file")
     return count
 
 

@@ -30,7 +30,8 @@ import numpy
 from .backend import compute_dtype, to_numpy
 from .checkpoint import is_npz, resolve
 from .cli import ArgumentParser, finite_float
-from .errors import TinyPalmError, os_error_advice
+from .errors import TinyPalmError
+from .files import write_atomically
 from .flat import Layout
 
 TARGETS = ("wq", "wk", "wv", "w_gate", "w_up", "wo", "w_down")
@@ -225,25 +226,7 @@ def save_adapter(path, adapter, base_hash, step=0, train_args=None, optimizer=No
     arrays.update({f"lora.{name}": to_numpy(p) for name, p in adapter.params.items()})
     if optimizer is not None:
         arrays.update({f"opt.{key}": to_numpy(value) for key, value in optimizer.state_dict().items()})
-    write_npz(path, arrays)
-
-
-def write_npz(path, arrays):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            numpy.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:                  # a full disk, a read-only or vanished directory, ...
-        kept = f"the previous {path} is intact" if os.path.exists(path) else f"{path} was not written"
-        raise TinyPalmError(f"cannot write adapter {path}: {e.strerror or e}; {kept}; {os_error_advice(e)} "
-                            "or pass another --out") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, lambda f: numpy.savez(f, **arrays), "adapter", " or pass another --out")
 
 
 def resolve_adapter(path):

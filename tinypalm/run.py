@@ -14,6 +14,7 @@ except ImportError:                 # Windows: --out is not locked
 from . import checkpoint
 from .backend import check_dtype, compute_dtype
 from .errors import TinyPalmError
+from .files import remove_stale_temporaries
 
 CHECKPOINT_FILES = ("best.npz", "last.npz", "adapter_best.npz", "adapter_last.npz")    # a full run's, a LoRA run's
 RUN_FILES = (*CHECKPOINT_FILES, "metrics.jsonl", "loss.svg")
@@ -32,7 +33,7 @@ def prepare_out_dir(out, resume, overwrite, init_from=None):
         raise TinyPalmError(f"--out {out} is a file; --out names the directory a run writes its files to, pick another")
     if os.path.isdir(out):
         lock_out_dir(out)
-    for path, size in checkpoint.remove_stale_temporaries(out):
+    for path, size in remove_stale_temporaries(out):
         print(f"note: removed {path} ({size / 2**20:.1f} MB), left by a save that was killed; "
               "the checkpoints themselves are intact", file=sys.stderr)
     if resume:
