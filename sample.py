@@ -10,6 +10,9 @@
 Generation also stops when the model emits the end-of-text token (instruction-tuned models end answers with it).
 """
 
+import signal
+signal.signal(signal.SIGINT, signal.SIG_DFL)     # Ctrl-C while the modules below load: a quiet exit
+
 import sys
 import warnings
 import time

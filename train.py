@@ -13,6 +13,9 @@ validation loss so far), metrics.jsonl (one JSON record per log line and evaluat
 curves). A new run refuses an --out that holds a trained run, unless --overwrite is given.
 """
 
+import signal
+signal.signal(signal.SIGINT, signal.SIG_DFL)     # Ctrl-C while the modules below load: a quiet exit
+
 import argparse
 import math
 import os

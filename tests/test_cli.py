@@ -145,6 +145,28 @@ def test_ctrl_c_saves_and_exits_with_status_130(corpus, tmp_path):
     assert not (tmp_path / "out" / "best.npz").exists()
 
 
+@pytest.mark.parametrize("script", ["train.py", "sample.py"])
+def test_ctrl_c_while_the_modules_load_ends_quietly(script, tmp_path):
+    # the disposition of SIGINT when tinypalm's modules are imported, and once the program runs: a Ctrl-C while
+    # they load (a third of a second) ends the process as a shell expects, with no KeyboardInterrupt traceback
+    probe = ("import runpy, signal, sys\n"
+             "seen = []\n"
+             "class Probe:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'tinypalm':\n"
+             "            seen.append(signal.getsignal(signal.SIGINT) is signal.SIG_DFL)\n"
+             "sys.meta_path.insert(0, Probe())\n"
+             f"sys.argv = [{os.path.join(ROOT, script)!r}, '--help']\n"
+             "try:\n"
+             "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit:\n"
+             "    pass\n"
+             "seen.append(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+             "print(seen)\n")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip().splitlines()[-1] == "[True, True]", (r.stdout, r.stderr)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     run("train.py", "--data", str(corpus), *TINY, "--max-steps", "5", cwd=tmp_path)
     before = open(tmp_path / "out" / "last.npz", "rb").read()

@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 
 from .errors import TinyPalmError, os_error_advice
@@ -12,6 +13,7 @@ from .errors import TinyPalmError, os_error_advice
 def run_cli(main):
     """Run main(); a TinyPalmError (or an OSError: full disk, permissions) becomes one line on stderr and exit
     status 2, with no traceback. Ctrl-C exits with 130, as shells expect, so `a && b` stops."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # a program may quiet Ctrl-C while it imports
     try:
         main()
     except TinyPalmError as e:
