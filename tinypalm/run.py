@@ -27,8 +27,8 @@ def prepare_out_dir(out, resume, overwrite, init_from=None):
     """Clear what a killed save left in out, and refuse to start a new run over a trained one unless asked to, or
     over one that is training right now (lock_out_dir).
 
-    Returns the files of the old run that a new run with --overwrite replaces (deleted only once training starts);
-    never the checkpoint init_from, which the new run starts from."""
+    Returns the files of the old run that a new run with --overwrite replaces (deleted only once training starts),
+    and refuses if init_from, the checkpoint the new run starts from, is one of them."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise TinyPalmError(f"--out {out} is a file; --out names the directory a run writes its files to, pick another")
     if os.path.isdir(out):
