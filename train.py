@@ -479,8 +479,8 @@ def main(argv=None):
                 best_val = min(best_val, val)
                 evals_without_gain = 0 if improved else evals_without_gain + 1
             bpb = f"{val_bpb:.3f} bits/byte" if math.isfinite(val_bpb) else "no bytes to count bits/byte"
-            print(f"step {step}: val loss {val:.4f}, {bpb}"
-                  + (" (best)" if improved else f" (best {best_val:.4f})")
+            best = " (best)" if improved else f" (best {best_val:.4f})" if math.isfinite(best_val) else ""
+            print(f"step {step}: val loss {val:.4f}, {bpb}{best}"
                   + ("" if scheduled else "; on stopping, off the --eval-every steps that best.npz and --patience "
                                           "go by"), flush=True)
             log({"split": "val", "step": step, "loss": val, "bits_per_byte": val_bpb})
