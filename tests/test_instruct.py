@@ -311,4 +311,12 @@ def test_stop_streamer_holds_back_only_what_could_start_a_stop_string():
         stream(ord(ch))
     stream.finish()                                          # generation ended: the held-back text is shown
     assert out.getvalue() == "zab"
+    out = io.StringIO()
+    stream = StopStreamer(out, tok, ["#X"])
+    for b in "ab#".encode() + "é".encode()[:1]:
+        stream(b)
+    assert out.getvalue() == "ab"                            # "#" held back, half a character pending
+    with pytest.raises(StopGenerating, match="end-of-text"):
+        stream(tok.eot_id)
+    assert out.getvalue() == "ab#\ufffd"                     # the model's answer ended there: all of it is shown
     assert sample.parse_escapes("\\n\\n###\\x41é", "--stop") == "\n\n###Aé"

@@ -83,6 +83,7 @@ class StopStreamer:
     def __call__(self, token):
         self.ids.append(token)
         if token == self.tokenizer.eot_id:
+            self.finish()            # text held back as a stop string's possible start was text after all
             raise StopGenerating("end-of-text")
         self.text += self.decoder.decode(self.tokenizer.token_bytes(token))
         start = max(0, self.shown - max((len(s) for s in self.stops), default=0))
