@@ -63,7 +63,7 @@ def read_prompt(args):
     if args.prompt_file is None:
         return parse_escapes(args.prompt, "--prompt")
     try:
-        with open(args.prompt_file, encoding="utf-8") as f:
+        with open(args.prompt_file, encoding="utf-8", newline="") as f:     # \r\n stays \r\n, as in training text
             return f.read()
     except FileNotFoundError:
         raise TinyPalmError(f"--prompt-file {args.prompt_file}: no such file; pass an existing UTF-8 text file") from None

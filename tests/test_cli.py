@@ -65,6 +65,10 @@ def test_train_then_sample(corpus, tmp_path):
     greedy = [run("sample.py", "--ckpt", "out/last.npz", "--temperature", "0", "--max-new-tokens", "20",
                   cwd=tmp_path).stdout for _ in range(2)]
     assert greedy[0] == greedy[1]
+    (tmp_path / "p.txt").write_bytes(b"one\r\ntwo\r")          # --prompt-file: the text as it is, line ends too
+    raw = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", "out", "--prompt-file", "p.txt",
+                          "--max-new-tokens", "1"], cwd=tmp_path, capture_output=True, timeout=120)
+    assert raw.returncode == 0 and raw.stdout.startswith(b"one\r\ntwo\r"), raw
 
 
 def test_resume_is_exact(corpus, tmp_path):
