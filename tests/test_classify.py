@@ -13,6 +13,7 @@ from tinypalm import Config, PaLM, checkpoint
 from tinypalm.classify import (classifier_head_forward, classifier_head_backward, pooling_weights, hidden_forward,
                                hidden_backward, read_examples, split_examples, report, label_log_likelihoods,
                                fewshot_prompt, Classifier)
+from tinypalm.errors import TinyPalmError
 from tinypalm.lora import LoRA
 from tinypalm.tokenizer import ByteTokenizer
 from gradcheck import assert_grad_close, numerical_grad, rel_error
@@ -150,6 +151,22 @@ def test_read_csv_and_jsonl(tmp_path):
     assert read_examples(str(tmp_path / "d.csv"), "body", "cls") == [("a, quoted\ntext", "x"), ("plain", "y")]
     (tmp_path / "d.jsonl").write_text('{"text": "hi", "label": 3}\n\n{"text": "yo", "label": "b"}\n', encoding="utf-8")
     assert read_examples(str(tmp_path / "d.jsonl")) == [("hi", "3"), ("yo", "b")]
+    # what spreadsheets and json.dumps(ensure_ascii=False) write: a BOM, CRLF, U+2028 inside a string
+    (tmp_path / "bom.csv").write_bytes("\ufefftext,label\r\ncafé,x\r\n".encode("utf-8"))
+    assert read_examples(str(tmp_path / "bom.csv")) == [("café", "x")]
+    (tmp_path / "ls.jsonl").write_bytes('\ufeff{"text": "a\u2028b", "label": "y"}\r\n'.encode("utf-8"))
+    assert read_examples(str(tmp_path / "ls.jsonl")) == [("a\u2028b", "y")]
+
+
+@pytest.mark.parametrize("content,words", [
+    ("text,label\nhello, world,pos\n", ["row 2: 3 fields under a header of 2", "double quotes"]),
+    ("text,label\rb,neg\rc,pos\r", ["not valid CSV", "new-line character"]),
+])
+def test_read_csv_refuses_rows_it_would_misread(tmp_path, content, words):
+    (tmp_path / "d.csv").write_bytes(content.encode())
+    with pytest.raises(TinyPalmError) as e:
+        read_examples(str(tmp_path / "d.csv"))
+    assert all(w in str(e.value) for w in words), str(e.value)
 
 
 # --- end to end -------------------------------------------------------------------------------------------------
@@ -202,6 +219,10 @@ def test_train_eval_predict_fewshot(work, head):
     (d / "inputs.txt").write_text("1234 5678 9012\nabcd efgh\n\n0000\n", encoding="utf-8")
     p = classify("predict", "--model", "head.npz", "--input", "inputs.txt", cwd=d)
     assert p.stdout.splitlines()[:2] == ["digits", "letters"] and len(p.stdout.splitlines()) == 4
+    # one label per \n line: a form feed, U+2028 or a lone \r inside a line is text; \r\n ends a line
+    (d / "odd.txt").write_bytes("12\x0c34\nab\u2028cd\r\n56\r78\nxy".encode("utf-8"))
+    p = classify("predict", "--model", "head.npz", "--input", "odd.txt", cwd=d)
+    assert p.stdout.split("\n") == ["digits", "letters", "digits", "letters", ""]
     f = json.loads(classify("fewshot", "--data", "task.csv", "--ckpt", "base", "--shots", "1", "--score", "pmi",
                             "--json", cwd=d).stdout)
     assert f["n"] == 12 and 0 <= f["accuracy"] <= 1 and f["trainable_params"] == 0

@@ -112,7 +112,7 @@ def hidden_backward(model, dh, caches, tokens, grads, lowest_layer=0, embed=True
 def read_examples(path, text_field="text", label_field="label"):
     """[(text, label)] from a CSV with a header or a JSONL file (by extension: .jsonl, .json, .ndjson)."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:     # -sig: without the BOM Excel writes
             content = f.read()
     except FileNotFoundError:
         raise TinyPalmError(f"{path}: no such file; pass a CSV or JSONL file of {text_field},{label_field}") from None
@@ -139,22 +139,28 @@ def _example(path, where, text, label, text_field, label_field):
 
 
 def _read_csv(path, content, text_field, label_field):
-    reader = csv.DictReader(io.StringIO(content))
-    columns = reader.fieldnames or []
-    for field, flag in ((text_field, "--text-field"), (label_field, "--label-field")):
-        if field not in columns:
-            raise TinyPalmError(f"{path}: no column {field!r} in the header ({', '.join(map(repr, columns))}); "
-                                f"name the right one with {flag}")
     try:
-        return [_example(path, f"row {n}", row.get(text_field), row.get(label_field), text_field, label_field)
-                for n, row in enumerate(reader, start=2)]
+        reader = csv.DictReader(io.StringIO(content))
+        columns = reader.fieldnames or []
+        for field, flag in ((text_field, "--text-field"), (label_field, "--label-field")):
+            if field not in columns:
+                raise TinyPalmError(f"{path}: no column {field!r} in the header ({', '.join(map(repr, columns))}); "
+                                    f"name the right one with {flag}")
+        examples = []
+        for n, row in enumerate(reader, start=2):
+            if None in row:            # more fields than the header: a comma in a text that is not quoted
+                raise TinyPalmError(f"{path} row {n}: {len(columns) + len(row[None])} fields under a header of "
+                                    f"{len(columns)}; put a text that holds commas in double quotes")
+            examples.append(_example(path, f"row {n}", row.get(text_field), row.get(label_field), text_field,
+                                     label_field))
+        return examples
     except csv.Error as e:
         raise TinyPalmError(f"{path}: not valid CSV ({e}); quote fields that hold commas or newlines") from None
 
 
 def _read_jsonl(path, content, text_field, label_field):
     examples = []
-    for n, line in enumerate(content.splitlines(), start=1):
+    for n, line in enumerate(content.split("\n"), start=1):     # not splitlines: U+2028 may sit inside a string
         if not line.strip():
             continue
         try:
@@ -480,8 +486,11 @@ def evaluate(args):
 def predict(args):
     clf, _ = load_classifier(args.model, args.ckpt, args.backend)
     try:
-        with open(args.input, encoding="utf-8") as f:
-            texts = f.read().splitlines()
+        with open(args.input, encoding="utf-8-sig", newline="") as f:
+            texts = f.read().split("\n")      # one label per \n, as wc -l counts: a form feed or U+2028 is text
+        if texts[-1] == "":
+            texts.pop()
+        texts = [t[:-1] if t.endswith("\r") else t for t in texts]
     except (OSError, UnicodeDecodeError) as e:
         raise TinyPalmError(f"--input {args.input}: cannot read it as UTF-8 text ({type(e).__name__}); "
                             "pass a text file with one input per line") from None
