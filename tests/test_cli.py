@@ -65,6 +65,9 @@ def test_train_then_sample(corpus, tmp_path):
     greedy = [run("sample.py", "--ckpt", "out/last.npz", "--temperature", "0", "--max-new-tokens", "20",
                   cwd=tmp_path).stdout for _ in range(2)]
     assert greedy[0] == greedy[1]
+    ascii_terminal = run("sample.py", "--ckpt", "out", "--prompt", "café 😀", "--max-new-tokens", "3", cwd=tmp_path,
+                         env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert ascii_terminal.stdout.startswith("caf? ?")        # what the terminal cannot show, not a crash
     (tmp_path / "p.txt").write_bytes(b"one\r\ntwo\r")          # --prompt-file: the text as it is, line ends too
     raw = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", "out", "--prompt-file", "p.txt",
                           "--max-new-tokens", "1"], cwd=tmp_path, capture_output=True, timeout=120)

@@ -14,6 +14,8 @@ def run_cli(main):
     """Run main(); a TinyPalmError (or an OSError: full disk, permissions) becomes one line on stderr and exit
     status 2, with no traceback. Ctrl-C exits with 130, as shells expect, so `a && b` stops."""
     signal.signal(signal.SIGINT, signal.default_int_handler)   # a program may quiet Ctrl-C while it imports
+    if hasattr(sys.stdout, "reconfigure"):     # text the terminal's encoding lacks (LANG=C, a Windows console)
+        sys.stdout.reconfigure(errors="replace")              # prints as ?, instead of ending the program
     try:
         main()
     except TinyPalmError as e:
