@@ -193,7 +193,7 @@ def prepare(args, tokenizer_dict):
     head = data.read_corpus_head(args.data, args.bpe_train_bytes) if args.tokenizer == "bpe" else b""
     tokenizer = make_tokenizer(args, head, tokenizer_dict)
     n = data.prepare_token_file(args.data, args.prepare, tokenizer)
-    print(f"wrote {n:,} tokens to {args.prepare}; train with --data {args.prepare}")
+    print(f"wrote {n:,} tokens to {args.prepare}; train with --data {shlex.quote(args.prepare)}")
 
 
 def vocab_bound(args):

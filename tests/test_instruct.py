@@ -260,6 +260,8 @@ def test_bad_jsonl_is_one_error_line(tmp_path, content, words):
     ('{"prompt": "a", "response": "b"}\n{prompt: "c", "response": "d"}\n', ["line 2", "not JSON"]),
     ('["a", "b"]\n', ["line 1", "a JSON list, not an object"]),
     ('{"prompt": "a", "response": 3}\n', ["line 1", '"response" is not a string']),
+    ('{"prompt": "a", "response": "b"}\n{"prompt": "x\\ud800", "response": "y"}\n',
+     ["line 2", '"prompt" holds an unpaired surrogate escape']),
     ("\n  \n", ["no examples"]),
     ('{"prompt": "a", "response": "b"}\n', ["1 example", "at least 2"]),
 ])

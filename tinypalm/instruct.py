@@ -80,6 +80,11 @@ def read_pairs(path):
                 raise TinyPalmError(f'{where}: no "{field}" field; {_SHAPE}')
             if not isinstance(obj[field], str):
                 raise TinyPalmError(f'{where}: "{field}" is not a string; {_SHAPE}')
+            try:
+                obj[field].encode("utf-8")
+            except UnicodeEncodeError:      # a \ud800 escape: half of a character, which no text can hold
+                raise TinyPalmError(f'{where}: "{field}" holds an unpaired surrogate escape (like \\ud800) that '
+                                    "UTF-8 cannot hold; fix or remove that line") from None
         pairs.append((obj["prompt"], obj["response"]))
     if not pairs:
         raise TinyPalmError(f"--data {path}: the file holds no examples (it is empty or blank); {_SHAPE}")
