@@ -334,7 +334,7 @@ def main(argv=None):
     cfg = model_config(args, vocab_bound(args), base)          # shape errors and memory, before reading the corpus
     check_memory(cfg, args.backend, args.batch_size, args.seq_len, args.dtype,
                  f"this model (--preset {args.preset})" if ckpt is None else f"the model of {ckpt.path}",
-                 base_trains=args.lora_rank is None)
+                 base_trains=args.lora_rank is None, ranks_here=comm.local_size)
     if is_pairs:                # instruction tuning: one example per row, the loss on the responses
         batches, tokenizer = load_pairs(args, ckpt.tokenizer_dict if ckpt else None)
         byte_lengths = token_byte_lengths(tokenizer)

@@ -117,6 +117,12 @@ def test_memory_estimate_and_refusal(monkeypatch):
     monkeypatch.setattr(run, "available_bytes", lambda backend: lora - 2**20)
     with pytest.raises(TinyPalmError, match=r"for weights, activations \(LoRA\) at batch 16 x 128"):
         run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b", base_trains=False)
+    # the processes of an mpiexec run on one machine share its memory; on GPUs each rank has its own
+    monkeypatch.setattr(run, "available_bytes", lambda backend: 2 * lora - 2**20)
+    run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b", base_trains=False)        # one: fits
+    with pytest.raises(TinyPalmError, match=r"in each of the 2 processes on this machine.*or fewer processes"):
+        run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b", base_trains=False, ranks_here=2)
+    run.check_memory(cfg, "cupy", 16, 128, "float32", "--preset palm-8b", base_trains=False, ranks_here=2)
     # bfloat16: a float32 master, gradients and moments beside the bf16 weights; LoRA's base is the bf16 weights
     # alone; the layers' activations in bf16 (half of float32's), the logits' at float32's 4 bytes
     activations = run.training_bytes(cfg, 16, 128, "float32") - 16 * cfg.n_params()

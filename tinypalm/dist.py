@@ -132,7 +132,7 @@ def fingerprint(*items):
 class Single:
     """The communicator of a process that trains alone: every collective is the identity."""
 
-    rank, size, local_rank, is_root = 0, 1, 0, True
+    rank, size, local_rank, local_size, is_root = 0, 1, 0, 1, True
     shard = None
 
     def check_same(self, what, value):
@@ -178,7 +178,7 @@ class MPIComm:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.is_root = self.rank == 0
         machine = self.comm.Split_type(MPI.COMM_TYPE_SHARED)        # the ranks on this rank's machine
-        self.local_rank = machine.Get_rank()
+        self.local_rank, self.local_size = machine.Get_rank(), machine.Get_size()
         if "TINYPALM_NUM_THREADS" not in os.environ:   # the machine's cores shared out among its ranks
             from . import cpu_ops
             cpu_ops.pool.n_threads = max(1, cpu_ops.pool.n_threads // machine.Get_size())
@@ -515,7 +515,7 @@ def main(argv=None):
         print(f"note: the plan is for --ranks {args.ranks}; the step is timed on the {comm.size} rank(s) this run has "
               f"(start it with mpiexec -n {args.ranks} to time those)")
     check_memory(cfg, args.backend, args.batch_size, args.seq_len, args.dtype,
-                 f"--preset {args.preset}" if args.preset else "the bench's model")
+                 f"--preset {args.preset}" if args.preset else "the bench's model", ranks_here=comm.local_size)
     comm.use_device(args.backend)
     model = PaLM(cfg, backend=args.backend, dtype=args.dtype, seed=0)
     comm.attach(model, model.params, zero=args.zero)

@@ -194,9 +194,10 @@ def available_bytes(backend):
         return None
 
 
-def check_memory(cfg, backend, batch_size, seq_len, dtype, what, base_trains=True):
+def check_memory(cfg, backend, batch_size, seq_len, dtype, what, base_trains=True, ranks_here=1):
     """Refuse, before allocating anything, a model that cannot fit; `what` names it for the message. base_trains
-    False: LoRA, the weights with neither gradients nor AdamW state."""
+    False: LoRA, the weights with neither gradients nor AdamW state. ranks_here: the processes of an mpiexec run
+    on this machine, which share its memory (on GPUs each has its own)."""
     buffers = 1
     if backend == "numpy":
         from . import batch_threads
@@ -204,15 +205,18 @@ def check_memory(cfg, backend, batch_size, seq_len, dtype, what, base_trains=Tru
     need = training_bytes(cfg, batch_size, seq_len, dtype, gradient_buffers=buffers, base_trains=base_trains,
                           attention_matrix=not attention_by_tiles(cfg, backend, dtype))
     have = available_bytes(backend)
-    if have is not None and need > have:
+    sharing = ranks_here if backend == "numpy" else 1
+    if have is not None and need * sharing > have:
         where = "GPU memory" if backend == "cupy" else "memory"
         threads = (f" ({buffers} gradient buffers, one per thread: TINYPALM_NUM_THREADS=1 needs one)"
                    if buffers > 1 else "")
         parts = f"gradients{threads}, AdamW state and activations" if base_trains else "activations (LoRA)"
         size = f"{cfg.n_params() / 1e9:.2f}B" if cfg.n_params() >= 1e9 else f"{cfg.n_params() / 1e6:.2f}M"
+        ranks = f" in each of the {sharing} processes on this machine" if sharing > 1 else ""
         raise TinyPalmError(f"{what} ({size} parameters) needs about {gib(need)} for weights, "
-                            f"{parts} at batch {batch_size} x {seq_len}, and only {gib(have)} of {where} is free; "
-                            "use a smaller preset or shape, or a smaller batch")
+                            f"{parts} at batch {batch_size} x {seq_len}{ranks}, and only {gib(have)} of {where} is "
+                            "free; use a smaller preset or shape, or a smaller batch" + (", or fewer processes" if
+                                                                                        sharing > 1 else ""))
 
 
 def gib(n_bytes):
