@@ -73,7 +73,8 @@ def build_parser():
                    help="learning rate at the end of the cosine decay; at most --lr (default: --lr / 10)")
     g.add_argument("--warmup-steps", type=int, default=50, help="steps of linear warmup from 0 to --lr")
     g.add_argument("--max-steps", type=int, default=600, help="optimizer steps in all (raise it to --resume a finished run)")
-    g.add_argument("--decay-steps", type=int, default=None, help="cosine decay length (default: --max-steps)")
+    g.add_argument("--decay-steps", type=int, default=None, help="the step at which the cosine decay reaches "
+                   "--min-lr, counted from step 0, warmup included (default: --max-steps)")
     g.add_argument("--weight-decay", type=finite_float, default=0.1, help="AdamW's decoupled weight decay of the layers' matrices")
     g.add_argument("--beta1", type=finite_float, default=0.9, help="AdamW's first-moment decay")
     g.add_argument("--beta2", type=finite_float, default=0.95, help="AdamW's second-moment decay")
@@ -117,6 +118,10 @@ def check_args(args):
     if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
         raise TinyPalmError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}: it is the floor the "
                             "learning rate decays to; lower it, or leave it out for --lr / 10")
+    if args.decay_steps is not None and args.decay_steps < args.warmup_steps:
+        raise TinyPalmError(f"--decay-steps {args.decay_steps} ends the decay before --warmup-steps {args.warmup_steps} "
+                            "ends the warmup (the rate would drop from --lr to --min-lr at once); --decay-steps counts "
+                            "from step 0, warmup included: raise it, or leave it out for --max-steps")
     if args.resume and args.overwrite:
         raise TinyPalmError("--resume and --overwrite exclude each other: resume continues the run in --out, "
                             "overwrite replaces it with a new one")
@@ -397,6 +402,18 @@ def main(argv=None):
                 f.write(json_line(record) + "\n")
 
     decay_steps = args.decay_steps or args.max_steps
+    if args.warmup_steps > args.max_steps:
+        print(f"note: --warmup-steps {args.warmup_steps} is beyond --max-steps {args.max_steps}: the learning rate "
+              f"climbs to {lr_at(args.max_steps - 1, args.lr, lr_floor(args), args.warmup_steps, decay_steps):.2e}, "
+              f"never to --lr {args.lr:g}")
+    old_max_steps = ckpt.train_args.get("max_steps", args.max_steps) if args.resume else args.max_steps
+    if args.decay_steps is None and old_max_steps != args.max_steps:    # the decay follows --max-steps
+        before, after = (lr_at(start_step, args.lr, lr_floor(args), args.warmup_steps, total)
+                         for total in (old_max_steps, args.max_steps))
+        if not math.isclose(before, after):
+            print(f"note: the cosine decay now ends at --max-steps {args.max_steps}, not {old_max_steps}: the learning "
+                  f"rate at step {start_step} is {after:.2e} instead of {before:.2e}; pass --decay-steps "
+                  f"{old_max_steps} to keep the run's schedule")
     micro_batches = args.grad_accum * comm.size      # per step, over all ranks
     tokens_per_step = args.batch_size * args.seq_len * micro_batches
     saved_micro_batches = ckpt.train_args.get("ranks", 1) * ckpt.train_args.get("grad_accum", 1) if args.resume else None

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -209,6 +210,26 @@ def test_flags_a_checkpoint_overrides_or_that_change_the_data_get_a_note(corpus,
     assert "note: --data" not in run("train.py", "--resume", "--data", "other.txt", "--max-steps", "4", cwd=tmp_path).stdout
 
 
+def test_learning_rate_schedules_that_surprise_get_a_note(corpus, tmp_path):
+    r = run("train.py", "--data", str(corpus), *TINY, "--max-steps", "4", "--warmup-steps", "8", "--out", "w",
+            cwd=tmp_path)
+    assert "note: --warmup-steps 8 is beyond --max-steps 4: the learning rate climbs to 1.00e-03, never to --lr 0.002" \
+        in r.stdout
+    # a finished run trained further: its cosine decay follows the new --max-steps, back up from the floor
+    run("train.py", "--data", str(corpus), *TINY, "--max-steps", "4", "--warmup-steps", "1", cwd=tmp_path)
+    for keep in (False, True):
+        shutil.copytree(tmp_path / "out", tmp_path / f"more{keep}")
+        r = run("train.py", "--resume", "--out", f"more{keep}", "--max-steps", "8", "--log-every", "1",
+                *(["--decay-steps", "4"] if keep else []), cwd=tmp_path)
+        rates = {rec["step"]: rec["lr"] for rec in read_log(tmp_path / f"more{keep}" / "metrics.jsonl", "train")}
+        if keep:
+            assert "note: the cosine decay" not in r.stdout and rates[5] == pytest.approx(2e-4)      # the floor
+        else:
+            assert ("note: the cosine decay now ends at --max-steps 8, not 4: the learning rate at step 4 is "
+                    f"{rates[5]:.2e} instead of 2.00e-04; pass --decay-steps 4 to keep the run's schedule") in r.stdout
+            assert rates[5] > 5 * 2e-4
+
+
 def test_prepare_never_replaces_a_file_unasked(corpus, tmp_path):
     (tmp_path / "src.txt").write_bytes(corpus.read_bytes())
     (tmp_path / "mine.tok").write_text("a file of the user's")
@@ -286,6 +307,8 @@ def test_long_prompt_is_cut_from_the_left_with_a_notice(corpus, tmp_path):
     (["--d-model", "30", "--n-heads", "4", "--data", "does/not/exist.txt"], ["not divisible by n_heads"]),
     (["--warmup-steps", "-1"], ["--warmup-steps must not be negative, got -1"]),
     (["--patience", "-1"], ["--patience must not be negative, got -1"]),
+    (["--warmup-steps", "6", "--decay-steps", "3"], ["--decay-steps 3 ends the decay before --warmup-steps 6",
+                                                     "counts from step 0, warmup included"]),
     (["--save-every-s", "-5"], ["--save-every-s must not be negative"]),
     (["--lr", "1e-3", "--min-lr", "2e-3"], ["--min-lr 0.002 must be between 0 and --lr 0.001"]),
     (["--vocab-size", "512"], ["--vocab-size 512", "--tokenizer bpe"]),
