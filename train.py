@@ -147,6 +147,23 @@ def lr_floor(args):
     return args.min_lr if args.min_lr is not None else args.lr / 10
 
 
+def schedule_notes(args, saved_max_steps, start_step):
+    """Notes on learning-rate schedules that surprise: a warmup longer than the run, and a resumed run whose new
+    --max-steps moves the end of its cosine decay (saved_max_steps: the run's before)."""
+    decay_steps = args.decay_steps or args.max_steps
+    if args.warmup_steps > args.max_steps:
+        print(f"note: --warmup-steps {args.warmup_steps} is beyond --max-steps {args.max_steps}: the learning rate "
+              f"climbs to {lr_at(args.max_steps - 1, args.lr, lr_floor(args), args.warmup_steps, decay_steps):.2e}, "
+              f"never to --lr {args.lr:g}")
+    if args.decay_steps is None and saved_max_steps not in (None, args.max_steps):   # the decay follows --max-steps
+        before, after = (lr_at(start_step, args.lr, lr_floor(args), args.warmup_steps, total)
+                         for total in (saved_max_steps, args.max_steps))
+        if not math.isclose(before, after):
+            print(f"note: the cosine decay now ends at --max-steps {args.max_steps}, not {saved_max_steps}: the "
+                  f"learning rate at step {start_step} is {after:.2e} instead of {before:.2e}; pass --decay-steps "
+                  f"{saved_max_steps} to keep the run's schedule")
+
+
 def model_config(args, vocab_size, base=None):
     """The preset (or a checkpoint's config), with shape flags applied and room for --seq-len."""
     shape = with_shape_flags(base.to_dict() if base else Config.preset(args.preset).to_dict(), args,
@@ -402,18 +419,7 @@ def main(argv=None):
                 f.write(json_line(record) + "\n")
 
     decay_steps = args.decay_steps or args.max_steps
-    if args.warmup_steps > args.max_steps:
-        print(f"note: --warmup-steps {args.warmup_steps} is beyond --max-steps {args.max_steps}: the learning rate "
-              f"climbs to {lr_at(args.max_steps - 1, args.lr, lr_floor(args), args.warmup_steps, decay_steps):.2e}, "
-              f"never to --lr {args.lr:g}")
-    old_max_steps = ckpt.train_args.get("max_steps", args.max_steps) if args.resume else args.max_steps
-    if args.decay_steps is None and old_max_steps != args.max_steps:    # the decay follows --max-steps
-        before, after = (lr_at(start_step, args.lr, lr_floor(args), args.warmup_steps, total)
-                         for total in (old_max_steps, args.max_steps))
-        if not math.isclose(before, after):
-            print(f"note: the cosine decay now ends at --max-steps {args.max_steps}, not {old_max_steps}: the learning "
-                  f"rate at step {start_step} is {after:.2e} instead of {before:.2e}; pass --decay-steps "
-                  f"{old_max_steps} to keep the run's schedule")
+    schedule_notes(args, ckpt.train_args.get("max_steps") if args.resume else None, start_step)
     micro_batches = args.grad_accum * comm.size      # per step, over all ranks
     tokens_per_step = args.batch_size * args.seq_len * micro_batches
     saved_micro_batches = ckpt.train_args.get("ranks", 1) * ckpt.train_args.get("grad_accum", 1) if args.resume else None
