@@ -118,9 +118,10 @@ def check_args(args):
     if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
         raise TinyPalmError(f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}: it is the floor the "
                             "learning rate decays to; lower it, or leave it out for --lr / 10")
-    if args.decay_steps is not None and args.decay_steps < args.warmup_steps:
+    if args.decay_steps is not None and args.decay_steps < args.warmup_steps < args.max_steps:
         raise TinyPalmError(f"--decay-steps {args.decay_steps} ends the decay before --warmup-steps {args.warmup_steps} "
-                            "ends the warmup (the rate would drop from --lr to --min-lr at once); --decay-steps counts "
+                            "ends the warmup (the rate would drop from --lr to --min-lr at once, at step "
+                            f"{args.warmup_steps}); --decay-steps counts "
                             "from step 0, warmup included: raise it, or leave it out for --max-steps")
     if args.resume and args.overwrite:
         raise TinyPalmError("--resume and --overwrite exclude each other: resume continues the run in --out, "

@@ -130,6 +130,14 @@ def test_program_json_matches_an_in_process_evaluation(trained):
     val = json.loads(run_module("tinypalm.evaluate", "--ckpt", "out", "--data", "text.txt", "--split", "val",
                                 "--json", *fast, cwd=d).stdout)
     assert val["tokens"] == int(len(text) * 0.1) - 1 and val["seq_len"] == 16        # train.py's --seq-len
+    # without --data: what the checkpoint trained on, so --split val is what train.py held out
+    own = run_module("tinypalm.evaluate", "--ckpt", "out", "--split", "val", "--json", *fast, cwd=d)
+    assert json.loads(own.stdout) | {"seconds": 0} == val | {"seconds": 0}
+    assert "data: text.txt, what the checkpoint trained on (--data evaluates another)" in own.stderr
+    moved = d / "elsewhere"
+    moved.mkdir(exist_ok=True)
+    r = run_module("tinypalm.evaluate", "--ckpt", str(d / "out"), "--split", "val", cwd=moved, check=False)
+    assert_user_error(r, "text.txt, the data", "trained on, is not there", "pass it with --data")
 
 
 def test_program_prints_a_summary(trained):

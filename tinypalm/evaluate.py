@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on a whole text: loss, perplexity and bits per byte.
 
-    python -m tinypalm.evaluate --ckpt out                          # on Python's bundled docs, all of it
+    python -m tinypalm.evaluate --ckpt out                          # on the data it trained on, all of it
     python -m tinypalm.evaluate --ckpt out --split val              # only the part training held out
     python -m tinypalm.evaluate --ckpt out/best.npz --data my.txt --seq-len 256 --json
     python -m tinypalm.evaluate --ckpt out --data corpus.tok        # a token file made with train.py --prepare
@@ -20,6 +20,7 @@ on the tokenizer (a BPE token holds several bytes); bits per byte measures the s
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -150,7 +151,8 @@ def build_parser():
     p.add_argument("--ckpt", required=True, help="a checkpoint .npz, or a training --out directory")
     p.add_argument("--adapter", default=None, metavar="PATH", help="adapter weights trained on top of --ckpt")
     p.add_argument("--data", default=None, help="text file, directory of text files, token file, or JSONL of "
-                                                "prompt/response pairs (default: Python's bundled docs)")
+                                                "prompt/response pairs (default: the data the checkpoint, or the "
+                                                "adapter, trained on)")
     p.add_argument("--split", default="all", choices=["all", "train", "val"],
                    help="all of the data, or the part train.py trains on / holds out (the last 10%%)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the one the checkpoint trained with)")
@@ -178,6 +180,15 @@ def main(argv=None):
         print(f"note: --seq-len {seq_len} is longer than the {trained_len} positions the model trained on; it never "
               f"learned positions past {trained_len}, so expect a higher loss than at --seq-len {trained_len}",
               file=sys.stderr)
+    if args.data is None:               # what the model (or its adapter) trained on, as train.py's split sees it
+        run_args = model.adapter.meta.get("train_args", {}) if model.adapter is not None else ckpt.train_args
+        args.data = run_args.get("data")
+        if args.data is not None and not os.path.exists(args.data):
+            raise TinyPalmError(f"{args.data}, the data {model.adapter.path if model.adapter else ckpt.path} trained "
+                                "on, is not there (a path is relative to where train.py ran); pass it with --data")
+        if args.data is not None:
+            print(f"data: {args.data}, what {'the adapter' if model.adapter else 'the checkpoint'} trained on "
+                  "(--data evaluates another)", file=sys.stderr)
     byte_lengths = token_byte_lengths(tokenizer)
     head = {"checkpoint": ckpt.path, "step": ckpt.step, "data": args.data or "default corpus", "split": args.split,
             "adapter": model.adapter.path if model.adapter is not None else None}
