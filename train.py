@@ -465,7 +465,7 @@ def main(argv=None):
         loss, grad_norm = read_scalars(model.xp, loss, grad_norm)     # the step's one device-to-host read
         loss = comm.sum(loss)                         # over the ranks (alone: as it is)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise TinyPalmError(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; stopped "
+            raise TinyPalmError(f"training diverged at step {step + 1}: loss {loss}, gradient norm {grad_norm}; stopped "
                                 f"without updating, {diverged_advice()}")
         if save_due:               # a timed save, made only now that these weights have given a finite loss
             t_pause = time.time()

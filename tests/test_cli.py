@@ -179,8 +179,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     run("train.py", "--data", str(corpus), *TINY, "--max-steps", "5", cwd=tmp_path)
     before = open(tmp_path / "out" / "last.npz", "rb").read()
     r = run("train.py", "--resume", "--max-steps", "200", "--lr", "1e30", "--min-lr", "1e30", "--grad-clip", "0",
-            cwd=tmp_path, check=False)
+            "--log-every", "1", cwd=tmp_path, check=False)
     assert_user_error(r, "training diverged", "last good checkpoint", "lower --lr")
+    last_logged = [line for line in r.stdout.splitlines() if line.startswith("step ")][-1]
+    done = int(last_logged.split()[1].split("/")[0])
+    assert f"training diverged at step {done + 1}:" in r.stderr       # numbered as the progress lines number steps
     assert open(tmp_path / "out" / "last.npz", "rb").read() == before
 
 
