@@ -158,6 +158,9 @@ def test_train_sample_merge_end_to_end(base, corpus):  # noqa: F811
     assert (d / "base" / "best.npz").read_bytes() == base_bytes
     assert_user_error(run("sample.py", "--ckpt", "ft", cwd=d, check=False),
                       "ft: holds a LoRA run's adapters, not a model", "--adapter")
+    assert_user_error(run("sample.py", "--ckpt", "ft/adapter_best.npz", cwd=d, check=False),
+                      "ft/adapter_best.npz holds LoRA adapters, not a model", "trained on (base/best.npz)",
+                      "ft/adapter_best.npz with --adapter")
     (d / "notes.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
     assert_user_error(run("sample.py", "--ckpt", "base", "--adapter", "notes.jsonl", cwd=d, check=False),
                       "--adapter notes.jsonl: not a tinypalm adapter (not an .npz file)")

@@ -97,6 +97,10 @@ def load(path, optimizer=False):
             if "meta" not in npz.files:
                 raise TinyPalmError(f"{path}: not a tinypalm checkpoint (no 'meta' entry); pass a file written by train.py")
             meta = json.loads(str(npz["meta"]))
+            if meta.get("format") == "tinypalm-adapter":          # lora.FORMAT: what train.py --lora-rank writes
+                base = meta.get("train_args", {}).get("init_from") or "its run's --init-from"
+                raise TinyPalmError(f"{path} holds LoRA adapters, not a model; pass the checkpoint they were trained "
+                                    f"on ({base}) as the checkpoint, and {path} with --adapter")
             if meta.get("format") != FORMAT:
                 raise TinyPalmError(f"{path}: not a tinypalm checkpoint; pass a file written by train.py")
             if meta.get("version") != VERSION:
