@@ -18,13 +18,13 @@ import warnings
 import time
 
 from tinypalm import TinyPalmError
-from tinypalm.cli import ArgumentParser, HelpFormatter, check_ranges, finite_float, run_cli
+from tinypalm.cli import ArgumentParser, check_ranges, finite_float, run_cli
 from tinypalm.generate import stream
 from tinypalm.loading import load_model
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", required=True, help="a checkpoint .npz, or a training --out directory (its best.npz, else last.npz)")
     p.add_argument("--adapter", default=None, help="LoRA adapter file (or a LoRA run's --out) trained on --ckpt")
     prompt = p.add_mutually_exclusive_group()

@@ -28,7 +28,7 @@ import numpy as np
 from tinypalm import Config, PaLM, TinyPalmError
 from tinypalm import checkpoint, data, dist, instruct, lora
 from tinypalm.backend import read_scalars
-from tinypalm.cli import (SHAPE_FLAGS, ArgumentParser, HelpFormatter, StdoutThatMayClose, add_shape_flags, check_ranges,
+from tinypalm.cli import (SHAPE_FLAGS, ArgumentParser, StdoutThatMayClose, add_shape_flags, check_ranges,
                           finite_float, format_duration, json_line, run_cli, with_shape_flags)
 from tinypalm.config import PRESETS
 from tinypalm.evaluate import evaluate_batches, token_byte_lengths
@@ -44,7 +44,7 @@ WEIGHT_SHAPE_FLAGS = tuple(SHAPE_FLAGS)[:6]      # the ones a checkpoint's weigh
 
 
 def build_parser():
-    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="small", help=f"model shape: one of {', '.join(PRESETS)}")
     add_shape_flags(g, SHAPE_FLAGS, "the preset's")

@@ -492,9 +492,14 @@ def test_ctrl_c_during_the_final_sample_stops_it_with_status_130(corpus, tmp_pat
 
 def test_help_shows_defaults(tmp_path):
     for command, defaults in [([os.path.join(ROOT, "train.py")], ["(default: 0.002)", "(default: 16)", "(default: out)",
-                                                                  "(default: 600)", "(default: --lr / 10)"]),
+                                                                  "(default: 600)", "(default: --lr / 10)",
+                                                                  "dropout rate on each block's output (default: 0.0)",
+                                                                  "(0: never) (default: 0)"]),
                               ([os.path.join(ROOT, "sample.py")], ["(default: 500)", "(default: 0.8)"]),
-                              (["-m", "tinypalm.bench"], ["(default: 12)", "(default: 64)"])]:
+                              (["-m", "tinypalm.bench"], ["(default: 12)", "(default: 64)"]),
+                              (["-m", "tinypalm.evaluate"], ["windows per forward pass (default: 8)"]),
+                              (["-m", "tinypalm.classify", "train"], ["decayed linearly to 0 (default: 2e-05)",
+                                                                      "passes over the training examples (default: 3)"])]:
         r = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         for d in defaults:

@@ -30,7 +30,7 @@ from collections import defaultdict
 import numpy
 
 from .backend import to_numpy
-from .cli import ArgumentParser, HelpFormatter, add_shape_flags, check_ranges, finite_float, run_cli, with_shape_flags
+from .cli import ArgumentParser, add_shape_flags, check_ranges, finite_float, run_cli, with_shape_flags
 from .config import PRESETS, Config
 from .errors import TinyPalmError
 from .model import PaLM
@@ -265,7 +265,7 @@ def compare(args, cfg, model, step):
 
 
 def build_parser():
-    p = ArgumentParser(prog="python -m tinypalm.bench", description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="python -m tinypalm.bench", description=__doc__)
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
     p.add_argument("--preset", default=None,
                    help=f"time a Config preset ({', '.join(PRESETS)}) instead (default: the reference CPU benchmark shape)")
@@ -279,7 +279,8 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--vs-torch", action="store_true", help="also time the same step in PyTorch eager (needs torch)")
     p.add_argument("--load", type=int, default=0, metavar="N",
-                   help="time the step, then again while N busy-looping processes run (N = cores: a busy machine)")
+                   help="time steps without load and beside N busy-looping processes in turn (N = cores: a busy "
+                        "machine), and print the slowdown (0: no load)")
     p.add_argument("--peak-tflops", type=finite_float, default=None,
                    help=f"the device's peak for MFU (default on cupy: {H100_BF16_PEAK_TFLOPS}, an H100's dense bf16)")
     return p

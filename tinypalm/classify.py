@@ -633,18 +633,17 @@ def make_example(args):
 # --- command line ---------------------------------------------------------------------------------------------------
 
 def build_parser():
-    p = ArgumentParser(prog="python -m tinypalm.classify", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tinypalm.classify", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     def data_flags(q):
         q.add_argument("--data", required=True, help="CSV (with a header) or JSONL of text,label")
         q.add_argument("--test-data", default=None, help="held-out examples in their own file (default: a split of --data)")
-        q.add_argument("--text-field", default="text")
-        q.add_argument("--label-field", default="label")
+        q.add_argument("--text-field", default="text", help="the column (CSV) or field (JSONL) of the texts")
+        q.add_argument("--label-field", default="label", help="the column or field of the labels")
         q.add_argument("--test-fraction", type=finite_float, default=0.2, help="held-out share of each label (default 0.2)")
         q.add_argument("--seed", type=int, default=0, help="the split, the shuffling and the demonstrations")
-        q.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+        q.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="CPU or NVIDIA GPU")
         q.add_argument("--json", action="store_true", help="print the evaluation as one JSON object")
 
     q = sub.add_parser("train", help="fine-tune a classifier from a pretrained checkpoint")
@@ -662,21 +661,21 @@ def build_parser():
                    f"{','.join(DEFAULT_TARGETS)})")
     q.add_argument("--pool", default="mean", choices=["mean", "last"], help="how the head reads the hidden states")
     q.add_argument("--max-tokens", type=int, default=128, help="each text's first tokens that the model reads")
-    q.add_argument("--lr", type=finite_float, default=2e-5)
-    q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("--epochs", type=int, default=3)
-    q.add_argument("--weight-decay", type=finite_float, default=0.0)
-    q.add_argument("--beta1", type=finite_float, default=0.9)
-    q.add_argument("--beta2", type=finite_float, default=0.999)
-    q.add_argument("--grad-clip", type=finite_float, default=1.0)
-    q.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    q.add_argument("--lr", type=finite_float, default=2e-5, help="AdamW's learning rate at the start, decayed linearly to 0")
+    q.add_argument("--batch-size", type=int, default=16, help="examples per step")
+    q.add_argument("--epochs", type=int, default=3, help="passes over the training examples")
+    q.add_argument("--weight-decay", type=finite_float, default=0.0, help="AdamW's decoupled weight decay")
+    q.add_argument("--beta1", type=finite_float, default=0.9, help="AdamW's first-moment decay")
+    q.add_argument("--beta2", type=finite_float, default=0.999, help="AdamW's second-moment decay")
+    q.add_argument("--grad-clip", type=finite_float, default=1.0, help="global gradient-norm clip (0: off)")
+    q.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="the arithmetic's precision")
     q.set_defaults(func=train)
 
     q = sub.add_parser("eval", help="accuracy, per-class precision/recall/F1 and the confusion matrix")
     q.add_argument("--model", required=True, help="a classifier file")
     q.add_argument("--data", default=None, help="evaluate all of this file (default: the held-out split it was trained with)")
     q.add_argument("--ckpt", default=None, help="its base checkpoint, if it has moved")
-    q.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    q.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="CPU or NVIDIA GPU")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=evaluate)
 
@@ -686,7 +685,7 @@ def build_parser():
     q.add_argument("--output", default=None, help="write the labels here (default: standard output)")
     q.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     q.add_argument("--ckpt", default=None, help="its base checkpoint, if it has moved")
-    q.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    q.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="CPU or NVIDIA GPU")
     q.set_defaults(func=predict)
 
     q = sub.add_parser("fewshot", help="classify by prompting with k demonstrations, no training")
@@ -700,11 +699,11 @@ def build_parser():
     q.set_defaults(func=fewshot)
 
     q = sub.add_parser("make-example", help="write the example task: pydoc topics paragraphs labelled by chapter")
-    q.add_argument("--out", required=True)
-    q.add_argument("--force", action="store_true")
-    q.add_argument("--min-chars", type=int, default=100)
-    q.add_argument("--per-label", type=int, default=150)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="the CSV file to write")
+    q.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    q.add_argument("--min-chars", type=int, default=100, help="the shortest paragraph kept")
+    q.add_argument("--per-label", type=int, default=150, help="paragraphs kept of each chapter at most")
+    q.add_argument("--seed", type=int, default=0, help="which paragraphs are kept")
     q.set_defaults(func=make_example)
     return p
 

@@ -59,6 +59,9 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, with a mistake on the command line told as every other user error: one line,
     `error: ...`, and exit status 2 (argparse's own prints the whole usage first)."""
 
+    def __init__(self, *args, formatter_class=None, **kwargs):        # every flag's help ends with its default
+        super().__init__(*args, formatter_class=formatter_class or HelpFormatter, **kwargs)
+
     def error(self, message):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
@@ -99,7 +102,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+        if any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)) or "default" in text \
+                or not action.option_strings:         # (`is`: a default of 0 is shown, unlike False)
             return text
         return f"{text} (default: %(default)s)"
 
@@ -107,7 +111,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 # the model-shape flags of train.py and the bench: Config field -> (type, what it sets)
 SHAPE_FLAGS = {"d_model": (int, "model width"), "n_layers": (int, "number of blocks"), "n_heads": (int, "query heads"),
                "n_kv_heads": (int, "key/value heads (1: multi-query)"), "head_dim": (int, "width of each head"),
-               "d_ff": (int, "SwiGLU hidden width"), "max_seq_len": (int, "longest context the model can see"),
+               "d_ff": (int, "SwiGLU hidden width"),
+               "max_seq_len": (int, "longest context the model can see, raised to --seq-len if shorter"),
                "rope_base": (finite_float, "rotary embedding base"),
                "norm_eps": (finite_float, "LayerNorm epsilon"), "z_loss": (finite_float, "weight of the z-loss")}
 

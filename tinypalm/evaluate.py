@@ -18,7 +18,6 @@ bits per byte is the total in bits over the number of bytes those tokens decode 
 on the tokenizer (a BPE token holds several bytes); bits per byte measures the same text either way.
 """
 
-import argparse
 import math
 import os
 import sys
@@ -146,8 +145,7 @@ def _same_tokenizer(a, b):
 
 
 def build_parser():
-    p = ArgumentParser(prog="python -m tinypalm.evaluate", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tinypalm.evaluate", description=__doc__)
     p.add_argument("--ckpt", required=True, help="a checkpoint .npz, or a training --out directory")
     p.add_argument("--adapter", default=None, metavar="PATH", help="adapter weights trained on top of --ckpt")
     p.add_argument("--data", default=None, help="text file, directory of text files, token file, or JSONL of "
@@ -159,7 +157,7 @@ def build_parser():
     p.add_argument("--stride", type=int, default=None, help="new targets per window (default: --seq-len, no overlap)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object with the results, for scripts")
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="CPU or NVIDIA GPU")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: the checkpoint's")
     return p
 

@@ -16,7 +16,6 @@
 Exit status 0 when everything passes, 1 when something fails, 2 (one line) without a usable GPU.
 """
 
-import argparse
 import json
 import math
 import os
@@ -467,8 +466,7 @@ def run_bench():
 # --- the report ---------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = ArgumentParser(prog="python -m tinypalm.gpucheck", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m tinypalm.gpucheck", description=__doc__)
     p.add_argument("--train-seconds", type=int, default=120, help="length of the training run (0: skip it)")
     p.add_argument("--no-bench", action="store_true", help="skip the benchmark")
     args = p.parse_args(argv)
