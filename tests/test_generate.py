@@ -1,8 +1,9 @@
 """Generation: the KV cache changes nothing but the cost; greedy is deterministic; sampling filters."""
 
 import numpy as np
+import pytest
 
-from tinypalm import Config, PaLM
+from tinypalm import Config, PaLM, TinyPalmError
 from tinypalm.generate import choose_token, generate
 
 
@@ -65,3 +66,17 @@ def test_stream_writes_each_token_as_it_is_made():
     assert stopped == "" and new == generate(m, [104, 105], 12, temperature=0.0)
     assert "".join(out.parts) == "hi" + tok.decode(new) + "\n"
     assert out.flushes >= 12 + 1                      # the prompt, then once per token
+
+
+@pytest.mark.parametrize("prompt,kwargs,words", [
+    ([], {}, "the prompt is empty"),
+    ([1], {"max_new_tokens": -3}, "max_new_tokens -3 is negative"),
+    ([1], {"temperature": float("nan")}, "temperature nan must be a finite number, at least 0"),
+    ([1], {"temperature": -1.0}, "temperature -1.0"),
+    ([1], {"top_k": 0}, "top_k 0 must be at least 1"),
+    ([1], {"top_p": 0.0}, "top_p 0.0 must be above 0 and at most 1"),
+    ([1], {"top_p": 2.0}, "top_p 2.0"),
+])
+def test_generate_refuses_what_it_cannot_do(prompt, kwargs, words):
+    with pytest.raises(TinyPalmError, match=f"generate: {words}"):
+        generate(model(), prompt, **{"max_new_tokens": 2, **kwargs})

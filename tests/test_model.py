@@ -297,3 +297,21 @@ def test_assigning_a_parameter_copies_it_into_the_model():
         model.params["layers.9.wq"] = new
     with pytest.raises(TinyPalmError, match=r"the value given is \(3,\)"):
         model.params["embed"] = np.zeros(3)
+
+
+def test_load_params_and_the_kv_cache_refuse_what_does_not_fit():
+    from tinypalm import TinyPalmError
+    model = PaLM(Config.preset("tiny", max_seq_len=16), dtype="float64")
+    arrays = dict(model.params_numpy())
+    with pytest.raises(TinyPalmError, match="load_params: no array for embed"):
+        model.load_params({k: v for k, v in arrays.items() if k != "embed"})
+    with pytest.raises(TinyPalmError, match="load_params: layers.9.wq is not a parameter of this model"):
+        model.load_params({**arrays, "layers.9.wq": arrays["layers.0.wq"]})
+    with pytest.raises(TinyPalmError, match=r"load_params: embed has shape \(1, 64\)"):
+        model.load_params({**arrays, "embed": arrays["embed"][:1]})      # would broadcast silently
+    cache = model.new_kv_cache(batch_size=1)
+    model.forward(np.zeros((1, 10), dtype=np.int64), cache)
+    with pytest.raises(TinyPalmError, match="10 cached positions and 7 more exceed the model's max_seq_len 16"):
+        model.forward(np.zeros((1, 7), dtype=np.int64), cache)
+    with pytest.raises(TinyPalmError, match="a batch of 2 rows for a KV cache made for 1"):
+        model.forward(np.zeros((2, 1), dtype=np.int64), model.new_kv_cache(batch_size=1))

@@ -36,11 +36,24 @@ def choose_token(logits, temperature, top_k, top_p, rng):
     return int(rng.choice(probs.size, p=probs))
 
 
+def check_sampling(n_prompt, max_new_tokens, temperature, top_k, top_p):
+    """Refuse what generate cannot do: sample.py's flags check the same ranges, with the flags' names."""
+    problems = [(n_prompt < 1, "the prompt is empty: pass at least one token id"),
+                (max_new_tokens < 0, f"max_new_tokens {max_new_tokens} is negative"),
+                (not 0 <= temperature < float("inf"), f"temperature {temperature} must be a finite number, at least 0"),
+                (top_k is not None and top_k < 1, f"top_k {top_k} must be at least 1 (None: no limit)"),
+                (top_p is not None and not 0 < top_p <= 1, f"top_p {top_p} must be above 0 and at most 1 (None: none)")]
+    for wrong, message in problems:
+        if wrong:
+            raise TinyPalmError(f"generate: {message}")
+
+
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=0,
              use_cache=True, on_token=None):
     """Continue prompt_ids (a non-empty list of ints); returns the new ids. on_token(id) sees each as it is made.
 
     When the context reaches max_seq_len, the last half is kept and generation continues from it."""
+    check_sampling(len(prompt_ids), max_new_tokens, temperature, top_k, top_p)
     max_len = model.config.max_seq_len
     rng = numpy.random.default_rng(seed)
     context = list(prompt_ids)[-max_len:]

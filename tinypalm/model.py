@@ -154,8 +154,17 @@ class PaLM:
         self.load_params(init_params(cfg, seed) if params is None else params)
 
     def load_params(self, arrays):
-        """Copy host or device arrays, by canonical name, into the model's storage."""
+        """Copy host or device arrays, by canonical name, into the model's storage: one for every parameter, of
+        its shape (model.params[name].shape), and no others."""
+        missing, unknown = [n for n in self.params if n not in arrays], [n for n in arrays if n not in self.params]
+        if missing or unknown:
+            what = f"no array for {missing[0]}" if missing else f"{unknown[0]} is not a parameter of this model"
+            raise TinyPalmError(f"load_params: {what} ({len(missing)} missing, {len(unknown)} unknown); pass one array "
+                                "per name of model.params")
         for name, p in self.params.items():
+            if tuple(numpy.shape(arrays[name])) != p.shape:
+                raise TinyPalmError(f"load_params: {name} has shape {tuple(numpy.shape(arrays[name]))}, and the "
+                                    f"model's {name} is {p.shape}")
             p[...] = self.xp.asarray(arrays[name], dtype=self.master_dtype)
         self.params_updated()
 
@@ -233,7 +242,11 @@ class PaLM:
         B, T = tokens.shape
         pos = kv_cache.length if kv_cache is not None else 0
         if pos + T > cfg.max_seq_len:
-            raise ValueError(f"{pos + T} positions exceed max_seq_len {cfg.max_seq_len}")
+            raise TinyPalmError(f"{pos} cached positions and {T} more exceed the model's max_seq_len {cfg.max_seq_len}; "
+                                "start again with fewer (a new model.new_kv_cache) or keep the latest positions")
+        if kv_cache is not None and kv_cache.k[0].shape[0] != B:
+            raise TinyPalmError(f"a batch of {B} rows for a KV cache made for {kv_cache.k[0].shape[0]}; "
+                                f"make one with model.new_kv_cache(batch_size={B})")
         x = ops.embedding_forward(self.embed, tokens)                                       # (B, T, D)
         block_caches = []
         for i, layer in enumerate(self.layers):
