@@ -28,8 +28,8 @@ import numpy as np
 from tinypalm import Config, PaLM, TinyPalmError
 from tinypalm import checkpoint, data, dist, instruct, lora
 from tinypalm.backend import read_scalars
-from tinypalm.cli import (SHAPE_FLAGS, ArgumentParser, StdoutThatMayClose, add_shape_flags, check_ranges,
-                          finite_float, format_duration, json_line, run_cli, with_shape_flags)
+from tinypalm.cli import (SHAPE_FLAGS, ArgumentParser, StdoutThatMayClose, add_adamw_flags, add_shape_flags,
+                          check_ranges, finite_float, format_duration, json_line, run_cli, with_shape_flags)
 from tinypalm.config import PRESETS
 from tinypalm.evaluate import evaluate_batches, token_byte_lengths
 from tinypalm.files import check_writable
@@ -75,10 +75,7 @@ def build_parser():
     g.add_argument("--max-steps", type=int, default=600, help="optimizer steps in all (raise it to --resume a finished run)")
     g.add_argument("--decay-steps", type=int, default=None, help="the step at which the cosine decay reaches "
                    "--min-lr, counted from step 0, warmup included (default: --max-steps)")
-    g.add_argument("--weight-decay", type=finite_float, default=0.1, help="AdamW's decoupled weight decay of the layers' matrices")
-    g.add_argument("--beta1", type=finite_float, default=0.9, help="AdamW's first-moment decay")
-    g.add_argument("--beta2", type=finite_float, default=0.95, help="AdamW's second-moment decay")
-    g.add_argument("--grad-clip", type=finite_float, default=1.0, help="global gradient-norm clip (0: off)")
+    add_adamw_flags(g, weight_decay=0.1, beta2=0.95)
     g.add_argument("--dropout", type=finite_float, default=0.0, help="dropout rate on each block's output")
     g.add_argument("--eval-every", type=int, default=100, help="evaluate and save last.npz (best.npz if better) every N steps")
     g.add_argument("--eval-steps", type=int, default=10, help="validation batches per evaluation")

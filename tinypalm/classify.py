@@ -38,7 +38,7 @@ import zipfile
 import numpy
 
 from .backend import read_scalars, to_numpy
-from .cli import ArgumentParser, check_ranges, finite_float
+from .cli import ArgumentParser, add_adamw_flags, check_ranges, finite_float
 from .errors import TinyPalmError
 from .files import check_writable, write_atomically
 from .flat import flatten
@@ -664,10 +664,7 @@ def build_parser():
     q.add_argument("--lr", type=finite_float, default=2e-5, help="AdamW's learning rate at the start, decayed linearly to 0")
     q.add_argument("--batch-size", type=int, default=16, help="examples per step")
     q.add_argument("--epochs", type=int, default=3, help="passes over the training examples")
-    q.add_argument("--weight-decay", type=finite_float, default=0.0, help="AdamW's decoupled weight decay")
-    q.add_argument("--beta1", type=finite_float, default=0.9, help="AdamW's first-moment decay")
-    q.add_argument("--beta2", type=finite_float, default=0.999, help="AdamW's second-moment decay")
-    q.add_argument("--grad-clip", type=finite_float, default=1.0, help="global gradient-norm clip (0: off)")
+    add_adamw_flags(q, weight_decay=0.0, beta2=0.999, decayed="what trains")
     q.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="the arithmetic's precision")
     q.set_defaults(func=train)
 

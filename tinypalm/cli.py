@@ -117,6 +117,15 @@ SHAPE_FLAGS = {"d_model": (int, "model width"), "n_layers": (int, "number of blo
                "norm_eps": (finite_float, "LayerNorm epsilon"), "z_loss": (finite_float, "weight of the z-loss")}
 
 
+def add_adamw_flags(group, weight_decay, beta2, decayed="the layers' matrices"):
+    """AdamW's flags, shared by train.py and classify train, with the defaults each program's recipe uses."""
+    group.add_argument("--weight-decay", type=finite_float, default=weight_decay,
+                       help=f"AdamW's decoupled weight decay of {decayed}")
+    group.add_argument("--beta1", type=finite_float, default=0.9, help="AdamW's first-moment decay")
+    group.add_argument("--beta2", type=finite_float, default=beta2, help="AdamW's second-moment decay")
+    group.add_argument("--grad-clip", type=finite_float, default=1.0, help="global gradient-norm clip (0: off)")
+
+
 def add_shape_flags(group, names, default):
     """--d-model and the like for the Config fields `names` (keys of SHAPE_FLAGS), each None unless given;
     default says in the help what stands without the flag."""
