@@ -391,7 +391,7 @@ def main(argv=None):
         start_step, best_val = ckpt.step, ckpt.best_val_loss if ckpt.best_val_loss is not None else math.inf
         evals_without_gain = ckpt.evals_without_gain      # --patience counts on from where the run stopped
     if comm.is_root:
-        start_out_dir(args.out, replaced)        # only now, with the new run ready to start
+        start_out_dir(args.out, replaced, args.resume)      # only now, with the new run ready to start
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     last_path = os.path.join(args.out, "adapter_last.npz" if args.lora_rank is not None else "last.npz")
     train_args = {k: v for k, v in vars(args).items() if k not in ("resume", "init_from", "prepare", "overwrite")}

@@ -280,6 +280,7 @@ def test_bad_input(work, head, tmp_path):
                          (["--seed", "-1"], ["--seed must not be negative, got -1"]),
                          (["--mode", "lora", "--lora-alpha", "-2"], ["--lora-alpha -2.0", "must be positive"]),
                          (["--top-layers", "2"], ["--top-layers applies to --mode top only", "mode is head"]),
+                         (["--mode", "lora", "--lora-targets", ""], ["--lora-targets ''"]),
                          (["--mode", "full", "--lora-rank", "2"], ["--lora-rank applies to --mode lora only"]),
                          (["--mode", "top", "--lora-targets", "wq"], ["--lora-targets applies to --mode lora only"])):
         assert_user_error(classify("train", "--data", str(d / "task.csv"), *common, *flags, cwd=tmp_path, check=False),

@@ -273,6 +273,8 @@ def test_split_by_bytes_is_the_same_text_for_every_tokenizer(monkeypatch):
         # the most tokens at the end that hold at most 10% of the bytes
         assert byte_lengths[val].sum() <= total // 10 < byte_lengths[tokens[-len(val) - 1:]].sum()
         assert len(train) + len(val) == len(tokens) and np.shares_memory(val, tokens)
+    with pytest.raises(TinyPalmError, match=r"ids from \d+ to 9999, outside \[0, 557\)"):      # another tokenizer's
+        data.split_train_val(np.append(tokens, 9999), byte_lengths=byte_lengths)
     # one token per byte: the fraction of the bytes is the fraction of the tokens, as without byte_lengths
     ones = np.ones(256, dtype=np.int64)
     byte_tokens = rng.integers(0, 256, 1003)

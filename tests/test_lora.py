@@ -131,7 +131,7 @@ def base(corpus, tmp_path_factory):  # noqa: F811
 def test_train_sample_merge_end_to_end(base, corpus):  # noqa: F811
     d = base
     r = run("train.py", "--init-from", "base/best.npz", "--data", str(corpus), *TINY, "--max-steps", "10",
-            "--lora-rank", "4", "--lora-targets", "wq,wv,w_down", "--out", "ft", "--lr", "1e-2", cwd=d)
+            "--lora-rank", "4", "--lora-targets", "wq,wv,w_down", "--out", "ft", "--lr", "1e-2", "--seq-len", "8", cwd=d)
     ck = checkpoint.load(str(d / "base" / "best.npz"))
     cfg = ck.config
     D, q, kv, F, rank = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff, 4
@@ -147,6 +147,8 @@ def test_train_sample_merge_end_to_end(base, corpus):  # noqa: F811
             cwd=d)
     run_module("tinypalm.lora", "merge", "--ckpt", "base/best.npz", "--adapter", "ft/adapter_last.npz",
         "--out", "merged.npz", cwd=d)
+    merged_args = checkpoint.load(str(d / "merged.npz")).train_args      # what evaluate reads: the adapter's run
+    assert (merged_args["seq_len"], merged_args["data"]) == (8, str(corpus)) and ck.train_args["seq_len"] == 16
     assert_user_error(run_module("tinypalm.lora", "merge", "--ckpt", "base/best.npz", "--adapter", "ft",
                           "--out", "merged.npz", cwd=d, check=False), "merged.npz exists", "--force")
     assert_user_error(run_module("tinypalm.lora", "merge", "--ckpt", "base/best.npz", "--adapter", "ft",

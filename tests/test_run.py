@@ -254,3 +254,13 @@ def test_ctrl_c_message_while_a_print_is_under_way(monkeypatch):
         written = pipe.read()
     assert stop.requested
     assert "Ctrl-C: finishing this step, saving and stopping" in written and "step 3/100" in written
+
+
+def test_a_run_that_arrives_in_a_new_out_while_another_starts_is_not_replaced(tmp_path):
+    out = str(tmp_path / "out")
+    replaced = run.prepare_out_dir(out, resume=False, overwrite=False)        # no --out yet: nothing to protect
+    os.makedirs(out)
+    (tmp_path / "out" / "best.npz").write_bytes(b"another run's")            # which then finishes first
+    with pytest.raises(TinyPalmError, match="--out .* received a trained run \\(best.npz\\) from another train.py"):
+        run.start_out_dir(out, replaced)
+    assert (tmp_path / "out" / "best.npz").read_bytes() == b"another run's"

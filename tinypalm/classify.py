@@ -354,8 +354,8 @@ def train(args):
     elif args.mode == "lora":
         lowest = 0
         rank = LORA_RANK if args.lora_rank is None else args.lora_rank
-        model.adapter = LoRA(cfg, rank, args.lora_alpha, args.lora_targets or DEFAULT_TARGETS, xp=xp, dtype=model.dtype,
-                             seed=args.seed)
+        targets = DEFAULT_TARGETS if args.lora_targets is None else args.lora_targets    # "" is refused, not default
+        model.adapter = LoRA(cfg, rank, args.lora_alpha, targets, xp=xp, dtype=model.dtype, seed=args.seed)
     optimizers = [(clf.head, lambda g: g[1], AdamW(clf.head, betas, weight_decay=args.weight_decay))]
     runs, changed = [], []           # the trained stretches of the model's flat vector; their canonical names
     if trained_model:

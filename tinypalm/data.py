@@ -256,7 +256,14 @@ _COUNT_CHUNK = 1 << 22         # tokens at a time: a memmapped token file is cou
 
 
 def _n_bytes(tokens, byte_lengths):
-    return sum(int(byte_lengths[tokens[i:i + _COUNT_CHUNK]].sum()) for i in range(0, len(tokens), _COUNT_CHUNK))
+    total = 0
+    for i in range(0, len(tokens), _COUNT_CHUNK):
+        chunk = tokens[i:i + _COUNT_CHUNK]
+        if chunk.min() < 0 or chunk.max() >= len(byte_lengths):      # a token file of another tokenizer
+            raise TinyPalmError(f"tokens: ids from {chunk.min()} to {chunk.max()}, outside [0, {len(byte_lengths)}) of "
+                                "the tokenizer's vocabulary; make the token file again with --prepare")
+        total += int(byte_lengths[chunk].sum())
+    return total
 
 
 def _tail_within(tokens, byte_lengths, n_bytes):

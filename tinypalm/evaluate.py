@@ -166,20 +166,21 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_ranges(args, at_least_1=["batch_size"])
     model, tokenizer, ckpt = load_model(args.ckpt, args.adapter, backend=args.backend, dtype=args.dtype, trains=False)
+    # the run that trained last (the adapter's, with one) gives the defaults: its data, its --seq-len
+    run_args = model.adapter.meta.get("train_args", {}) if model.adapter is not None else ckpt.train_args
     max_len = model.config.max_seq_len
-    seq_len = args.seq_len if args.seq_len is not None else min(int(ckpt.train_args.get("seq_len", max_len)), max_len)
+    seq_len = args.seq_len if args.seq_len is not None else min(int(run_args.get("seq_len", max_len)), max_len)
     if not 1 <= seq_len <= max_len:
         raise TinyPalmError(f"--seq-len {seq_len}: must be between 1 and the model's max_seq_len {max_len}")
     stride = args.stride if args.stride is not None else seq_len
     if not 1 <= stride <= seq_len:
         raise TinyPalmError(f"--stride {stride}: must be between 1 and --seq-len {seq_len}")
-    trained_len = ckpt.train_args.get("seq_len")
+    trained_len = run_args.get("seq_len")
     if trained_len and seq_len > int(trained_len):
         print(f"note: --seq-len {seq_len} is longer than the {trained_len} positions the model trained on; it never "
               f"learned positions past {trained_len}, so expect a higher loss than at --seq-len {trained_len}",
               file=sys.stderr)
     if args.data is None:               # what the model (or its adapter) trained on, as train.py's split sees it
-        run_args = model.adapter.meta.get("train_args", {}) if model.adapter is not None else ckpt.train_args
         args.data = run_args.get("data")
         if args.data is not None and not os.path.exists(args.data):
             raise TinyPalmError(f"{args.data}, the data {model.adapter.path if model.adapter else ckpt.path} trained "

@@ -79,8 +79,11 @@ def _remove_stale(directory, wanted):
         match = _TEMPORARY.search(name)
         path = os.path.join(directory, name)
         if match and wanted(name[:match.start()]) and os.path.isfile(path) and not _alive(int(match.group(1))):
-            size = os.path.getsize(path)
-            os.remove(path)
+            try:
+                size = os.path.getsize(path)
+                os.remove(path)
+            except OSError:                   # not ours to remove (another user's): leave it
+                continue
             removed.append((path, size))
     return removed
 
@@ -88,6 +91,8 @@ def _remove_stale(directory, wanted):
 def _alive(pid):
     if pid == os.getpid():
         return False                      # this process is not writing anything while it looks
+    if os.name == "nt":
+        return True                       # os.kill(pid, 0) is no question there (signal 0 is CTRL_C_EVENT): keep
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -381,8 +381,11 @@ def merge_main(argv=None):
     model, tokenizer, ck = load_model(args.ckpt, args.adapter)
     model.adapter.merge_into(model)
     n = model.adapter.n_params
+    # what the merged model last trained on is the adapter's data, at its length (evaluate reads them)
+    adapted = {k: v for k, v in model.adapter.meta.get("train_args", {}).items() if k in ("data", "seq_len")}
     model.adapter = None
-    checkpoint.save(args.out, model, tokenizer, ck.step, train_args={**ck.train_args, "merged_adapter": args.adapter})
+    checkpoint.save(args.out, model, tokenizer, ck.step, train_args={**ck.train_args, **adapted,
+                                                                      "merged_adapter": args.adapter})
     print(f"wrote {args.out}: {ck.path} with {n:,} adapter parameters folded in")
 
 

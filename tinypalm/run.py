@@ -52,11 +52,17 @@ def prepare_out_dir(out, resume, overwrite, init_from=None):
     return replaced
 
 
-def start_out_dir(out, replaced):
+def start_out_dir(out, replaced, resume=False):
     """Make out, hold it (lock_out_dir), and with --overwrite delete the old run's files (the list prepare_out_dir
     returned): only once the new run is ready to start."""
     os.makedirs(out, exist_ok=True)
     lock_out_dir(out)
+    # a run that started (and ended) in a new --out while this one was loading: now that out is held, look again
+    arrived = [name for name in CHECKPOINT_FILES if not resume and os.path.join(out, name) not in replaced
+               and os.path.isfile(os.path.join(out, name))]
+    if arrived:
+        raise TinyPalmError(f"--out {out} received a trained run ({arrived[0]}) from another train.py while this one "
+                            "was starting; pick another --out, or pass --overwrite to replace it")
     if any(path.endswith(".npz") for path in replaced):
         print(f"--overwrite: replacing the run in {out} ({', '.join(os.path.basename(p) for p in replaced)})")
     for path in replaced:
