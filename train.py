@@ -145,10 +145,9 @@ def lr_floor(args):
     return args.min_lr if args.min_lr is not None else args.lr / 10
 
 
-def schedule_notes(args, saved_max_steps, start_step):
+def schedule_notes(args, decay_steps, saved_max_steps, start_step):
     """Notes on learning-rate schedules that surprise: a warmup longer than the run, and a resumed run whose new
     --max-steps moves the end of its cosine decay (saved_max_steps: the run's before)."""
-    decay_steps = args.decay_steps or args.max_steps
     if args.warmup_steps > args.max_steps:
         print(f"note: --warmup-steps {args.warmup_steps} is beyond --max-steps {args.max_steps}: the learning rate "
               f"climbs to {lr_at(args.max_steps - 1, args.lr, lr_floor(args), args.warmup_steps, decay_steps):.2e}, "
@@ -417,7 +416,7 @@ def main(argv=None):
                 f.write(json_line(record) + "\n")
 
     decay_steps = args.decay_steps or args.max_steps
-    schedule_notes(args, ckpt.train_args.get("max_steps") if args.resume else None, start_step)
+    schedule_notes(args, decay_steps, ckpt.train_args.get("max_steps") if args.resume else None, start_step)
     micro_batches = args.grad_accum * comm.size      # per step, over all ranks
     tokens_per_step = args.batch_size * args.seq_len * micro_batches
     saved_micro_batches = ckpt.train_args.get("ranks", 1) * ckpt.train_args.get("grad_accum", 1) if args.resume else None
@@ -477,13 +476,13 @@ def main(argv=None):
         if step % args.log_every == 0 or step == args.max_steps:
             now = time.time()
             progress.add(len(running), now - t_log)
-            tokens = int(comm.sum(positions))                # since the last log line, over all ranks
-            rate = tokens / (now - t_log)
+            ran = int(comm.sum(positions))                   # tokens since the last log line, over all ranks
+            rate = ran / (now - t_log)
             print(f"step {step}/{args.max_steps} | loss {np.mean(running):.4f} | lr {lr:.2e} | {rate:,.0f} tok/s | "
                   f"{format_duration(now - t_start)} elapsed, {format_duration(progress.left(args.max_steps - step))} left",
                   flush=True)
             log({"split": "train", "step": step, "loss": float(np.mean(running)), "lr": lr, "grad_norm": grad_norm,
-                 "tokens": tokens, "tokens_per_s": rate, "elapsed_s": now - t_start})
+                 "tokens": ran, "tokens_per_s": rate, "elapsed_s": now - t_start})
             running, t_log, positions = [], now, 0
 
         t_pause = time.time()

@@ -180,14 +180,13 @@ def main(argv=None):
         print(f"note: --seq-len {seq_len} is longer than the {trained_len} positions the model trained on; it never "
               f"learned positions past {trained_len}, so expect a higher loss than at --seq-len {trained_len}",
               file=sys.stderr)
-    if args.data is None:               # what the model (or its adapter) trained on, as train.py's split sees it
-        args.data = run_args.get("data")
-        if args.data is not None and not os.path.exists(args.data):
+    if args.data is None and run_args.get("data") is not None:    # what it trained on, as train.py's split sees it
+        args.data = run_args["data"]
+        if not os.path.exists(args.data):
             raise TinyPalmError(f"{args.data}, the data {model.adapter.path if model.adapter else ckpt.path} trained "
                                 "on, is not there (a path is relative to where train.py ran); pass it with --data")
-        if args.data is not None:
-            print(f"data: {args.data}, what {'the adapter' if model.adapter else 'the checkpoint'} trained on "
-                  "(--data evaluates another)", file=sys.stderr)
+        print(f"data: {args.data}, what {'the adapter' if model.adapter else 'the checkpoint'} trained on "
+              "(--data evaluates another)", file=sys.stderr)
     byte_lengths = token_byte_lengths(tokenizer)
     head = {"checkpoint": ckpt.path, "step": ckpt.step, "data": args.data or "default corpus", "split": args.split,
             "adapter": model.adapter.path if model.adapter is not None else None}

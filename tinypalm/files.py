@@ -19,9 +19,9 @@ def write_atomically(path, write, what, other=""):
     what names the file in the error ("checkpoint", "token file"); other is more advice after the cause's own
     (" or pass another --out"). An OSError (a full disk, permissions) becomes that one-line TinyPalmError, saying
     whether the old file is intact; anything else write raises propagates, the temporary removed either way."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp, directory = f"{path}.tmp{os.getpid()}", os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(directory, exist_ok=True)
         remove_stale_temporaries_of(path)
         with open(tmp, "wb") as f:
             write(f)
@@ -29,7 +29,7 @@ def write_atomically(path, write, what, other=""):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        if e.filename not in (None, tmp, path, os.path.dirname(os.path.abspath(path))):
+        if e.filename not in (None, tmp, path, directory):
             raise                         # about another file: one write() was reading (a corpus file)
         kept = f"the previous {path} is intact" if os.path.exists(path) else f"{path} was not written"
         raise TinyPalmError(f"cannot write {what} {path}: {e.strerror or e}; {kept}; {os_error_advice(e)}{other}") \

@@ -58,8 +58,8 @@ def start_out_dir(out, replaced, resume=False):
     os.makedirs(out, exist_ok=True)
     lock_out_dir(out)
     # a run that started (and ended) in a new --out while this one was loading: now that out is held, look again
-    arrived = [name for name in CHECKPOINT_FILES if not resume and os.path.join(out, name) not in replaced
-               and os.path.isfile(os.path.join(out, name))]
+    arrived = [] if resume else [name for name in CHECKPOINT_FILES if os.path.join(out, name) not in replaced
+                                 and os.path.isfile(os.path.join(out, name))]
     if arrived:
         raise TinyPalmError(f"--out {out} received a trained run ({arrived[0]}) from another train.py while this one "
                             "was starting; pick another --out, or pass --overwrite to replace it")
