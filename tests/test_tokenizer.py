@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tinypalm.errors import TinyPalmError
-from tinypalm.tokenizer import SPLIT, BPETokenizer, ByteTokenizer, tokenizer_from_dict
+from tinypalm.tokenizer import LONG_CHUNK, SPLIT, BPETokenizer, ByteTokenizer, tokenizer_from_dict
 
 SAMPLES = [
     "hello world",
@@ -205,6 +205,32 @@ def test_bpe_matches_naive_reference():
     tok = BPETokenizer.train(small, 100_000)
     assert tok.merges == naive_bpe(small, 100_000)
     assert tok.vocab_size < 100_000
+
+
+def test_bpe_on_long_chunks_matches_naive_reference():
+    # text that never splits (DNA, base64 come as one chunk a line): training's linked list of positions must
+    # merge as the textbook does, overlapping runs ("aaaa", "abab") at a chunk's edges and middle included
+    rng = np.random.default_rng(5)
+    dna = "".join("ACGT"[i] for i in rng.integers(0, 4, 3000))
+    text = dna + " " + "a" * 301 + " " + "ab" * 150 + "a " + dna[:500] + "aaab" * 40 + " 1234567890" * 20
+    tok = BPETokenizer.train(text, 257 + 150)
+    assert tok.merges == naive_bpe(text, 150)
+    assert len(tok.merges) == 150
+
+
+def test_bpe_long_chunk_encoding_matches_plain():
+    # chunks longer than LONG_CHUNK go through the heap encoder; it must give _encode_chunk's ids exactly
+    rng = np.random.default_rng(6)
+    dna = "".join("ACGT"[i] for i in rng.integers(0, 4, 4000))
+    tok = BPETokenizer.train(dna + " " + "a" * 200 + " " + "ab" * 100, 500)
+    chunks = [dna[1000:3000], "a" * 257, "a" * 256 + "b", "ab" * 300 + "a", "aaab" * 100, "b" + "a" * 99,
+              bytes(rng.integers(0, 256, 1000, dtype=np.uint8)), "ACGT" * 20]
+    for chunk in chunks:
+        b = chunk if isinstance(chunk, bytes) else chunk.encode()
+        assert len(b) > LONG_CHUNK
+        assert tok._encode_long_chunk(b) == tok._encode_chunk(b)
+        assert tok.decode_bytes(tok.encode(b)) == b
+    assert tok.encode(dna).tolist() == tok._encode_chunk(dna.encode())
 
 
 # ---- end-of-text ----

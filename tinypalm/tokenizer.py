@@ -16,6 +16,7 @@ just end up as single-byte tokens, or merged with their neighbours if that patte
 
 import heapq
 import re
+from array import array
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -25,6 +26,7 @@ from .errors import TinyPalmError
 # GPT-2's split, written for Python's `re`: [^\W\d_] is a letter, \d a digit, and (?:[^\s\w]|_) anything
 # else that is not whitespace. Together the alternatives cover every character, so no text is dropped.
 SPLIT = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
+LONG_CHUNK = 64       # bytes; a longer chunk (a DNA line, base64) is encoded by BPETokenizer._encode_long_chunk
 
 
 def _to_str(text):
@@ -135,16 +137,30 @@ class BPETokenizer:
         if vocab_size < 257:
             raise TinyPalmError(f"BPE vocab_size must be at least 257 (the 256 byte values and end-of-text), got {vocab_size}")
         n_merges = vocab_size - 257
-        # Work on unique chunks with their counts: a few MB of text has only tens of thousands of them.
+        # Work on unique chunks with their counts (a few MB of text has only tens of thousands of them), laid end to
+        # end as one doubly linked list of positions, so that a merge touches only the places where its pair occurs,
+        # however long a chunk is (DNA, base64 or minified code can be one chunk a line).
         counts = Counter(_chunks(text))
-        words = [list(c) for c in counts]  # words[w] = current ids of chunk w
-        freq = list(counts.values())
-        pair_count = defaultdict(int)  # (a, b) -> occurrences in the whole text
-        where = defaultdict(set)  # (a, b) -> indices of words that contained it (may be stale)
-        for w, ids in enumerate(words):
-            for p in zip(ids, ids[1:]):
-                pair_count[p] += freq[w]
-                where[p].add(w)
+        n = sum(len(c) for c in counts)
+        kind = "i" if n < 2**31 else "q"
+        sym = array(kind)                        # sym[i]: the id at position i; -1 once merged into its left
+        freq = array("q")                        # freq[i]: how often the chunk holding position i occurs
+        for chunk, c in counts.items():
+            sym.extend(chunk)
+            freq.extend(array("q", [c]) * len(chunk))
+        nxt, prv = array(kind, range(1, n + 1)), array(kind, range(-1, n - 1))   # -1: the chunk ends there
+        end = 0
+        for chunk in counts:
+            prv[end] = -1
+            end += len(chunk)
+            nxt[end - 1] = -1
+        pair_count = defaultdict(int)            # (a, b) -> occurrences in the whole text
+        where = defaultdict(lambda: array(kind))  # (a, b) -> positions where it starts (some stale: checked on use)
+        for i in range(n - 1):
+            if nxt[i] != -1:
+                p = (sym[i], sym[i + 1])
+                pair_count[p] += freq[i]
+                where[p].append(i)
         # Max-heap of (-count, pair); ties pop the smaller pair, so training is reproducible.
         # Entries go stale when a count changes; we push the new count and skip entries that disagree.
         heap = [(-c, p) for p, c in pair_count.items()]
@@ -156,24 +172,34 @@ class BPETokenizer:
                 continue
             if -neg < 2:
                 break  # nothing left that repeats; merging singletons only memorises the text
+            a, b = pair
             new = 256 + len(merges)
             merges.append(pair)
-            vocab.append(vocab[pair[0]] + vocab[pair[1]])
-            changed = set()
-            # Only words containing the pair change: take their pairs out, merge, put the new pairs in.
-            for w in where.pop(pair):
-                ids = words[w]
-                merged = _merge(ids, pair, new)
-                if len(merged) == len(ids):
-                    continue  # stale index entry: an earlier merge already consumed this pair here
-                for p in zip(ids, ids[1:]):
-                    pair_count[p] -= freq[w]
-                    changed.add(p)
-                for p in zip(merged, merged[1:]):
-                    pair_count[p] += freq[w]
-                    where[p].add(w)
-                    changed.add(p)
-                words[w] = merged
+            vocab.append(vocab[a] + vocab[b])
+            changed = {pair}
+
+            def count(p, f, at=None):       # pair p occurs f more (or fewer) times; at: the position it starts at
+                pair_count[p] += f
+                changed.add(p)
+                if at is not None:
+                    where[p].append(at)
+
+            # Left to right, so that overlapping occurrences ("aaa") merge as _merge does: the first one wins.
+            for i in sorted(where.pop(pair)):
+                j = nxt[i]
+                if sym[i] != a or j == -1 or sym[j] != b:
+                    continue  # stale: an earlier merge consumed this occurrence
+                f, h, k = freq[i], prv[i], nxt[j]
+                pair_count[pair] -= f
+                if h != -1:                        # [x a] b  ->  [x new]
+                    count((sym[h], a), -f)
+                    count((sym[h], new), f, at=h)
+                if k != -1:                        # a [b y]  ->  [new y]
+                    count((b, sym[k]), -f)
+                    count((new, sym[k]), f, at=i)
+                sym[i], sym[j], nxt[i] = new, -1, k
+                if k != -1:
+                    prv[k] = i
             for p in changed:
                 c = pair_count[p]
                 if c > 0:
@@ -196,11 +222,40 @@ class BPETokenizer:
             ids = _merge(ids, pair, 256 + self.ranks[pair])
         return ids
 
+    def _encode_long_chunk(self, chunk):
+        """_encode_chunk's result in time n log n rather than n x merges used: the chunk as a linked list of
+        positions and a heap of (merge rank, position) for every pair present that has a merge. Popping the
+        lowest rank first and, within a rank, the leftmost position first applies merges in _encode_chunk's order;
+        a merge can only make pairs of later rank (they hold its new id), pushed as they form."""
+        sym = list(chunk)                     # sym[i]: the id at position i; -1 once merged into its left
+        n = len(sym)
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+        nxt[-1] = -1
+        heap = [(self.ranks[p], i) for i, p in enumerate(zip(sym, sym[1:])) if p in self.ranks]
+        heapq.heapify(heap)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = nxt[i]
+            if j == -1 or (sym[i], sym[j]) != self.merges[rank]:
+                continue                      # stale: a merge at this place changed it since
+            new, h, k = 256 + rank, prv[i], nxt[j]
+            sym[i], sym[j], nxt[i] = new, -1, k
+            if k != -1:
+                prv[k] = i
+                if (new, sym[k]) in self.ranks:
+                    heapq.heappush(heap, (self.ranks[new, sym[k]], i))
+            if h != -1 and (sym[h], new) in self.ranks:
+                heapq.heappush(heap, (self.ranks[sym[h], new], h))
+        return [s for s in sym if s != -1]
+
     def encode(self, text):
         cache, out = self._cache, []
         if len(cache) > 1_000_000:
             cache.clear()  # bound memory when encoding a huge, varied corpus
         for c in _chunks(text):
+            if len(c) > LONG_CHUNK:
+                out += self._encode_long_chunk(c)   # not cached: long chunks seldom repeat, and would fill memory
+                continue
             ids = cache.get(c)
             if ids is None:
                 ids = cache[c] = self._encode_chunk(c)
