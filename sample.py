@@ -40,7 +40,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling; sample i uses seed + i")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="numpy (CPU) or cupy (NVIDIA GPU)")
     p.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16"],
-                   help="compute dtype (default: the one the checkpoint was trained in)")
+                   help="the dtype of the weights and activations (default: the one the checkpoint was trained in)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token (slow; for comparison)")
     p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="TEXT",
                    help="stop when the new text contains one of these strings, which is not shown; backslash "

@@ -116,7 +116,7 @@ def test_examples_batches_and_mask(tmp_path):
     x, y, mask = d.batch([0], seq_len=3)
     assert y[0].tolist() == [ord("y"), ord("z"), eot] and mask[0].tolist() == [1, 1, 1]
     assert d.n_cut(3) == (2, 1, 1) and d.n_cut(3, [2]) == (1, 0, 0) and d.n_cut(16) == (0, 0, 0)
-    assert d.describe_cut(3, "--seq-len") == ("note: 2 examples are longer than --seq-len 3: their prompts lose their "
+    assert d.describe_cut(3, "--seq-len") == ("note: 2 examples hold more than --seq-len + 1 = 4 tokens: their prompts lose their "
                                               "start, and 1 of them the start of their response too (1 response "
                                               "tokens never predicted); raise --seq-len to keep them whole")
     assert d.describe_cut(16, "--seq-len") is None
@@ -197,7 +197,7 @@ def test_evaluate_says_what_a_long_example_loses_and_writes_strict_json(tuned):
                                   + json.dumps({"prompt": "Q: 2+2=", "response": ""}) + "\n")
     r = run_module("tinypalm.evaluate", "--ckpt", "sft", "--data", "long.jsonl", "--seq-len", "32", "--json", cwd=d)
     # the first example's 100 response tokens and end-of-text: the 32 positions predict its last 32
-    assert ("note: 1 examples are longer than --seq-len 32: their prompts lose their start, and 1 of them the start "
+    assert ("note: 1 examples hold more than --seq-len + 1 = 33 tokens: their prompts lose their start, and 1 of them the start "
             "of their response too (69 response tokens never predicted)") in r.stderr
     assert json.loads(r.stdout)["tokens"] == 32 + 1
     assert_user_error(run_module("tinypalm.evaluate", "--ckpt", "sft", "--data", "long.jsonl", "--stride", "8",

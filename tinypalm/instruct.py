@@ -11,8 +11,9 @@ its own prompt as context, as it will be asked at generation time. Packing examp
 no compute on padding, but a window would then start mid-example (a response learned without its prompt) and
 attend across example boundaries; for the short examples of instruction data, padding costs little.
 An example longer than seq_len + 1 tokens keeps its last seq_len + 1 (the prompt is cut from the left, as
-generation cuts a long prompt), so the response and its end-of-text stay, unless the response alone is longer
-than seq_len: then its start is cut too (`n_cut` counts both kinds).
+generation cuts a long prompt), so the response and its end-of-text stay, unless those two together are longer
+than seq_len (their first target needs the token before it): then the response's start is cut too (`n_cut` counts
+both kinds).
 
 The last 10% of the examples (at least one) are the validation split. Batches are drawn from (seed, step)
 alone, as for text.
@@ -139,7 +140,7 @@ class PairsData:
         n_long, n_response, n_targets = self.n_cut(seq_len, indices)
         if not n_long:
             return None
-        text = f"note: {n_long:,} examples are longer than {flag} {seq_len}: their prompts lose their start"
+        text = f"note: {n_long:,} examples hold more than {flag} + 1 = {seq_len + 1} tokens: their prompts lose their start"
         if n_response:
             text += (f", and {n_response:,} of them the start of their response too ({n_targets:,} response tokens "
                      "never predicted)")

@@ -3,11 +3,13 @@
 A projection y = x W gains a trainable low-rank path: y = x W + (alpha / r) x A B, with A (in, r) and B (r, out).
 A starts N(0, 1/in) (the paper's random Gaussian A, scaled like the model's own matrices) and B starts at zero,
 so at step 0 the adapted model is exactly the base model; only A and B are trained, so the optimizer keeps
-moments for them alone. alpha / r keeps the update's scale when r changes (the paper fixes alpha, varies r).
+moments for them alone. Vectors are rows here (x W), so this A is the paper's A transposed: the random one, and
+B the zero one. The paper sets alpha to the first r it tries and keeps it, so alpha / r shrinks as r grows; here
+alpha defaults to 2r, so the scale is 2 at every rank unless --lora-alpha sets alpha.
 
 tinypalm stores the seven projections fused (model.py): wq, wk, wv, w_gate, w_up are column slices of w_in,
 applied to the LayerNorm output h; wo and w_down are row slices of w_out, applied to the attention output and the
-SwiGLU output. An adapter on wk adds x A B to the wk columns of h @ w_in; one on w_down reads the SwiGLU columns
+SwiGLU output. An adapter on wk adds (alpha / r) h A B to the wk columns of h @ w_in; one on w_down reads the SwiGLU columns
 of [attention | SwiGLU] and adds to the block's output.
 
 The adapter file is a .npz (numpy.load(path, allow_pickle=False) reads it):
@@ -52,8 +54,8 @@ def lora_backward(d_delta, A, B, dA, dB, scale, cache):
     # dA (in, r), dB (r, out) accumulate; returns dx (N, in), the adapter's share of the input gradient
     x, xa = cache                                                # xa = scale * x @ A
     dB += xa.T @ d_delta
-    d_xa = d_delta @ B.T                                         # (N, r), gradient at scale * x @ A
-    d_xa *= scale
+    d_xa = d_delta @ B.T                                         # (N, r), gradient at scale * x @ A ...
+    d_xa *= scale                                                # ... and now at x @ A
     dA += x.T @ d_xa
     return d_xa @ A.T
 

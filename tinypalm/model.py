@@ -1,7 +1,7 @@
 """The PaLM model: parameters, forward pass, and the backward pass written out by the chain rule.
 
-Storage. As in the paper, each layer keeps two fused matrices, so its five input projections run as one GEMM
-and its two output projections as another:
+Storage. Each layer keeps two fused matrices, so its five input projections run as one GEMM and its two output
+projections as another (the paper fuses the inputs of the parallel block; fusing the outputs is tinypalm's):
     w_in  (D, H*Dh + 2*Hkv*Dh + 2*F) = [wq | wk | wv | w_gate | w_up]    applied to the shared LayerNorm output
     w_out (H*Dh + F, D)              = [wo ; w_down]                      applied to [attention out | SwiGLU out]
 `model.params` maps the canonical names (`layers.0.wq`, ...) to views into those matrices, so optimizers,
@@ -15,7 +15,8 @@ way, so the optimizer and gradient clipping each make one pass over one vector.
 The op functions come from `model.ops` (backend.get_ops): the plain functions of ops.py, or on a backend that
 has them, faster twins with the same signatures.
 
-Precision. `dtype` is what the model computes with: its activations, KV cache and the weights the ops read.
+Precision. `dtype` is what the model stores and passes between its ops: its activations, KV cache and the
+weights the ops read.
 For float64 and float32 that is all there is. bfloat16 is mixed precision: `model.params` (the master weights),
 the gradients and the optimizer's moments stay float32, and the ops read `model.weights`, a bf16 copy of the
 whole flat vector. After changing `model.params` in place (an optimizer step) call `model.params_updated()`,
@@ -102,7 +103,8 @@ class LayerGrads:
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, per layer: (B, max_seq_len, Hkv, Dh) each."""
+    """Keys and values of the positions seen so far, per layer: (B, max_seq_len, Hkv, Dh) each; the keys already
+    rotated (RoPE), so a cached key is never rotated again."""
 
     def __init__(self, xp, cfg, batch_size, dtype):
         shape = (batch_size, cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim)
@@ -138,7 +140,7 @@ class PaLM:
         self.layout = Layout(storage_shapes(cfg), named=canonical_views(cfg))
         # a Flat (canonical views, .flat): the master weights, or the bf16 weights alone when they never change
         self.params = self.layout.zeros(xp, self.master_dtype if trains else self.dtype)
-        # the weights the ops read: the master itself, or (bf16) a copy in the compute dtype, refreshed by
+        # the weights the ops read: the master itself, or (bf16) a copy in the model's dtype, refreshed by
         # params_updated(); embed, norm and layers[i] are its stored arrays
         self.weights = self.params if self.params.flat.dtype == self.dtype else self.layout.zeros(xp, self.dtype)
         self.embed, self.norm = self.weights.stored["embed"], self.weights.stored["norm"]
@@ -342,6 +344,7 @@ class PaLM:
 
         d_proj = ops.concat_columns(self.xp, [dq.reshape(B * T, q_dim), dk.reshape(B * T, kv_dim),
                                               dv.reshape(B * T, kv_dim), d_gate, d_up])    # (N, Q+2K+2F)
+        # h fed every projection through the fused w_in, so one matmul by w_in^T sums all their gradients at h
         dh = ops.linear_backward(d_proj, h, layer.w_in, d_layer.w_in)                       # (N, D)
         if lora_in is not None:
             self.adapter.in_backward(d_proj, dh, lora_in, d_adapter)

@@ -6,7 +6,7 @@ weight gradient accumulate into it, so a weight used twice (the tied embedding) 
 
 `xp` is numpy or cupy, passed in by the model; nothing here asks which. Shapes: B batch, T positions,
 S key positions, D d_model, H query heads, Hkv key/value heads, G = H // Hkv, Dh head_dim, F d_ff, V vocab,
-N = B * T tokens.
+N = B * T tokens; model.py adds Q = H * Dh and K = Hkv * Dh, the widths of the queries and of the keys (or values).
 
 Dtypes follow the inputs. float64 and float32 compute in their own dtype. bfloat16 (mixed precision) is a storage
 type only: every op reads its bf16 inputs into float32 (`_up`), does all its arithmetic there, matmuls included
@@ -182,7 +182,7 @@ def attention_backward(dout, cache):
     dscores = _down(softmax_backward(dprobs, probs), qg.dtype)
     dqg = _matmul(dscores, kt.swapaxes(-1, -2))                    # (B, Hkv, G*T, Dh)
     dkt = _matmul(qg.swapaxes(-1, -2), dscores)                    # (B, Hkv, Dh, S)
-    dqg *= scale
+    dqg *= scale            # qg was scaled before the scores; kt was not, so dkt (from the scaled qg) has it already
     dq = _down(dqg, dout.dtype).reshape(B, Hkv, G, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G, Dh)
     return dq, _down(dkt, dout.dtype).transpose(0, 3, 1, 2), _down(dvt, dout.dtype).transpose(0, 2, 1, 3)
 
@@ -242,7 +242,8 @@ def _mix32(xp, h):
 
 
 def dropout_mask(xp, shape, rate, seed, first=0):
-    # keep-mask scaled by 1/(1-rate): element i is dropped when hash(seed, i) < rate * 2^32. first: the index of
+    # boolean keep-mask (dropout_forward scales what it keeps by 1/(1-rate)): element i is dropped when
+    # hash(seed, i) < rate * 2^32. first: the index of
     # the mask's first element in a larger one, so that a piece of a batch draws exactly its rows of the batch's mask
     n = math.prod(shape)
     key = _mix32(xp, xp.asarray([seed & 0xFFFFFFFF], dtype=xp.uint32))

@@ -144,14 +144,15 @@ def clip_together(vectors, max_norm):
     loss, one synchronisation per step."""
     total = sum(v @ v for v in vectors) ** 0.5
     if max_norm:
-        scale = (max_norm / (total + 1e-6)).clip(0.0, 1.0)   # exactly 1 when the norm is within max_norm
+        scale = (max_norm / (total + 1e-6)).clip(0.0, 1.0)   # 1 when the norm is below max_norm (1e-6: no 0 / 0)
         for v in vectors:
             v *= scale.astype(v.dtype)
     return total
 
 
 def lr_at(step, max_lr, min_lr, warmup_steps, total_steps):
-    """Linear warmup from 0 to max_lr over warmup_steps, then cosine decay to min_lr at total_steps, then flat.
+    """Linear warmup (step s, counted from 0, runs at max_lr * (s + 1) / warmup_steps, so the last warmup step runs
+    at max_lr), then cosine decay to min_lr at total_steps, then flat.
 
     min_lr is a floor below max_lr, so the rate never exceeds max_lr; a floor above it is refused."""
     if not 0 <= min_lr <= max_lr:
