@@ -124,3 +124,47 @@ def test_forward_in_pieces(monkeypatch, threads):
     model.split_batch = split
     cache = model.new_kv_cache(len(tokens))                  # with a cache: the batch in one piece, as always
     np.testing.assert_allclose(model.forward(tokens[:, :4], cache), logits[:, :4], rtol=1e-12, atol=1e-12)
+
+
+def test_weighted_loss_mask_is_the_same_in_pieces_and_in_model_loss(monkeypatch):
+    # weights that sum to less than 1 per piece: the pieces' shares, the whole batch and model.loss agree
+    with_threads(monkeypatch, 3)
+    model, tokens, targets = model_and_batch(B=6)
+    mask = np.random.default_rng(1).uniform(0, 0.05, tokens.shape)
+    loss, grads = model.loss_and_grads(tokens, targets, loss_mask=mask)
+    loss_ref, grads_ref = whole_batch(model, tokens, targets, loss_mask=mask)
+    assert loss == pytest.approx(float(loss_ref), rel=1e-13) == pytest.approx(float(model.loss(tokens, targets, mask)))
+    np.testing.assert_allclose(grads.flat, grads_ref.flat, rtol=1e-11, atol=1e-13)
+
+
+def test_threads_sharing_a_model_get_their_own_gradients(monkeypatch):
+    # two threads calling loss_and_grads on one model at once: each gets its batch's gradients, as alone
+    with_threads(monkeypatch, 2)
+    model, tokens, targets = model_and_batch(B=6)
+    batches = [(tokens, targets), (targets, tokens)]
+    alone = [whole_batch(model, *b)[1].flat.copy() for b in batches]
+    errors = []
+
+    def call(i):
+        for _ in range(5):
+            got = model.loss_and_grads(*batches[i])[1].flat
+            errors.append(float(np.abs(got - alone[i]).max()))
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 10 and max(errors) < 1e-12
+
+
+def test_piece_buffers_follow_what_is_frozen(monkeypatch):
+    # wholly frozen (LoRA), then nothing frozen: the kept piece buffers are made again for the new layout
+    with_threads(monkeypatch, 2)
+    model, tokens, targets = model_and_batch(B=4)
+    model.adapter = LoRA(CFG, rank=2, xp=np, dtype="float64")
+    model.frozen = frozenset(model.params.stored)
+    model.loss_and_grads(tokens, targets)
+    model.adapter, model.frozen = None, frozenset()
+    loss, grads = model.loss_and_grads(tokens, targets)
+    loss_ref, grads_ref = whole_batch(model, tokens, targets)
+    np.testing.assert_allclose(grads.flat, grads_ref.flat, rtol=1e-11, atol=1e-13)

@@ -154,3 +154,12 @@ def test_describe_names_the_run_from_its_meta(trained, tmp_path):
     assert checkpoint.describe(path) == "step 7, best val loss 2.5000"
     (tmp_path / "junk.npz").write_text("junk")
     assert checkpoint.describe(str(tmp_path / "junk.npz")) == "unreadable"
+
+
+def test_save_refuses_a_tokenizer_the_model_has_no_embedding_for(tmp_path):
+    from tinypalm.tokenizer import ByteTokenizer
+    model = PaLM(Config.preset("tiny"))                     # vocab 256; the byte tokenizer has 257 ids
+    with pytest.raises(TinyPalmError, match=re.escape("the tokenizer has 257 tokens and the model's vocabulary only "
+                                                      "256; build the model with vocab_size=257")):
+        checkpoint.save(str(tmp_path / "t.npz"), model, ByteTokenizer(), 0)
+    assert not os.listdir(tmp_path)

@@ -493,7 +493,7 @@ def test_ctrl_c_during_the_final_sample_stops_it_with_status_130(corpus, tmp_pat
 def test_help_shows_defaults(tmp_path):
     for command, defaults in [([os.path.join(ROOT, "train.py")], ["(default: 0.002)", "(default: 16)", "(default: out)",
                                                                   "(default: 600)", "(default: --lr / 10)",
-                                                                  "dropout rate on each block's output (default: 0.0)",
+                                                                  "before the residual add (default: 0.0)",
                                                                   "(0: never) (default: 0)"]),
                               ([os.path.join(ROOT, "sample.py")], ["(default: 500)", "(default: 0.8)"]),
                               (["-m", "tinypalm.bench"], ["(default: 12)", "(default: 64)"]),

@@ -3,6 +3,7 @@ JSON output, token files and splits, train.py's bits per byte, old checkpoints, 
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -185,3 +186,18 @@ def test_bad_input(trained, args, words):
         run("train.py", "--data", "text.txt", "--tokenizer", "bpe", "--vocab-size", "300", "--prepare", "bpe.tok", cwd=d)
     r = run_module("tinypalm.evaluate", *(["--ckpt", "out"] if "--ckpt" not in args else []), *args, cwd=d, check=False)
     assert_user_error(r, *words)
+
+
+def test_evaluate_tokens_refuses_windows_that_would_skip_or_never_end():
+    from tinypalm import TinyPalmError
+    model = PaLM(Config(vocab_size=256, d_model=16, n_layers=1, n_heads=2, max_seq_len=16), dtype="float64")
+    tokens = np.arange(100) % 256
+    for kwargs, words in ((dict(seq_len=16, stride=40), "stride 40: must be between 1 and seq_len 16"),
+                          (dict(seq_len=16, stride=-1), "stride -1"), (dict(seq_len=16, stride=0), "stride 0"),
+                          (dict(seq_len=0), "seq_len 0: must be between 1 and the model's max_seq_len 16"),
+                          (dict(seq_len=17), "seq_len 17"), (dict(seq_len=8, batch_size=0), "batch_size 0")):
+        with pytest.raises(TinyPalmError, match=re.escape(words)):
+            evaluate_tokens(model, tokens, **kwargs)
+    with pytest.raises(TinyPalmError, match="its val split is 1 token long"):
+        evaluate_tokens(model, tokens[:1], 8, what="its val split")
+    assert evaluate_tokens(model, tokens, 16, stride=16)["tokens"] == 99     # every target, once

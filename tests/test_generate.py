@@ -80,3 +80,19 @@ def test_stream_writes_each_token_as_it_is_made():
 def test_generate_refuses_what_it_cannot_do(prompt, kwargs, words):
     with pytest.raises(TinyPalmError, match=f"generate: {words}"):
         generate(model(), prompt, **{"max_new_tokens": 2, **kwargs})
+
+
+def test_generate_with_a_one_token_context_and_whole_number_arguments():
+    model = PaLM(Config(vocab_size=16, d_model=8, n_layers=1, n_heads=1, max_seq_len=1), seed=0)
+    greedy = generate(model, [1, 2, 3], 4, temperature=0)
+    assert len(greedy) == 4
+    expect, token = [], 3                                   # each token from the last one alone
+    for _ in range(4):
+        token = int(np.argmax(model.forward(np.array([[token]]))[0, -1]))
+        expect.append(token)
+    assert greedy == expect
+    for kwargs, words in ((dict(max_new_tokens=2.5), "max_new_tokens 2.5 must be a whole number"),
+                          (dict(max_new_tokens=2, top_k=2.5), "top_k 2.5 must be a whole number"),
+                          (dict(max_new_tokens=True), "max_new_tokens True")):
+        with pytest.raises(TinyPalmError, match=words):
+            generate(model, [1], **kwargs)

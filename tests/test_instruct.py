@@ -40,6 +40,18 @@ def test_masked_cross_entropy_gradient(z_loss):
     np.testing.assert_allclose(value, nll[on].mean() + z_loss * (log_z[on] ** 2).mean(), rtol=1e-12)
 
 
+
+def test_masked_cross_entropy_with_weights_below_one_is_the_weighted_mean():
+    # weights other than 0 and 1 (all below 1 here, summing to less than 1): the weighted mean, and its gradient
+    logits, targets = rng.standard_normal((5, 4)), rng.integers(0, 4, 5)
+    weights = np.array([0.01, 0.0, 0.2, 0.05, 0.3])
+    loss = lambda: ops.masked_cross_entropy_forward(np, logits, targets, weights, 1e-2)[0]
+    value, cache = ops.masked_cross_entropy_forward(np, logits, targets, weights, 1e-2)
+    assert_grad_close(ops.masked_cross_entropy_backward(np, cache, 1e-2), loss, logits)
+    log_z = np.log(np.exp(logits).sum(-1))
+    row = log_z - logits[np.arange(5), targets] + 1e-2 * log_z ** 2
+    np.testing.assert_allclose(value, (weights * row).sum() / weights.sum(), rtol=1e-12)
+
 def test_masked_cross_entropy_with_every_position_is_the_plain_one():
     logits, targets = rng.standard_normal((6, 5)), rng.integers(0, 5, 6)
     plain, plain_cache = ops.cross_entropy_forward(np, logits, targets, 1e-3)

@@ -273,6 +273,8 @@ def test_the_backward_stops_above_frozen_bottom_layers(monkeypatch):
     (np.zeros((2, 4), int), np.zeros((1, 4), int), "targets must have the tokens' shape (2, 4), got (1, 4)"),
     (np.zeros((1, 4), int), np.full((1, 4), -1), "targets: ids from -1 to -1"),
     (np.zeros((1, 4), int), np.zeros((1, 4)), "targets must be integer token ids, got float64"),
+    ([[1, 2, 3], [1, 2]], None, "tokens: rows of different lengths"),
+    ([], None, "tokens must be (batch, time) with both at least 1, got an empty list"),
 ])
 def test_bad_tokens_and_targets_are_named(tokens, targets, words):
     from tinypalm import TinyPalmError
@@ -315,3 +317,26 @@ def test_load_params_and_the_kv_cache_refuse_what_does_not_fit():
         model.forward(np.zeros((1, 7), dtype=np.int64), cache)
     with pytest.raises(TinyPalmError, match="a batch of 2 rows for a KV cache made for 1"):
         model.forward(np.zeros((2, 1), dtype=np.int64), model.new_kv_cache(batch_size=1))
+
+
+def test_misuse_of_the_python_api_is_named():
+    from tinypalm import TinyPalmError
+    model = PaLM(Config.preset("tiny"), dtype="float64")
+    x = np.zeros((2, 4), int)
+    for rate in (1.0, 1.5, -0.1, float("nan")):
+        with pytest.raises(TinyPalmError, match=re.escape(f"dropout {rate}: give a rate from 0 up to")):
+            model.loss_and_grads(x, x, dropout=rate)
+    with pytest.raises(TinyPalmError, match="layers.0.wq: not stored arrays of this model.*wq, wk, wv, w_gate and w_up "
+                                            "live in w_in"):
+        model.frozen = {"layers.0.wq"}
+    model.frozen = ["embed", "layers.1.w_out"]                      # any collection of storage names
+    assert model.frozen == frozenset({"embed", "layers.1.w_out"})
+
+
+def test_params_numpy_is_a_snapshot():
+    for dtype in ("float32", "float64"):
+        model = PaLM(Config.preset("tiny"), dtype=dtype)
+        snap = model.params_numpy()
+        before = snap["embed"].copy()
+        model.params["embed"] *= 0
+        np.testing.assert_array_equal(snap["embed"], before)

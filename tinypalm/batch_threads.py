@@ -15,6 +15,8 @@ buffers of their own, added in piece order at the end, so the result does not de
 piece; the number of pieces (one per thread, at most one per row) changes its rounding only.
 """
 
+import threading
+
 from . import cpu_ops
 from .backend import map_ranges
 from .optim import update_runs
@@ -37,22 +39,23 @@ def loss_and_grads(model, tokens, targets, dropout, dropout_seed, grads, loss_ma
         weights = [(b - a) / len(tokens) for a, b in rows]
     else:
         counted = [float(loss_mask[a:b].sum()) for a, b in rows]
-        weights = [c / max(sum(counted), 1.0) for c in counted]
+        weights = [c / (sum(counted) or 1.0) for c in counted]     # counting nothing: loss 0, not 0 / 0
     trained = update_runs(model.layout, model.frozen)        # the stretches the backward writes: frozen ones not
-    buffers = _piece_grads(model, len(rows) - 1, trained)
     losses = [None] * len(rows)
+    with _lock(model):                                       # threads sharing a model take turns with its buffers
+        buffers = _piece_grads(model, len(rows) - 1, trained)
 
-    def run(p):
-        a, b = rows[p]
-        piece_grads = grads if p == 0 else buffers[p - 1]
-        mask = None if loss_mask is None else loss_mask[a:b]
-        losses[p], _ = model.batch_loss_and_grads(tokens[a:b], targets[a:b], dropout, dropout_seed, piece_grads, mask,
-                                                  scale=weights[p], first_row=a)
-    cpu_ops.pool.run(run, range(len(rows)))
+        def run(p):
+            a, b = rows[p]
+            piece_grads = grads if p == 0 else buffers[p - 1]
+            mask = None if loss_mask is None else loss_mask[a:b]
+            losses[p], _ = model.batch_loss_and_grads(tokens[a:b], targets[a:b], dropout, dropout_seed, piece_grads,
+                                                      mask, scale=weights[p], first_row=a)
+        cpu_ops.pool.run(run, range(len(rows)))
 
-    _add_in_order(grads.flat, [g.flat for g in buffers], trained)
-    if model.adapter is not None:
-        _add_in_order(grads.adapter.flat, [g.adapter.flat for g in buffers], [(0, grads.adapter.flat.size)])
+        _add_in_order(grads.flat, [g.flat for g in buffers], trained)
+        if model.adapter is not None:
+            _add_in_order(grads.adapter.flat, [g.adapter.flat for g in buffers], [(0, grads.adapter.flat.size)])
     loss = losses[0] * weights[0]
     for p in range(1, len(rows)):
         loss += losses[p] * weights[p]
@@ -74,11 +77,18 @@ def forward(model, tokens):
     return model.xp.concatenate(out).reshape(*tokens.shape, -1)
 
 
+def _lock(model):
+    # a lock of the model's own (dict.setdefault is atomic under the GIL): threads that share a model take turns
+    return model.__dict__.setdefault("_piece_lock", threading.Lock())
+
+
 def _piece_grads(model, n, trained):
     """n gradient Flats for pieces 1.., zeroed in the trained ranges [(start, stop, ...)] (the only ones the
     backward writes and _add_in_order reads), kept on the model from step to step (allocating them anew costs as
-    much as zeroing them, and page faults besides)."""
-    kept = model.__dict__.setdefault("_piece_grads", [])
+    much as zeroing them, and page faults besides) while model.frozen stays the same (it decides their layout)."""
+    if model.__dict__.get("_piece_grads_frozen") != model.frozen:
+        model._piece_grads, model._piece_grads_frozen = [], model.frozen
+    kept = model._piece_grads
     while len(kept) < n:
         kept.append(model.grads_like())
 

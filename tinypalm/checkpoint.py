@@ -28,6 +28,9 @@ FORMAT, VERSION = "tinypalm-checkpoint", 1
 
 
 def save(path, model, tokenizer, step, optimizer=None, train_args=None, best_val_loss=None, evals_without_gain=0):
+    if tokenizer.vocab_size > model.config.vocab_size:      # ids the model has no embedding for: refused on loading
+        raise TinyPalmError(f"the tokenizer has {tokenizer.vocab_size} tokens and the model's vocabulary only "
+                            f"{model.config.vocab_size}; build the model with vocab_size={tokenizer.vocab_size}")
     meta = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(),
             "dtype": str(model.dtype), "step": int(step), "train_args": train_args or {},
             "best_val_loss": best_val_loss, "evals_without_gain": int(evals_without_gain)}

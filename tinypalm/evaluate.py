@@ -101,11 +101,20 @@ def _summary(nats, n_scored, n_bytes):
             "tokens": int(n_scored), "bytes": int(n_bytes)}
 
 
-def evaluate_tokens(model, tokens, seq_len, batch_size=8, stride=None, byte_lengths=None, progress=None):
-    """Loss, perplexity and bits per byte of a token stream (an array or memmap), every target scored once."""
-    stride = stride or seq_len
+def evaluate_tokens(model, tokens, seq_len, batch_size=8, stride=None, byte_lengths=None, progress=None,
+                    what="the text"):
+    """Loss, perplexity and bits per byte of a token stream (an array or memmap), every target scored once:
+    windows of seq_len (1 to the model's max_seq_len) moving by stride (1 to seq_len; default seq_len)."""
+    stride = seq_len if stride is None else stride
+    if not 1 <= seq_len <= model.config.max_seq_len:
+        raise TinyPalmError(f"seq_len {seq_len}: must be between 1 and the model's max_seq_len {model.config.max_seq_len}")
+    if not 1 <= stride <= seq_len:
+        raise TinyPalmError(f"stride {stride}: must be between 1 and seq_len {seq_len} (a longer one skips targets)")
+    if not 1 <= batch_size:
+        raise TinyPalmError(f"batch_size {batch_size}: must be at least 1")
     if len(tokens) < 2:
-        raise TinyPalmError(f"the text is {len(tokens)} token long; evaluation needs at least 2 (one to predict from)")
+        raise TinyPalmError(f"{what} is {len(tokens)} token{'s' * (len(tokens) != 1)} long; evaluation needs at least "
+                            "2 (one to predict from)")
     spans = windows(len(tokens), seq_len, stride)
     nats, n_scored, n_bytes = 0.0, 0, 0
     for k in range(0, len(spans), batch_size):
@@ -220,7 +229,8 @@ def main(argv=None):
             tokens = data.split_train_val(tokens, byte_lengths=byte_lengths)[args.split == "val"]
             source += f", {args.split} split {len(tokens):,}"
         progress = Progress(max(len(tokens) - 1, 0))
-        result = evaluate_tokens(model, tokens, seq_len, args.batch_size, stride, byte_lengths, progress)
+        result = evaluate_tokens(model, tokens, seq_len, args.batch_size, stride, byte_lengths, progress,
+                                 what="the text" if args.split == "all" else f"its {args.split} split")
     result = {**head, **result, "seconds": time.time() - t0}
 
     if args.json:

@@ -38,10 +38,13 @@ def choose_token(logits, temperature, top_k, top_p, rng):
 
 def check_sampling(n_prompt, max_new_tokens, temperature, top_k, top_p):
     """Refuse what generate cannot do: sample.py's flags check the same ranges, with the flags' names."""
+    whole = lambda n: isinstance(n, (int, numpy.integer)) and not isinstance(n, bool)
     problems = [(n_prompt < 1, "the prompt is empty: pass at least one token id"),
-                (max_new_tokens < 0, f"max_new_tokens {max_new_tokens} is negative"),
+                (not whole(max_new_tokens), f"max_new_tokens {max_new_tokens!r} must be a whole number"),
+                (whole(max_new_tokens) and max_new_tokens < 0, f"max_new_tokens {max_new_tokens} is negative"),
+                (top_k is not None and not whole(top_k), f"top_k {top_k!r} must be a whole number (None: no limit)"),
                 (not 0 <= temperature < float("inf"), f"temperature {temperature} must be a finite number, at least 0"),
-                (top_k is not None and top_k < 1, f"top_k {top_k} must be at least 1 (None: no limit)"),
+                (top_k is not None and whole(top_k) and top_k < 1, f"top_k {top_k} must be at least 1 (None: no limit)"),
                 (top_p is not None and not 0 < top_p <= 1, f"top_p {top_p} must be above 0 and at most 1 (None: none)")]
     for wrong, message in problems:
         if wrong:
@@ -62,7 +65,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     cache, fed = None, 0                     # fed: how many of the context's tokens the cache holds
     for _ in range(max_new_tokens):
         if len(context) > max_len:
-            context = context[-(max_len // 2):]
+            context = context[-max(1, max_len // 2):]
             cache = None
         if not use_cache:
             logits = model.forward(numpy.array([context]))[0, -1]

@@ -207,7 +207,9 @@ def format_bytes(n):
 def params_hash(params):
     """sha256 over the canonical names, shapes and float32 values of a model's parameters (host or device arrays).
 
-    float32 so that a checkpoint and the same weights loaded in float64 are the same base."""
+    float32 so that a checkpoint and the same weights loaded in float64 are the same base. A bfloat16 model that
+    keeps no master (trains=False) holds its weights rounded to bf16, which hash differently: hash the
+    checkpoint's arrays (load_model's ckpt.params), as train.py does."""
     h = hashlib.sha256()
     for name in sorted(params):
         a = numpy.ascontiguousarray(to_numpy(params[name]), dtype="<f4")

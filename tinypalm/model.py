@@ -149,9 +149,6 @@ class PaLM:
                                                        self.master_dtype)
         self._masks = {}
         self.adapter = None                  # LoRA adapters (lora.py), run beside the fused projections when set
-        # storage names (embed, layers.i.norm, layers.i.w_in, layers.i.w_out, norm) whose gradients the backward
-        # skips, their entries in grads left as they are: a frozen base (LoRA, --freeze-layers) costs no
-        # weight-gradient products
         self.frozen = frozenset()
         self.load_params(init_params(cfg, seed) if params is None else params)
 
@@ -179,10 +176,31 @@ class PaLM:
         if self.adapter is not None:
             self.adapter.params_updated()
 
+    @property
+    def frozen(self):
+        """Storage names (embed, layers.i.norm, layers.i.w_in, layers.i.w_out, norm) whose gradients the backward
+        skips, their entries in grads left as they are: a frozen base (LoRA, --freeze-layers) costs no
+        weight-gradient products. Set it to any collection of those names; AdamW(..., frozen=model.frozen) then
+        leaves them untouched too (weight decay included)."""
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, names):
+        if isinstance(names, str):
+            names = [names]
+        names = frozenset(names)
+        unknown = sorted(names - set(self.layout.spans))
+        if unknown:
+            raise TinyPalmError(f"model.frozen: {', '.join(unknown)}: not stored arrays of this model; name embed, norm, "
+                                f"layers.i.norm, layers.i.w_in or layers.i.w_out (i < {self.config.n_layers}): wq, wk, "
+                                "wv, w_gate and w_up live in w_in, wo and w_down in w_out")
+        self._frozen = names
+
     def params_numpy(self):
-        """Host arrays of the master weights by canonical name (in the master dtype, also for a model that keeps
-        no master), from one device-to-host copy of the flat vector."""
-        return dict(self.layout.wrap(to_numpy(self.params.flat).astype(self.master_dtype, copy=False)))
+        """Host copies of the master weights by canonical name (in the master dtype, also for a model that keeps
+        no master), from one copy of the flat vector: they stay as they are when the model trains on."""
+        host = to_numpy(self.params.flat)             # on numpy: the flat vector itself
+        return dict(self.layout.wrap(host.astype(self.master_dtype, copy=host is self.params.flat)))
 
     def grads_like(self):
         """Zeroed gradients laid out like the parameters (in the master dtype): a Flat with the canonical names
@@ -266,7 +284,12 @@ class PaLM:
         is wrong: (B, T) integer ids in [0, vocab_size), 1 <= T <= max_seq_len. The ids' range is checked on host
         arrays only (a device array's would cost a synchronisation)."""
         if isinstance(tokens, (list, tuple)):
-            tokens = numpy.asarray(tokens)
+            try:
+                tokens = numpy.asarray(tokens)
+            except ValueError:
+                raise TinyPalmError(f"{what}: rows of different lengths; give (batch, time) ids, every row as long") from None
+            if tokens.size == 0:
+                raise TinyPalmError(f"{what} must be (batch, time) with both at least 1, got an empty list")
         dtype, got_shape = getattr(tokens, "dtype", None), getattr(tokens, "shape", None)
         if dtype is None or numpy.dtype(dtype).kind not in "iu":
             raise TinyPalmError(f"{what} must be integer token ids, got {dtype if dtype is not None else type(tokens).__name__}")
@@ -359,13 +382,16 @@ class PaLM:
         backend.read_scalars, so that a training step synchronises once. grads is a Flat in the master dtype,
         canonical name -> gradient, with `.flat`. Given `grads` (from an earlier call), the gradients are added
         to it: gradient accumulation. Given loss_mask (B, T), 1 where a target counts and 0 where not, the mean
-        is over the counted positions only (instruction tuning counts the responses). With adapters (model.adapter),
+        is over the counted positions only (instruction tuning counts the responses; other non-negative values
+        weigh the positions: the weighted mean). dropout: the rate, 0 <= dropout < 1. With adapters (model.adapter),
         their gradients are `grads.adapter`, a Flat like adapter.params.
 
         On numpy the batch's rows are cut into one piece per thread, run side by side (batch_threads.py): the
         same result up to rounding, dropout included."""
         tokens, targets = self._tokens(tokens), self._tokens(targets, "targets", numpy.shape(tokens))
         loss_mask = self._loss_mask(loss_mask, targets)
+        if not 0.0 <= dropout < 1.0:                       # NaN fails too
+            raise TinyPalmError(f"dropout {dropout}: give a rate from 0 up to (not including) 1")
         grads = self.grads_like() if grads is None else grads
         if self.split_batch is not None:
             return self.split_batch.loss_and_grads(self, tokens, targets, dropout, dropout_seed, grads, loss_mask)

@@ -329,7 +329,8 @@ def masked_cross_entropy_forward(xp, logits, targets, loss_mask, z_loss):
     log_z = (xp.log(total) + m)[:, 0]                              # (N,)
     nll = log_z - logits[xp.arange(N), targets]                    # (N,)
     weight = loss_mask.astype(compute)
-    weight /= xp.maximum(weight.sum(), 1)                          # (N,): each counted position's share of the mean
+    total = weight.sum()
+    weight /= xp.where(total > 0, total, 1)                        # (N,): each counted position's share of the mean
     loss = (weight * (nll + z_loss * log_z * log_z)).sum()
     return loss, (probs, log_z, targets, weight, logits.dtype)
 

@@ -515,13 +515,14 @@ def cross_entropy_backward(xp, cache, z_loss):
 
 def masked_cross_entropy_forward(xp, logits, targets, loss_mask, z_loss):
     # logits (N, V), targets (N,), loss_mask (N,) -> the mean over the counted rows: sum_n w_n row_loss_n, with
-    # w = mask / max(sum mask, 1) (float32 (N,), kept for the backward: 0 on the rows not counted)
+    # w = mask / sum mask, or 0 where nothing counts (float32 (N,), kept for the backward: 0 on the rows not counted)
     if ctype(logits.dtype) is None:
         return twin.masked_cross_entropy_forward(xp, logits, targets, loss_mask, z_loss)
     logits, targets = _contiguous(logits), _contiguous(targets, numpy.int64)
     log_z, row_loss = _row_losses(logits, targets, z_loss)
     weight = loss_mask.astype(numpy.float32)
-    weight /= _cupy().maximum(weight.sum(), 1)
+    total = weight.sum()
+    weight /= _cupy().where(total > 0, total, 1)
     return (row_loss * weight).sum(dtype=numpy.float64), _Cache((logits, log_z, targets, weight))
 
 
