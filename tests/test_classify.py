@@ -119,6 +119,9 @@ def test_label_log_likelihoods_match_the_loss():
     assert scores[0] == pytest.approx(sum(log_probs[2 + j, cont[0][j]] for j in range(4)), rel=1e-10)
     assert scores[1] == pytest.approx(float(log_probs[2, 1]), rel=1e-10)
     assert label_log_likelihoods(model, prompt, cont, score="mean")[0] == pytest.approx(scores[0] / 4)
+    for empty in (([], cont), (prompt, [[1], []])):                 # nothing to predict from, or nothing to score
+        with pytest.raises(TinyPalmError, match="the prompt and every continuation need at least one token"):
+            label_log_likelihoods(model, *empty)
 
 
 def test_fewshot_prompt():
@@ -194,7 +197,7 @@ def write_csv(path, rows, header="text,label"):
 @pytest.fixture(scope="module")
 def work(corpus, tmp_path_factory):  # noqa: F811
     d = tmp_path_factory.mktemp("classify")
-    run("train.py", "--data", str(corpus), *TINY, "--max-steps", "5", "--out", "base", cwd=d)
+    run("train.py", "--data", str(corpus), *TINY, "--seq-len", "64", "--max-steps", "5", "--out", "base", cwd=d)
     write_csv(d / "task.csv", task_rows(60, 0))
     return d
 
@@ -205,6 +208,7 @@ def head(work):
                  "--out", "head.npz", "--json", cwd=work)
     assert "mode head: 130 trainable parameters" in r.stderr            # (64 + 1) x 2; stdout: the JSON alone
     assert "note: --max-tokens 128 is beyond the model's context: it reads each text's first 64 tokens" in r.stderr
+    assert "never learned" not in r.stderr                               # base trained on all 64 positions
     return json.loads(r.stdout)
 
 
@@ -327,3 +331,32 @@ def test_training_on_the_cupy_standin_reads_the_host_once_per_epoch(work, mode, 
     assert list(in_training.values()) == [epochs], reads              # the epoch's losses, together
     # the rest: the held-out logits after each epoch, and the trained arrays when saving
     assert all(site.endswith(("(train)", "(logits)", "(<dictcomp>)")) for site in reads), reads
+
+
+def test_positions_the_model_never_trained_on(work, tmp_path):
+    # a model trained on 16 of its 64 positions: classify notes texts read past them, and few-shot prompts keep to them
+    run("train.py", "--data", str(work / "task.csv"), *TINY, "--max-steps", "2", "--out", "short", cwd=tmp_path)
+    r = classify("train", "--data", str(work / "task.csv"), "--ckpt", "short", "--mode", "head", "--epochs", "1",
+                 "--out", "h.npz", cwd=tmp_path)
+    assert "note: the model trained on 16 positions and never learned those past them; --max-tokens 16" in r.stdout
+    assert_user_error(classify("fewshot", "--data", str(work / "task.csv"), "--ckpt", "short", "--shots", "1",
+                               cwd=tmp_path, check=False), "context (16 tokens, the length it trained on)")
+
+
+def test_eval_reads_other_columns_and_train_survives_a_closed_pipe(work, head, tmp_path):
+    rows = task_rows(20, 3)
+    write_csv(tmp_path / "other.csv", rows, header="sentence,y")
+    r = classify("eval", "--model", str(work / "head.npz"), "--data", "other.csv", "--text-field", "sentence",
+                 "--label-field", "y", "--json", cwd=tmp_path)
+    assert json.loads(r.stdout)["n"] == len(rows)
+    assert_user_error(classify("eval", "--model", str(work / "head.npz"), "--text-field", "sentence", cwd=tmp_path,
+                               check=False), "--text-field and --label-field name the columns of --data")
+    # `classify train | head -1`: the reader goes after one line; training goes on, saves, and exits 0
+    proc = subprocess.Popen([sys.executable, "-m", "tinypalm.classify", "train", "--data", str(work / "task.csv"),
+                             "--ckpt", str(work / "base"), "--mode", "head", "--epochs", "3", "--out", "p.npz"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert (tmp_path / "p.npz").exists()

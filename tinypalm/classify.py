@@ -337,7 +337,7 @@ def train(args):
         raise TinyPalmError(f"{args.data}: only one label ({labels[0]!r}) in training; a classifier needs at least two")
     model, tokenizer, ck = load_model(args.ckpt, backend=args.backend, dtype=args.dtype,
                                       trains=args.mode in ("top", "full"))     # else the base stays as it is
-    cfg, xp = model.config, model.xp
+    cfg, xp, learned = model.config, model.xp, trained_length(model, ck)
     clf = Classifier(model, tokenizer, labels, args.pool, args.max_tokens)
     betas = (args.beta1, args.beta2)
 
@@ -381,6 +381,9 @@ def train(args):
     if clf.max_tokens < args.max_tokens:
         print(f"note: --max-tokens {args.max_tokens} is beyond the model's context: it reads each text's first "
               f"{clf.max_tokens} tokens", file=log)
+    if clf.max_tokens > learned:
+        print(f"note: the model trained on {learned} positions and never learned those past them; --max-tokens "
+              f"{learned} keeps to what it knows", file=log)
 
     t0 = time.time()
     seqs = clf.encode([t for t, _ in train_set])
@@ -463,9 +466,12 @@ def file_hash(path):
 
 
 def evaluate(args):
+    if not args.data and (args.text_field or args.label_field):
+        raise TinyPalmError("--text-field and --label-field name the columns of --data; without --data the "
+                            "classifier's own split is read with the columns it was trained with")
     clf, meta = load_classifier(args.model, args.ckpt, args.backend)
     if args.data:             # another file, all of it held out
-        test_set = read_examples(args.data, meta["text_field"], meta["label_field"])
+        test_set = read_examples(args.data, args.text_field or meta["text_field"], args.label_field or meta["label_field"])
     else:                     # the split the classifier was trained with
         if not os.path.exists(meta["data"]):
             raise TinyPalmError(f"{meta['data']}, which {args.model} was trained on, is gone; put it back, or score "
@@ -517,6 +523,8 @@ def fewshot_prompt(tokenizer, demos, query, per_text):
 
 def label_log_likelihoods(model, prompt, continuations, score="mean"):
     """log p(continuation | prompt) for each continuation, in one batch: summed, or averaged per token."""
+    if not prompt or not all(continuations):
+        raise TinyPalmError("label_log_likelihoods: the prompt and every continuation need at least one token")
     xp = model.xp
     T = len(prompt) + max(len(c) for c in continuations)
     tokens = numpy.zeros((len(continuations), T), dtype=numpy.int64)
@@ -533,19 +541,27 @@ def label_log_likelihoods(model, prompt, continuations, score="mean"):
     return scores
 
 
+def trained_length(model, ckpt):
+    """The positions the model learned: the --seq-len of the run that trained it last (its adapter's, with one),
+    at most max_seq_len (its max_seq_len where no run is recorded)."""
+    run_args = model.adapter.meta.get("train_args", {}) if model.adapter is not None else ckpt.train_args
+    return min(int(run_args.get("seq_len", model.config.max_seq_len)), model.config.max_seq_len)
+
+
 def fewshot(args):
     train_set, test_set = load_split(args)
     labels = sorted({label for _, label in train_set})
-    model, tokenizer, _ = load_model(args.ckpt, args.adapter, backend=args.backend, trains=False)
+    model, tokenizer, ckpt = load_model(args.ckpt, args.adapter, backend=args.backend, trains=False)
     # each label is scored with the newline that ends it, so no label's score counts as a prefix of another's
     continuations = [[int(i) for i in tokenizer.encode(f" {label}\n")] for label in labels]
-    budget = model.config.max_seq_len - max(len(c) for c in continuations)
+    context = trained_length(model, ckpt)          # positions past it the model never learned
+    budget = context - max(len(c) for c in continuations)
     longest = max(labels, key=lambda label: len(tokenizer.encode(label)))
     overhead = len(fewshot_prompt(tokenizer, [("", longest)] * args.shots, "", 0))      # the template alone
     per_text = (budget - overhead) // (args.shots + 1)
     if per_text < 8:
-        raise TinyPalmError(f"--shots {args.shots}: the model's context ({model.config.max_seq_len} tokens) leaves "
-                            f"{max(per_text, 0)} tokens per text; use fewer shots")
+        raise TinyPalmError(f"--shots {args.shots}: the model's context ({context} tokens, the length it trained "
+                            f"on) leaves {max(per_text, 0)} tokens per text; use fewer shots")
     t0, predicted = time.time(), []
     # pmi: each label's log-likelihood after the bare "Label:", the model's prior for it, is subtracted
     prior = label_log_likelihoods(model, [int(i) for i in tokenizer.encode("Label:")], continuations, "sum") \
@@ -561,7 +577,8 @@ def fewshot(args):
             print(f"{j + 1}/{len(test_set)} scored, {time.time() - t0:.0f}s", end="\r" if sys.stderr.isatty() else "\n",
                   file=sys.stderr, flush=True)
     if not args.json:
-        print(f"{len(test_set)} scored in {time.time() - t0:.1f}s ({args.shots} shots, {per_text} tokens per text)",
+        print(f"{len(test_set)} scored in {time.time() - t0:.1f}s ({args.shots} shots, {per_text} tokens per text, "
+              f"prompts of at most {context} tokens)",
               file=sys.stderr)
     result = report(labels, [label for _, label in test_set], predicted)
     result.update(mode=f"{args.shots}-shot", trainable_params=0, train_seconds=0.0, seconds=time.time() - t0)
@@ -671,6 +688,10 @@ def build_parser():
     q = sub.add_parser("eval", help="accuracy, per-class precision/recall/F1 and the confusion matrix")
     q.add_argument("--model", required=True, help="a classifier file")
     q.add_argument("--data", default=None, help="evaluate all of this file (default: the held-out split it was trained with)")
+    q.add_argument("--text-field", default=None, help="with --data: its column or field of the texts (default: the "
+                                                      "one the classifier was trained with)")
+    q.add_argument("--label-field", default=None, help="with --data: its column or field of the labels (default: "
+                                                       "the one the classifier was trained with)")
     q.add_argument("--ckpt", default=None, help="its base checkpoint, if it has moved")
     q.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="CPU or NVIDIA GPU")
     q.add_argument("--json", action="store_true")
@@ -737,5 +758,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run_cli
+    from .cli import StdoutThatMayClose, run_cli
+    sys.stdout = StdoutThatMayClose(sys.stdout)      # `classify train | head` trains on and saves after head's lines
     run_cli(main)
