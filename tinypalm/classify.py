@@ -554,14 +554,18 @@ def fewshot(args):
     model, tokenizer, ckpt = load_model(args.ckpt, args.adapter, backend=args.backend, trains=False)
     # each label is scored with the newline that ends it, so no label's score counts as a prefix of another's
     continuations = [[int(i) for i in tokenizer.encode(f" {label}\n")] for label in labels]
-    context = trained_length(model, ckpt)          # positions past it the model never learned
-    budget = context - max(len(c) for c in continuations)
+    budget = model.config.max_seq_len - max(len(c) for c in continuations)
     longest = max(labels, key=lambda label: len(tokenizer.encode(label)))
     overhead = len(fewshot_prompt(tokenizer, [("", longest)] * args.shots, "", 0))      # the template alone
     per_text = (budget - overhead) // (args.shots + 1)
     if per_text < 8:
-        raise TinyPalmError(f"--shots {args.shots}: the model's context ({context} tokens, the length it trained "
-                            f"on) leaves {max(per_text, 0)} tokens per text; use fewer shots")
+        raise TinyPalmError(f"--shots {args.shots}: the model's context ({model.config.max_seq_len} tokens) leaves "
+                            f"{max(per_text, 0)} tokens per text; use fewer shots")
+    learned = trained_length(model, ckpt)
+    if not args.json and learned < model.config.max_seq_len:
+        print(f"note: prompts fill the model's {model.config.max_seq_len} positions, and it trained on {learned}: "
+              f"it never learned those past them, so a long prompt's early demonstrations may count for little",
+              file=sys.stderr)
     t0, predicted = time.time(), []
     # pmi: each label's log-likelihood after the bare "Label:", the model's prior for it, is subtracted
     prior = label_log_likelihoods(model, [int(i) for i in tokenizer.encode("Label:")], continuations, "sum") \
@@ -577,8 +581,7 @@ def fewshot(args):
             print(f"{j + 1}/{len(test_set)} scored, {time.time() - t0:.0f}s", end="\r" if sys.stderr.isatty() else "\n",
                   file=sys.stderr, flush=True)
     if not args.json:
-        print(f"{len(test_set)} scored in {time.time() - t0:.1f}s ({args.shots} shots, {per_text} tokens per text, "
-              f"prompts of at most {context} tokens)",
+        print(f"{len(test_set)} scored in {time.time() - t0:.1f}s ({args.shots} shots, {per_text} tokens per text)",
               file=sys.stderr)
     result = report(labels, [label for _, label in test_set], predicted)
     result.update(mode=f"{args.shots}-shot", trainable_params=0, train_seconds=0.0, seconds=time.time() - t0)
