@@ -361,3 +361,15 @@ def test_eval_reads_other_columns_and_train_survives_a_closed_pipe(work, head, t
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
     assert (tmp_path / "p.npz").exists()
+
+
+def test_trained_length_is_the_longest_recorded_run():
+    from types import SimpleNamespace as NS
+    from tinypalm.classify import trained_length
+    config = NS(max_seq_len=64)
+    base = NS(train_args={"seq_len": 32})
+    assert trained_length(NS(config=config, adapter=None), base) == 32
+    adapted = NS(config=config, adapter=NS(meta={"train_args": {"seq_len": 8}}))
+    assert trained_length(adapted, base) == 32                       # a short LoRA run unlearns nothing
+    assert trained_length(NS(config=config, adapter=NS(meta={"train_args": {"seq_len": 48}})), base) == 48
+    assert trained_length(NS(config=config, adapter=None), NS(train_args={})) == 64     # nothing recorded

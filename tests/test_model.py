@@ -329,6 +329,9 @@ def test_misuse_of_the_python_api_is_named():
     with pytest.raises(TinyPalmError, match="layers.0.wq: not stored arrays of this model.*wq, wk, wv, w_gate and w_up "
                                             "live in w_in"):
         model.frozen = {"layers.0.wq"}
+    for bad, words in (({0}, "['0'] are not names"), (None, "not None")):
+        with pytest.raises(TinyPalmError, match=re.escape(words)):
+            model.frozen = bad
     model.frozen = ["embed", "layers.1.w_out"]                      # any collection of storage names
     assert model.frozen == frozenset({"embed", "layers.1.w_out"})
 

@@ -269,3 +269,9 @@ def test_tokenizers_saved_before_end_of_text_still_load(bpe):
     assert old_bpe.eot_id is None and old_bpe.vocab_size == 256 + len(bpe.merges)
     assert old_bpe.encode("The cat sees the river.").tolist() == bpe.encode("The cat sees the river.").tolist()
     assert old_bpe.to_dict() == {"kind": "bpe", "merges": [list(m) for m in bpe.merges]}
+
+
+def test_a_repeated_merge_is_refused():
+    # it would make a chunk's ids depend on its length (the plain and the heap encoders rank it differently)
+    with pytest.raises(TinyPalmError, match=r"bad BPE merge 1: \[98, 98\] repeats merge 0"):
+        BPETokenizer.from_dict({"kind": "bpe", "merges": [[98, 98], [98, 98]]})

@@ -542,10 +542,11 @@ def label_log_likelihoods(model, prompt, continuations, score="mean"):
 
 
 def trained_length(model, ckpt):
-    """The positions the model learned: the --seq-len of the run that trained it last (its adapter's, with one),
-    at most max_seq_len (its max_seq_len where no run is recorded)."""
-    run_args = model.adapter.meta.get("train_args", {}) if model.adapter is not None else ckpt.train_args
-    return min(int(run_args.get("seq_len", model.config.max_seq_len)), model.config.max_seq_len)
+    """The positions the model learned, as far as its files record: the --seq-len of the run that made the
+    checkpoint, or its adapter's where that is longer; max_seq_len where none is recorded."""
+    runs = [ckpt.train_args] + ([model.adapter.meta.get("train_args", {})] if model.adapter is not None else [])
+    lengths = [int(run["seq_len"]) for run in runs if "seq_len" in run]
+    return min(max(lengths, default=model.config.max_seq_len), model.config.max_seq_len)
 
 
 def fewshot(args):
@@ -762,5 +763,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     from .cli import StdoutThatMayClose, run_cli
-    sys.stdout = StdoutThatMayClose(sys.stdout)      # `classify train | head` trains on and saves after head's lines
+    if sys.argv[1:2] == ["train"]:                   # `classify train | head` trains on and saves after head's lines
+        sys.stdout = StdoutThatMayClose(sys.stdout)  # (predict and the rest stop when their reader goes)
     run_cli(main)

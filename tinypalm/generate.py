@@ -56,7 +56,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     """Continue prompt_ids (a non-empty list of ints); returns the new ids. on_token(id) sees each as it is made.
 
     A prompt longer than max_seq_len is cut to its last max_seq_len tokens. When the context outgrows
-    max_seq_len, its last max_seq_len // 2 tokens are kept (the cache rebuilt from them) and generation goes on."""
+    max_seq_len, its last max_seq_len // 2 tokens (at least one) are kept (the cache rebuilt from them) and generation goes on."""
     check_sampling(len(prompt_ids), max_new_tokens, temperature, top_k, top_p)
     max_len = model.config.max_seq_len
     rng = numpy.random.default_rng(seed)

@@ -188,7 +188,13 @@ class PaLM:
     def frozen(self, names):
         if isinstance(names, str):
             names = [names]
-        names = frozenset(names)
+        try:
+            names = frozenset(names)
+        except TypeError:
+            raise TinyPalmError(f"model.frozen: give a collection of stored arrays' names, not {names!r}") from None
+        if not all(isinstance(n, str) for n in names):
+            raise TinyPalmError(f"model.frozen: {sorted(repr(n) for n in names if not isinstance(n, str))} are not "
+                                "names; give stored arrays' names, strings")
         unknown = sorted(names - set(self.layout.spans))
         if unknown:
             raise TinyPalmError(f"model.frozen: {', '.join(unknown)}: not stored arrays of this model; name embed, norm, "

@@ -144,7 +144,7 @@ def clip_together(vectors, max_norm):
     loss, one synchronisation per step."""
     total = sum(v @ v for v in vectors) ** 0.5
     if max_norm:
-        scale = (max_norm / (total + 1e-6)).clip(0.0, 1.0)   # 1 when the norm is below max_norm (1e-6: no 0 / 0)
+        scale = (max_norm / (total + 1e-6)).clip(0.0, 1.0)   # 1 when the norm is at most max_norm - 1e-6 (no 0 / 0)
         for v in vectors:
             v *= scale.astype(v.dtype)
     return total

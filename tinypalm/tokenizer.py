@@ -122,6 +122,9 @@ class BPETokenizer:
         for i, (a, b) in enumerate(self.merges):
             if not (0 <= a < 256 + i and 0 <= b < 256 + i):
                 raise TinyPalmError(f"bad BPE merge {i}: {[a, b]} uses an id not yet defined; the tokenizer file is corrupt")
+            if (a, b) in self.ranks:
+                raise TinyPalmError(f"bad BPE merge {i}: {[a, b]} repeats merge {self.ranks[a, b]}; the tokenizer file "
+                                    "is corrupt")
             self.ranks[(a, b)] = i
             self.vocab.append(self.vocab[a] + self.vocab[b])
         self.eot_id = None
