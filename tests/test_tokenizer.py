@@ -275,3 +275,12 @@ def test_a_repeated_merge_is_refused():
     # it would make a chunk's ids depend on its length (the plain and the heap encoders rank it differently)
     with pytest.raises(TinyPalmError, match=r"bad BPE merge 1: \[98, 98\] repeats merge 0"):
         BPETokenizer.from_dict({"kind": "bpe", "merges": [[98, 98], [98, 98]]})
+
+
+def test_the_encode_cache_stays_bounded_within_one_call(monkeypatch):
+    import tinypalm.tokenizer as tokenizer
+    monkeypatch.setattr(tokenizer, "CACHE_CHUNKS", 10)
+    tok = BPETokenizer.train(corpus(50, seed=1), 300)
+    text = " ".join(f"w{i}" for i in range(200))                   # 200 different chunks in one call
+    ids = tok.encode(text)
+    assert len(tok._cache) <= 10 and tok.decode(ids) == text

@@ -27,6 +27,7 @@ from .errors import TinyPalmError
 # else that is not whitespace. Together the alternatives cover every character, so no text is dropped.
 SPLIT = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
 LONG_CHUNK = 64       # bytes; a longer chunk (a DNA line, base64) is encoded by BPETokenizer._encode_long_chunk
+CACHE_CHUNKS = 1_000_000   # chunks BPETokenizer.encode remembers the ids of (text repeats its words)
 
 
 def _to_str(text):
@@ -229,15 +230,17 @@ class BPETokenizer:
         """_encode_chunk's result in time n log n rather than n x merges used: the chunk as a linked list of
         positions and a heap of (merge rank, position) for every pair present that has a merge. Popping the
         lowest rank first and, within a rank, the leftmost position first applies merges in _encode_chunk's order;
-        a merge can only make pairs of later rank (they hold its new id), pushed as they form."""
-        sym = list(chunk)                     # sym[i]: the id at position i; -1 once merged into its left
-        n = len(sym)
-        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+        a merge can only make pairs of later rank (they hold its new id), pushed as they form. A heap entry is
+        the one int rank * n + position, and the list's links are arrays of int32: a long line costs tens of
+        bytes a byte, not hundreds."""
+        n, ranks = len(chunk), self.ranks
+        sym = array("i", list(chunk))         # sym[i]: the id at position i; -1 once merged into its left
+        nxt, prv = array("i", range(1, n + 1)), array("i", range(-1, n - 1))
         nxt[-1] = -1
-        heap = [(self.ranks[p], i) for i, p in enumerate(zip(sym, sym[1:])) if p in self.ranks]
+        heap = [ranks[p] * n + i for i, p in enumerate(zip(chunk, chunk[1:])) if p in ranks]
         heapq.heapify(heap)
         while heap:
-            rank, i = heapq.heappop(heap)
+            rank, i = divmod(heapq.heappop(heap), n)
             j = nxt[i]
             if j == -1 or (sym[i], sym[j]) != self.merges[rank]:
                 continue                      # stale: a merge at this place changed it since
@@ -245,22 +248,22 @@ class BPETokenizer:
             sym[i], sym[j], nxt[i] = new, -1, k
             if k != -1:
                 prv[k] = i
-                if (new, sym[k]) in self.ranks:
-                    heapq.heappush(heap, (self.ranks[new, sym[k]], i))
-            if h != -1 and (sym[h], new) in self.ranks:
-                heapq.heappush(heap, (self.ranks[sym[h], new], h))
+                if (new, sym[k]) in ranks:
+                    heapq.heappush(heap, ranks[new, sym[k]] * n + i)
+            if h != -1 and (sym[h], new) in ranks:
+                heapq.heappush(heap, ranks[sym[h], new] * n + h)
         return [s for s in sym if s != -1]
 
     def encode(self, text):
         cache, out = self._cache, []
-        if len(cache) > 1_000_000:
-            cache.clear()  # bound memory when encoding a huge, varied corpus
         for c in _chunks(text):
             if len(c) > LONG_CHUNK:
                 out += self._encode_long_chunk(c)   # not cached: long chunks seldom repeat, and would fill memory
                 continue
             ids = cache.get(c)
             if ids is None:
+                if len(cache) >= CACHE_CHUNKS:
+                    cache.clear()  # bound memory when encoding a huge, varied corpus
                 ids = cache[c] = self._encode_chunk(c)
             out += ids
         return np.array(out, dtype=np.int32)
