@@ -1,7 +1,8 @@
 """Checkpoints: one .npz file that `numpy.load(path, allow_pickle=False)` reads.
 
 Keys:
-    meta            JSON text: format, version, config, tokenizer, dtype, step, training arguments, best val loss
+    meta            JSON text: format, version, config, tokenizer, dtype, step, training arguments, best val loss,
+                    evaluations without gain (for --patience)
     param.<name>    every parameter under its canonical name, in the master dtype (float32 for a bfloat16 run,
                     whose meta dtype says "bfloat16"); any checkpoint loads into a model of any dtype
     opt.<key>       the AdamW state ('opt.step', 'opt.m.<name>', 'opt.v.<name>'); absent in weights-only files
@@ -113,7 +114,7 @@ def load(path, optimizer=False):
             params = {}
             for name, shape in param_shapes(config).items():
                 key = f"param.{name}"
-                params[name] = npz.get(key)                  # read once: each npz[key] decompresses it again
+                params[name] = npz.get(key)                  # read once: each npz[key] reads it from the archive again
                 if params[name] is None or params[name].shape != shape:
                     raise TinyPalmError(f"{path}: parameter {name} is missing or does not match the checkpoint's own "
                                         "config; the file is damaged, use another checkpoint")

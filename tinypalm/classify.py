@@ -8,7 +8,8 @@
 
 Data: a CSV with a header, or JSONL (one object per line), with a text and a label field (--text-field,
 --label-field; default text, label). The held-out split is 20% of each label's examples, drawn with --seed
-(stratified, so every label is in both parts in proportion; a label with one example stays in training), or a
+(stratified, so every label is in both parts in proportion; a label too small to give one held-out example,
+fewer than 3 at 20%, stays wholly in training), or a
 separate file with --test-data. Few-shot prompting and every fine-tuning mode are scored on the same split.
 
 The head reads the final LayerNorm output, mean-pooled over the text's tokens (--pool mean, the default) or at
@@ -307,7 +308,7 @@ def load_classifier(path, ckpt=None, backend="numpy"):
         with numpy.load(path, allow_pickle=False) as npz:
             meta = json.loads(str(npz["meta"])) if "meta" in npz.files else {}
             if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-                raise TinyPalmError(f"--model {path}: not a tinypalm classifier (version {VERSION}); "
+                raise TinyPalmError(f"--model {path}: not a tinypalm classifier (this tinypalm reads classifier format version {VERSION}); "
                                     "pass a file written by `python -m tinypalm.classify train`")
             arrays = {k: npz[k] for k in npz.files if k != "meta"}
     except TinyPalmError:
@@ -663,7 +664,8 @@ def build_parser():
         q.add_argument("--text-field", default="text", help="the column (CSV) or field (JSONL) of the texts")
         q.add_argument("--label-field", default="label", help="the column or field of the labels")
         q.add_argument("--test-fraction", type=finite_float, default=0.2, help="held-out share of each label (default 0.2)")
-        q.add_argument("--seed", type=int, default=0, help="the split, the shuffling and the demonstrations")
+        q.add_argument("--seed", type=int, default=0,
+                       help="the split, and the shuffling and LoRA's initial A (train) or the demonstrations (fewshot)")
         q.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="CPU or NVIDIA GPU")
         q.add_argument("--json", action="store_true", help="print the evaluation as one JSON object")
 
@@ -685,7 +687,8 @@ def build_parser():
     q.add_argument("--lr", type=finite_float, default=2e-5, help="AdamW's learning rate at the start, decayed linearly to 0")
     q.add_argument("--batch-size", type=int, default=16, help="examples per step")
     q.add_argument("--epochs", type=int, default=3, help="passes over the training examples")
-    add_adamw_flags(q, weight_decay=0.0, beta2=0.999, decayed="what trains")
+    add_adamw_flags(q, weight_decay=0.0, beta2=0.999, decayed="the layers' matrices and LoRA adapters that train "
+                    "(never the head, norms or the embedding)")
     q.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="the arithmetic's precision")
     q.set_defaults(func=train)
 

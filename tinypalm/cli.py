@@ -112,12 +112,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 SHAPE_FLAGS = {"d_model": (int, "model width"), "n_layers": (int, "number of blocks"), "n_heads": (int, "query heads"),
                "n_kv_heads": (int, "key/value heads (1: multi-query)"), "head_dim": (int, "width of each head"),
                "d_ff": (int, "SwiGLU hidden width"),
-               "max_seq_len": (int, "longest context the model can see, raised to --seq-len if shorter"),
+               "max_seq_len": (int, "longest context the model can see (a preset's is raised to --seq-len if shorter)"),
                "rope_base": (finite_float, "rotary embedding base"),
                "norm_eps": (finite_float, "LayerNorm epsilon"), "z_loss": (finite_float, "weight of the z-loss")}
 
 
-def add_adamw_flags(group, weight_decay, beta2, decayed="the layers' matrices"):
+def add_adamw_flags(group, weight_decay, beta2, decayed="the layers' matrices and LoRA adapters that train (never "
+                    "norms or the embedding)"):
     """AdamW's flags, shared by train.py and classify train, with the defaults each program's recipe uses."""
     group.add_argument("--weight-decay", type=finite_float, default=weight_decay,
                        help=f"AdamW's decoupled weight decay of {decayed}")

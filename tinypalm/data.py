@@ -24,7 +24,7 @@ VERSION = 1
 _PREFIX = struct.Struct("<8sIIQQ")
 _ALIGN = 4096
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
-_SNIFF = 8192  # a file with a NUL byte in its first 8 KB is taken to be binary and skipped
+_SNIFF = 8192  # a file with a NUL byte in its first 8 KB is binary: skipped in a directory, read as bytes when named
 
 _USAGE = "pass a UTF-8 text file, a directory of text files, or a token file made with --prepare"
 

@@ -10,8 +10,9 @@ flat.py), and every rank applies the same AdamW update. With ZeRO-1 the AdamW mo
 gradient is reduce-scattered so that each rank holds the sum of its own shard (a stretch of the flat vector),
 updates the weights of that shard with the moments of that shard alone, and the weights are all-gathered.
 
-On GPUs the all-reduce of each bucket starts on a side stream as soon as the backward has finished the layers
-it holds, so communication overlaps the rest of the backward.
+On GPUs the all-reduce of each bucket starts on a side stream as soon as the step's last micro-batch's backward
+has finished the layers it holds, so communication overlaps the rest of the backward (not with --zero 1, nor
+for LoRA's adapters: those go after the backward).
 
 With LoRA (train.py --lora-rank) only the adapters train: their small flat vector is all-reduced in one bucket
 after the backward, and ZeRO-1 splits their moments.
@@ -463,8 +464,8 @@ def plan_report(cfg, ranks, dtype="float32", bandwidth_gbs=100.0, bucket_bytes=B
     mb = lambda x: f"{x / 1e6:,.1f} MB" if x < 1e10 else f"{x / 1e9:,.1f} GB"  # noqa: E731
     rows = [("without ZeRO", adam), ("ZeRO-1", adam / ranks)]
     lines = [f"data parallel: {n / 1e6:,.1f}M parameters on {ranks} ranks, {dtype} training",
-             f"  all-reduced per step: {mb(grads)} of gradients, in {len(buckets)} bucket(s) (at least "
-             f"{bucket_bytes >> 20} MiB each, cut between layers); a ring all-reduce sends and receives {mb(moved)} "
+             f"  all-reduced per step: {mb(grads)} of gradients, in {len(buckets)} bucket(s) (each closed at "
+             f"{bucket_bytes >> 20} MiB or more, cut between layers; the last may be smaller); a ring all-reduce sends and receives {mb(moved)} "
              "per rank (2(N-1)/N of it)",
              f"  at {bandwidth_gbs:g} GB/s bus bandwidth per rank: {seconds * 1e3:,.2f} ms per step "
              "(ZeRO-1's reduce-scatter plus all-gather move the same bytes)",
