@@ -160,3 +160,14 @@ def test_embedding_with_repeated_tokens():
     assert_grad_close(d_embed, loss, embed)
     np.testing.assert_allclose(d_embed[1], dx[0, 0] + dx[0, 2] + dx[1, 0])
     np.testing.assert_allclose(d_embed[2], 0)
+
+
+def test_keep_freed_memory_does_nothing_where_there_is_no_glibc(monkeypatch):
+    # Windows' ctypes.CDLL(None) raises TypeError, macOS has no mallopt: the numpy backend must still come up
+    import ctypes
+    from tinypalm import backend
+    for error in (TypeError("expected str"), OSError("no libc"), AttributeError("mallopt")):
+        def no_libc(*args, error=error):
+            raise error
+        monkeypatch.setattr(ctypes, "CDLL", no_libc)
+        backend.keep_freed_memory()

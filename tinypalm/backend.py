@@ -160,9 +160,9 @@ def keep_freed_memory():
         import ctypes
         libc = ctypes.CDLL(None)
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)        # glibc's upper limit for this setting on 64-bit
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)        # the most glibc's own sliding threshold reaches on 64-bit
         libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):      # TypeError: Windows' CDLL takes no None
         pass
 
 

@@ -9,13 +9,14 @@
                                                   # other step: the slowdown (on the CPU, taken apart by its
                                                   # threads' CPU clocks)
     python -m tinypalm.bench --vs-torch --d-model 384 --n-layers 6 --n-heads 6 --batch-size 64 --seq-len 256
-                                                  # another shape: nanoGPT's shakespeare_char model and batch
+                                                  # another shape: nanoGPT shakespeare_char's width, depth,
+                                                  # heads and batch
 
 The step time is the median of --steps timed steps after --warmup untimed ones. The breakdown comes from
-separate steps in which every function of tinypalm.ops is timed (the device synchronised around each call on
-a GPU), so the instrumentation never slows the headline figure. MFU is PaLM's (appendix B): the model FLOPs the
-step's tokens need, 6N + 12 L H Dh T per token, over the step time and the device's peak (--peak-tflops; on cupy
-it defaults to an H100 SXM's dense bf16 989.4 TFLOP/s).
+separate steps in which every forward and backward op the model calls through model.ops is timed (the device
+synchronised around each call on a GPU), so the instrumentation never slows the headline figure. MFU is PaLM's
+(appendix B): the model FLOPs the step's tokens need, 6N + 12 L H Dh T per token, over the step time and the
+device's peak (--peak-tflops; on cupy it defaults to an H100 SXM's dense bf16 989.4 TFLOP/s).
 """
 
 import os
@@ -86,8 +87,9 @@ def time_steps(step, xp, n):
 def profile_ops(step, model, n, threads=1):
     """Seconds per step inside each op function the model calls, and the step's total, from n instrumented steps.
 
-    Only outermost calls count (softmax runs inside attention and is counted there). threads: how many threads
-    run pieces of the batch at once (batch_threads.py); each op's time is summed over them and divided by it."""
+    Each op's own time (ops call one another through ops.py directly, so nothing is counted twice). threads: how
+    many threads run pieces of the batch at once (batch_threads.py); each op's time is summed over them and
+    divided by it."""
     xp, ops = model.xp, model.ops
     spent = defaultdict(float)
     local = threading.local()

@@ -8,12 +8,14 @@ matmuls made training 20x slower). Here BLAS runs single-threaded, and a small p
 loses its core just takes fewer chunks. numpy and BLAS release the GIL while they compute, so the threads
 really run in parallel. A chunk stays in the cache while an element-wise op makes its several passes over it,
 so they cost one trip to memory. The pool has one thread per core the process may use; TINYPALM_NUM_THREADS=n
-sets it (1: everything on the calling thread). Training goes one level up (batch_threads.py): each thread runs a
+sets it (1: everything on the calling thread), and it is 1 where numpy's BLAS cannot be set to one thread
+(backend.py: that BLAS keeps the cores). Training goes one level up (batch_threads.py): each thread runs a
 piece of the batch through the whole model, and the twins it calls run their chunks inline on that thread.
 
 Each function has exactly the signature and the cache format of its ops.py twin (so a twin's backward also
 accepts the plain forward's cache) and is tested against it (tests/test_cpu_ops.py). Attention is the exception:
-its twin skips the masked half of causal attention, and its cache is its own (its backward takes ops.py's
+its twin skips the masked scores outside the diagonal blocks of causal attention (at T = 64 it computes 75% of
+the scores, toward 50% as T grows), and its cache is its own (its backward takes ops.py's
 cache too; tests/test_cpu_attention.py). Inputs these twins do not handle (any dtype other than float32 and
 float64, e.g. bfloat16) go to the ops.py function unchanged.
 """
@@ -32,7 +34,7 @@ from .errors import TinyPalmError
 
 HANDLED = (np.dtype(np.float32), np.dtype(np.float64))
 ELEMENTWISE_CHUNK_BYTES = 1 << 20         # one array's share of a chunk; larger: fewer GIL hand-overs between threads
-GEMM_CHUNK_FLOPS = 16_000_000             # at least this much multiply-add work per matmul chunk (~0.3 ms)
+GEMM_CHUNK_FLOPS = 16_000_000             # at least this many FLOPs (half as many multiply-adds) a chunk (~0.3 ms)
 GEMM_MIN_CHUNKS = 4
 GEMM_MAX_CHUNK_FLOPS = 160_000_000        # at most ~3 ms of one core's work per piece
 
@@ -403,8 +405,8 @@ def _rope(x, cos, sin, forward):
         xb = x[b]
         n = xb.shape[0]
         if nh > 1 and not xb.flags.c_contiguous:
-            # q: a column block of the projection, strided rows: read once (see SwiGLU). Not k: its rows (one
-            # head) are too short for the copy to pay
+            # q (and k with several kv heads): a column block of the projection, strided rows: read once (see
+            # SwiGLU). Not a single head's: its rows are too short for the copy to pay
             xb = out[b]
             np.copyto(xb, x[b])
         swapped = xb.reshape(n, T, nh, 2, h)[:, :, :, ::-1]                    # (n, T, nh, 2, h) view
@@ -452,8 +454,8 @@ def rope_backward(dout, cos, sin):
 # accurate as with the maximum subtracted, without the max and subtract passes. A block outside it is computed
 # again the usual way.
 #
-# 1/sqrt(Dh) is folded into whichever of q (T*G rows) and k (S rows) has fewer rows: k in training, q when
-# generating one token against a long cache. The scaled one is a copy the cache keeps; the other stays a view.
+# 1/sqrt(Dh) is folded into whichever of q (T*G rows) and k (S rows) has fewer rows: k in training, q when a
+# chunk of at least ATTENTION_MIN_ROWS query rows meets a longer cache. The scaled one is a copy the cache keeps; the other stays a view.
 #
 # Backward, per block: dp = dout v^T, dscores = p (dp - c) with c = rowsum(p dp) = rowsum(dout out), then
 # dv = p^T dout, dk = dscores^T q, dq = dscores k (each times 1/sqrt(Dh) where it was not folded in);
@@ -462,7 +464,8 @@ def rope_backward(dout, cos, sin):
 # Any other mask (checked: one comparison over the mask) goes to ops.py's full computation, and so do few query
 # rows (generating a token: T*G < ATTENTION_MIN_ROWS, where ops.py's few larger calls are faster and there is no
 # masked half to skip); attention_backward takes ops.py's cache as well as its own.
-# The cache keeps the probabilities of the blocks only (about half of ops.py's (G*T, S) per row).
+# The cache keeps the probabilities of the blocks only (75% of ops.py's (G*T, S) at T = 64, toward half as T
+# grows).
 
 ATTENTION_BLOCK = 32                      # query positions per block: smaller skips more masked scores, larger
                                           # makes fewer, larger products
@@ -657,8 +660,8 @@ def swiglu_forward(xp, gate, up):
 
 def swiglu_backward(dhidden, cache):
     # d_up = dh * silu; d_gate = dh * up * silu'(a), silu'(a) = sig (1 + a (1 - sig)) = sig (1 + a - silu).
-    # dh (strided, a column block of the output projection's gradient) is read once, into d_up: one more pass
-    # than reading it twice, but a contiguous one
+    # dh (strided, a column block of the gradient at the output projection's input) is read once, into d_up: one
+    # more pass than reading it twice, but a contiguous one
     gate, up, sig, silu = cache
     if not ours(dhidden, gate, up, sig, silu) or dhidden.ndim != 2:
         return ops.swiglu_backward(dhidden, cache)

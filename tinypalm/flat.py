@@ -2,8 +2,9 @@
 
 The model keeps all its weights in one contiguous vector, and its gradients and the optimizer's moments in
 vectors laid out the same way. Every name still has its own array, a view into the vector, but the optimizer,
-gradient clipping and, across processes, the gradient all-reduce each see one long vector: one pass over
-memory, one kernel launch, one message, instead of one per parameter.
+gradient clipping and, across processes, the gradient all-reduce each work on long stretches of one vector
+(a few array operations over each run of neighbours, one fused kernel on a GPU, a few bucketed all-reduces)
+instead of one call per parameter.
 """
 
 import math

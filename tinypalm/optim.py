@@ -1,7 +1,8 @@
 """AdamW, global-norm gradient clipping, and the learning-rate schedule.
 
-Parameters, gradients and both AdamW moments are flat vectors with one layout (flat.py), so a step is a few
-vectorised passes over contiguous memory: one per run of neighbouring arrays that share a weight-decay setting.
+Parameters, gradients and both AdamW moments are flat vectors with one layout (flat.py), so a step is the same
+dozen in-place array operations over each run of neighbouring arrays that share a weight-decay setting (cut into
+chunks for the threads on numpy; one fused kernel on a GPU).
 """
 
 import math
@@ -49,7 +50,7 @@ class AdamW:
 
     shard=(start, stop) keeps the moments of that stretch of the flat vector alone (ZeRO-1, tinypalm.dist): step()
     is then given objects whose `.flat` is that stretch of the parameters and of the gradients, and `m`, `v` have
-    only `.flat`; state_dict and load_state_dict are for the whole vector (dist gathers and slices them)."""
+    only `.flat`; state_dict and load_state_dict are for a whole AdamW only (dist gathers the shards into one)."""
 
     def __init__(self, params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, frozen=(), shard=None):
         if params.flat.dtype.itemsize < 4:     # a model built with trains=False keeps its bf16 weights alone
