@@ -13,8 +13,8 @@ Generation also stops when the model emits the end-of-text token (instruction-tu
 import signal
 signal.signal(signal.SIGINT, signal.SIG_DFL)     # Ctrl-C while the modules below load: a quiet exit
 
+import re
 import sys
-import warnings
 import time
 
 from tinypalm import TinyPalmError
@@ -48,22 +48,27 @@ def build_parser():
     return p
 
 
+# Python's string escapes; a bare \x, \u, \U or \N (no digits or name after it) is matched to be refused
+ESCAPE = re.compile(r"\\(?:[\\'\"abfnrtv]|[0-7]{1,3}|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|N\{[^}]*\}|[xuUN])")
+
+
 def parse_escapes(text, flag):
     """A --prompt or --stop string with its backslash escapes (\\n, \\t, \\x41, \\u00e9) turned into characters:
-    a shell passes "Q: cat\\n" as a backslash and an n."""
-    try:
-        with warnings.catch_warnings():            # "\q" is kept as it is, without Python's warning about it
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return text.encode("latin-1", errors="backslashreplace").decode("unicode_escape")
-    except UnicodeDecodeError as e:
-        raise TinyPalmError(f"{flag} {text!r}: bad backslash escape ({e.reason}); write a backslash as \\\\") from None
+    a shell passes "Q: cat\\n" as a backslash and an n. Any other backslash (\\q, \\日) is kept as it is."""
+    def one(escape):
+        try:
+            return escape.group().encode("ascii").decode("unicode_escape")
+        except UnicodeError as e:
+            raise TinyPalmError(f"{flag} {text!r}: bad backslash escape {escape.group()!r} ({getattr(e, 'reason', e)}); "
+                                "write a backslash as \\\\") from None
+    return ESCAPE.sub(one, text)
 
 
 def read_prompt(args):
     if args.prompt_file is None:
         return parse_escapes(args.prompt, "--prompt")
     try:
-        with open(args.prompt_file, encoding="utf-8", newline="") as f:     # \r\n stays \r\n, as in training text
+        with open(args.prompt_file, encoding="utf-8-sig", newline="") as f:  # \r\n stays \r\n; a BOM is dropped
             return f.read()
     except FileNotFoundError:
         raise TinyPalmError(f"--prompt-file {args.prompt_file}: no such file; pass an existing UTF-8 text file") from None
@@ -98,10 +103,10 @@ def main(argv=None):
 
     prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
     limit = model.config.max_seq_len
-    if len(prompt_ids) >= limit:
+    if len(prompt_ids) > limit:
         print(f"note: the prompt is {len(prompt_ids)} tokens and the model sees at most {limit}; "
-              f"keeping its last {limit - 1}", file=sys.stderr)
-        prompt_ids = prompt_ids[-(limit - 1):]
+              f"keeping its last {limit}", file=sys.stderr)
+        prompt_ids = prompt_ids[-limit:]
 
     out = sys.stdout
     for i in range(args.num_samples):

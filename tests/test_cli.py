@@ -293,7 +293,16 @@ def test_non_utf8_corpus_is_accepted(tmp_path):
 def test_long_prompt_is_cut_from_the_left_with_a_notice(corpus, tmp_path):
     run("train.py", "--data", str(corpus), *TINY, "--max-steps", "2", "--max-seq-len", "32", cwd=tmp_path)
     r = run("sample.py", "--ckpt", "out", "--prompt", "x" * 100, "--max-new-tokens", "3", cwd=tmp_path)
-    assert "keeping its last 31" in r.stderr
+    assert "the prompt is 100 tokens and the model sees at most 32; keeping its last 32" in r.stderr
+    r = run("sample.py", "--ckpt", "out", "--prompt", "x" * 32, "--max-new-tokens", "1", cwd=tmp_path)
+    assert "keeping" not in r.stderr and r.stdout.startswith("x" * 32)          # exactly max_seq_len: all of it
+    # a cut inside a character (3 bytes each) shows no stray bytes of it; a BOM in a prompt file is dropped
+    (tmp_path / "p.txt").write_bytes(("\ufeff" + "日" * 30 + "abc").encode("utf-8"))
+    r = run("sample.py", "--ckpt", "out", "--prompt-file", "p.txt", "--max-new-tokens", "1", cwd=tmp_path)
+    assert r.stdout.startswith("日" * 9 + "abc")                  # the last 32 bytes: 2 stray, 9 characters, abc
+    (tmp_path / "q.txt").write_bytes(("\ufeff" + "ab").encode("utf-8"))
+    r = run("sample.py", "--ckpt", "out", "--prompt-file", "q.txt", "--max-new-tokens", "1", cwd=tmp_path)
+    assert r.stdout.startswith("ab")
 
 
 @pytest.mark.parametrize("args,words", [

@@ -76,6 +76,8 @@ def test_stream_writes_each_token_as_it_is_made():
     ([1], {"top_k": 0}, "top_k 0 must be at least 1"),
     ([1], {"top_p": 0.0}, "top_p 0.0 must be above 0 and at most 1"),
     ([1], {"top_p": 2.0}, "top_p 2.0"),
+    ([1], {"temperature": None}, "temperature None must be a number"),
+    ([1], {"seed": -1}, "seed -1 must be a whole number, at least 0"),
 ])
 def test_generate_refuses_what_it_cannot_do(prompt, kwargs, words):
     with pytest.raises(TinyPalmError, match=f"generate: {words}"):
@@ -96,3 +98,20 @@ def test_generate_with_a_one_token_context_and_whole_number_arguments():
                           (dict(max_new_tokens=True), "max_new_tokens True")):
         with pytest.raises(TinyPalmError, match=words):
             generate(model, [1], **kwargs)
+
+
+def test_top_k_keeps_exactly_k_tokens_and_a_tiny_temperature_is_greedy():
+    tied = np.array([1.0, 1.0, 1.0, 0.0, 0.0])                    # three tokens tie for the top
+    for k in (1, 2):
+        chosen = {choose_token(tied, 1.0, k, None, np.random.default_rng(seed)) for seed in range(60)}
+        assert len(chosen) == k and chosen <= {0, 1, 2}
+    logits = np.array([0.5, 3.0, -1.0, 2.9])
+    for temperature in (1e-309, 1e-320):                            # logits / T would be inf - inf: NaN
+        assert choose_token(logits, temperature, None, None, np.random.default_rng(0)) == 1
+
+
+def test_generate_ends_at_the_stop_id():
+    m = PaLM(Config(vocab_size=16, d_model=8, n_layers=1, n_heads=1, max_seq_len=16), seed=0)
+    greedy = generate(m, [1, 2], 6, temperature=0)
+    assert generate(m, [1, 2], 6, temperature=0, stop_id=greedy[2]) == greedy[:greedy.index(greedy[2]) + 1]
+    assert generate(m, [1, 2], 6, temperature=0, stop_id=99) == greedy   # an id it never makes: to the end

@@ -334,3 +334,5 @@ def test_stop_streamer_holds_back_only_what_could_start_a_stop_string():
         stream(tok.eot_id)
     assert out.getvalue() == "ab#\ufffd"                     # the model's answer ended there: all of it is shown
     assert sample.parse_escapes("\\n\\n###\\x41é", "--stop") == "\n\n###Aé"
+    # a backslash before anything that is not an escape stays, whatever the character after it
+    assert sample.parse_escapes("\\日x \\q \\\\n \\N{BULLET}", "--stop") == "\\日x \\q \\n \u2022"

@@ -26,6 +26,7 @@ def test_the_readmes_python_snippets_run(corpus, tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), scope)
     model = scope["model"]
     assert isinstance(model, PaLM) and scope["tokenizer"] is not None and scope["ckpt"].step == 2
+    assert 1 <= len(scope["new_ids"]) <= 20 and scope["text"] == scope["tokenizer"].decode(scope["new_ids"])
     loss, grads = scope["loss"], scope["grads"]
     assert np.isfinite(float(loss))
     assert grads.flat.size == 0                    # LoRA's block froze the base: no weight gradients

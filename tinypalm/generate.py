@@ -20,10 +20,11 @@ def choose_token(logits, temperature, top_k, top_p, rng):
                             "are broken (a diverged run?): use an earlier checkpoint or train again with a lower --lr")
     if temperature == 0:
         return int(numpy.argmax(logits))
-    logits = logits.astype(numpy.float64) / temperature
+    logits = logits.astype(numpy.float64)
+    with numpy.errstate(over="ignore"):                 # largest first at 0: a tiny temperature makes -inf, not NaN
+        logits = (logits - logits.max()) / temperature
     if top_k and top_k < logits.size:
-        kth = numpy.partition(logits, -top_k)[-top_k]
-        logits[logits < kth] = -numpy.inf
+        logits[numpy.argpartition(-logits, top_k - 1)[top_k:]] = -numpy.inf     # exactly k kept, ties too
     probs = numpy.exp(logits - logits.max())
     probs /= probs.sum()
     if top_p and top_p < 1.0:
@@ -36,14 +37,18 @@ def choose_token(logits, temperature, top_k, top_p, rng):
     return int(rng.choice(probs.size, p=probs))
 
 
-def check_sampling(n_prompt, max_new_tokens, temperature, top_k, top_p):
+def check_sampling(n_prompt, max_new_tokens, temperature, top_k, top_p, seed=0):
     """Refuse what generate cannot do: sample.py's flags check the same ranges, with the flags' names."""
     whole = lambda n: isinstance(n, (int, numpy.integer)) and not isinstance(n, bool)
+    number = lambda x: isinstance(x, (int, float, numpy.integer, numpy.floating)) and not isinstance(x, bool)
     problems = [(n_prompt < 1, "the prompt is empty: pass at least one token id"),
+                (not number(temperature), f"temperature {temperature!r} must be a number (0: greedy)"),
+                (not (whole(seed) and seed >= 0), f"seed {seed!r} must be a whole number, at least 0"),
                 (not whole(max_new_tokens), f"max_new_tokens {max_new_tokens!r} must be a whole number"),
                 (whole(max_new_tokens) and max_new_tokens < 0, f"max_new_tokens {max_new_tokens} is negative"),
                 (top_k is not None and not whole(top_k), f"top_k {top_k!r} must be a whole number (None: no limit)"),
-                (not 0 <= temperature < float("inf"), f"temperature {temperature} must be a finite number, at least 0"),
+                (number(temperature) and not 0 <= temperature < float("inf"),
+                 f"temperature {temperature} must be a finite number, at least 0"),
                 (top_k is not None and whole(top_k) and top_k < 1, f"top_k {top_k} must be at least 1 (None: no limit)"),
                 (top_p is not None and not 0 < top_p <= 1, f"top_p {top_p} must be above 0 and at most 1 (None: none)")]
     for wrong, message in problems:
@@ -52,12 +57,15 @@ def check_sampling(n_prompt, max_new_tokens, temperature, top_k, top_p):
 
 
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=0,
-             use_cache=True, on_token=None):
+             use_cache=True, on_token=None, stop_id=None):
     """Continue prompt_ids (a non-empty list of ints); returns the new ids. on_token(id) sees each as it is made.
+    stop_id (an instruction-tuned model: tokenizer.eot_id): generation ends when the model makes it, the last id
+    returned; without it, generation runs to max_new_tokens, past any end-of-text.
 
     A prompt longer than max_seq_len is cut to its last max_seq_len tokens. When the context outgrows
-    max_seq_len, its last max_seq_len // 2 tokens (at least one) are kept (the cache rebuilt from them) and generation goes on."""
-    check_sampling(len(prompt_ids), max_new_tokens, temperature, top_k, top_p)
+    max_seq_len, its last max_seq_len // 2 tokens (at least one) are kept (the cache rebuilt from them) and
+    generation goes on."""
+    check_sampling(len(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed)
     max_len = model.config.max_seq_len
     rng = numpy.random.default_rng(seed)
     context = list(prompt_ids)[-max_len:]
@@ -79,6 +87,8 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
         new_ids.append(token)
         if on_token is not None:
             on_token(token)
+        if token == stop_id:
+            break
     return new_ids
 
 
@@ -128,7 +138,8 @@ def stream(model, tokenizer, prompt_ids, max_new_tokens, out, stops=(), **sampli
 
     sampling: generate()'s keyword arguments (temperature, top_k, top_p, seed, use_cache). Returns (the new ids,
     why generation stopped early: "" when it made max_new_tokens)."""
-    out.write(tokenizer.decode(prompt_ids))
+    # a prompt cut from the left (sample.py) may start inside a character: its stray continuation bytes are not shown
+    out.write(tokenizer.decode_bytes(prompt_ids).lstrip(bytes(range(0x80, 0xC0))).decode("utf-8", errors="replace"))
     out.flush()
     streamer, stopped = StopStreamer(out, tokenizer, stops), ""
     try:
