@@ -438,7 +438,7 @@ def main(argv=None):
           + (f"; resuming at step {start_step}" if args.resume else ""))
     stop = StopRequest()
     progress = Progress()
-    t_start, t_log = time.time(), time.time()
+    t_start = t_log = time.perf_counter()        # perf_counter: time.time() ticks every 15.6 ms on some Windows
     step, running, save_due = start_step, [], False
     positions = 0                  # run through the model since the last log line: batches of pairs are shorter
 
@@ -464,9 +464,9 @@ def main(argv=None):
             raise TinyPalmError(f"training diverged at step {step + 1}: loss {loss}, gradient norm {grad_norm}; stopped "
                                 f"without updating, {diverged_advice()}")
         if save_due:               # a timed save, made only now that these weights have given a finite loss
-            t_pause = time.time()
+            t_pause = time.perf_counter()
             save("last.npz", step)
-            t_log, save_due = t_log + time.time() - t_pause, False
+            t_log, save_due = t_log + time.perf_counter() - t_pause, False
         comm.update(optimizer, trained, trained_grads(grads), lr)   # ZeRO-1: each rank its shard, then gathered
         model.params_updated()                            # bf16: refresh the compute copy of the weights
         step += 1
@@ -474,10 +474,10 @@ def main(argv=None):
         running.append(loss)
 
         if step % args.log_every == 0 or step == args.max_steps:
-            now = time.time()
+            now = time.perf_counter()
             progress.add(len(running), now - t_log)
             ran = int(comm.sum(positions))                   # tokens since the last log line, over all ranks
-            rate = ran / (now - t_log)
+            rate = ran / max(now - t_log, 1e-9)
             print(f"step {step}/{args.max_steps} | loss {np.mean(running):.4f} | lr {lr:.2e} | {rate:,.0f} tok/s | "
                   f"{format_duration(now - t_start)} elapsed, {format_duration(progress.left(args.max_steps - step))} left",
                   flush=True)
@@ -485,7 +485,7 @@ def main(argv=None):
                  "tokens": ran, "tokens_per_s": rate, "elapsed_s": now - t_start})
             running, t_log, positions = [], now, 0
 
-        t_pause = time.time()
+        t_pause = time.perf_counter()
         scheduled = step % args.eval_every == 0 or step == args.max_steps
         if scheduled or stopping:
             val, val_bpb = comm.from_root(evaluate(model, batches, byte_lengths, args))   # one verdict for all ranks
@@ -508,14 +508,17 @@ def main(argv=None):
                 save("best.npz", step)
             save("last.npz", step)
             if comm.is_root:
-                write_loss_svg(os.path.join(args.out, "loss.svg"), *read_metrics(metrics_path),
-                               title=f"tinypalm {cfg.n_params() / 1e6:.1f}M")
+                try:
+                    write_loss_svg(os.path.join(args.out, "loss.svg"), *read_metrics(metrics_path),
+                                   title=f"tinypalm {cfg.n_params() / 1e6:.1f}M")
+                except TinyPalmError as e:     # the picture is a convenience: training goes on without it
+                    print(f"note: {e}", file=sys.stderr)
             if scheduled and args.patience and evals_without_gain >= args.patience:
                 print(f"early stop: no improvement in {args.patience} evaluations")
                 break
         elif comm.any(saver.due()):             # the ranks' clocks differ: saving is collective under ZeRO-1
             save_due = True
-        t_log += time.time() - t_pause          # evaluating and saving are not training throughput
+        t_log += time.perf_counter() - t_pause          # evaluating and saving are not training throughput
         if stopping:
             print(f"stopped: saved {last_path} at step {step}; continue with --resume --out {shlex.quote(args.out)}")
             raise SystemExit(130)               # interrupted, so `train.py && sample.py` does not go on
@@ -524,7 +527,7 @@ def main(argv=None):
     if stop.requested:
         raise SystemExit(130)
     best_name = "adapter_best.npz" if args.lora_rank is not None else "best.npz"
-    print(f"done: {step} steps in {format_duration(time.time() - t_start)}; best val loss {best_val:.4f} in "
+    print(f"done: {step} steps in {format_duration(time.perf_counter() - t_start)}; best val loss {best_val:.4f} in "
           f"{os.path.join(args.out, best_name)}; loss curves in {os.path.join(args.out, 'loss.svg')}, the log in "
           f"{metrics_path}")
     if args.lora_rank is not None:

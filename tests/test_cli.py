@@ -595,3 +595,34 @@ def test_data_notices_for_binary_files_and_folders(corpus, tmp_path):
             "(notes.txt)\n") in r.stderr
     r = run("train.py", "--data", "docs/logo.png", "--prepare", "logo.tok", cwd=tmp_path)
     assert "note: --data docs/logo.png looks binary" in r.stderr
+
+
+def test_output_to_a_file_or_pipe_is_utf8_and_a_closed_pipe_on_windows_is_a_gone_reader(monkeypatch, tmp_path):
+    import errno
+    import io
+    from tinypalm import cli
+    # stdout redirected where the locale's encoding is cp1252 (Windows): labels and samples arrive as UTF-8
+    monkeypatch.delenv("PYTHONIOENCODING", raising=False)
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="cp1252"))
+    with pytest.raises(SystemExit) as done:
+        cli.run_cli(lambda: (print("正面 Ελληνικά"), sys.exit(0)))
+    assert done.value.code == 0
+    sys.stdout.flush()
+    assert raw.getvalue().decode("utf-8") == "正面 Ελληνικά\n"
+
+    class ClosedPipe:                        # what a write to a pipe whose reader has gone raises on Windows
+        def __init__(self, path):
+            self.file = open(path, "w")
+
+        def write(self, text):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+        def fileno(self):
+            return self.file.fileno()
+    out = cli.StdoutThatMayClose(ClosedPipe(tmp_path / "pipe"))
+    with pytest.raises(OSError):             # elsewhere EINVAL is a real error
+        out.write("x")
+    monkeypatch.setattr(os, "name", "nt")
+    assert out.write("step 1\n") == 7        # the run carries on, its output going nowhere
+    out.stream.file.close()

@@ -20,11 +20,17 @@ from tinypalm.cuda.gemm import gemm_args, matrix_layout
 ARCHS = ("sm_80", "sm_90")
 
 
+def needs_nvrtc():
+    # CuPy's NVRTC bindings come with the test extra, except on macOS (CUDA has no wheels there)
+    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy's NVRTC (the test extra; not on macOS)")
+
+
 # --- compilation ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", sorted(source.KERNELS))
 def test_kernel_compiles_to_machine_code(name, arch):
+    needs_nvrtc()
     cubin, lowered = source.compile_cubin(name, arch)
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 1000          # a cubin: ptxas ran for this architecture
     assert set(lowered) == set(source.KERNELS[name])               # every instance the wrappers launch exists
@@ -33,6 +39,7 @@ def test_kernel_compiles_to_machine_code(name, arch):
 
 
 def test_a_machine_code_error_fails_the_compile(monkeypatch):
+    needs_nvrtc()
     # an inline-PTX typo (.f33) passes a PTX-only compile; a real sm_XX target runs ptxas, which rejects it
     bad = source.kernel_source("embedding") + (
         '\n__global__ void typo(float* x) { asm("add.f33 %0, %0, %0;" : "+f"(x[0])); }\n')
@@ -42,6 +49,7 @@ def test_a_machine_code_error_fails_the_compile(monkeypatch):
 
 
 def test_a_syntax_error_is_reported_with_the_compiler_log(monkeypatch):
+    needs_nvrtc()
     monkeypatch.setattr(source, "kernel_source", lambda name: "__global__ void broken( {}")
     with pytest.raises(RuntimeError, match="error"):
         source.compile_cubin("embedding", "sm_80")
@@ -49,6 +57,7 @@ def test_a_syntax_error_is_reported_with_the_compiler_log(monkeypatch):
 
 def test_cuda_headers_are_found():
     import os
+    needs_nvrtc()
     assert os.path.exists(os.path.join(source.cuda_include_dir(), "cuda_bf16.h"))
 
 

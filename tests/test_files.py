@@ -2,6 +2,7 @@
 cleared by the next write of the same file; a path that cannot be written is refused before any work."""
 
 import errno
+import os
 import subprocess
 import sys
 
@@ -56,3 +57,24 @@ def test_a_path_that_cannot_be_written_is_refused_before_any_work(tmp_path):
     with pytest.raises(TinyPalmError, match="--out .* is a directory; give the name of a file"):
         files.check_writable(str(tmp_path), "--out")
     files.check_writable(str(tmp_path / "not" / "yet" / "clf.npz"), "--out")          # made when written
+
+
+def test_a_file_held_open_on_windows_is_replaced_once_let_go(monkeypatch, tmp_path):
+    from tinypalm import files
+    real, calls = os.replace, []
+
+    def held_twice(src, dst):                 # a viewer or scanner holds the target for the first two tries
+        calls.append(dst)
+        if len(calls) <= 2:
+            raise PermissionError(13, "The process cannot access the file", dst)
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", held_twice)
+    monkeypatch.setattr(files.time, "sleep", lambda s: None)
+    target = tmp_path / "best.npz"
+    with pytest.raises(TinyPalmError, match="cannot write checkpoint"):      # elsewhere: refused at once
+        files.write_atomically(str(target), lambda f: f.write(b"x"), "checkpoint")
+    assert len(calls) == 1
+    calls.clear()
+    monkeypatch.setattr(os, "name", "nt")
+    files.write_atomically(str(target), lambda f: f.write(b"new"), "checkpoint")
+    assert len(calls) == 3 and target.read_bytes() == b"new"

@@ -264,3 +264,25 @@ def test_a_run_that_arrives_in_a_new_out_while_another_starts_is_not_replaced(tm
     with pytest.raises(TinyPalmError, match="--out .* received a trained run \\(best.npz\\) from another train.py"):
         run.start_out_dir(out, replaced)
     assert (tmp_path / "out" / "best.npz").read_bytes() == b"another run's"
+
+
+def test_available_memory_without_proc_meminfo(monkeypatch):
+    # macOS: no /proc/meminfo and no free-page count, but the whole memory bounds a run all the same
+    import builtins
+    real_open = builtins.open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path) == "/proc/meminfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", no_proc)
+    sizes = {"SC_PHYS_PAGES": 4 * 2**20, "SC_PAGESIZE": 4096}
+
+    def sysconf(name):
+        if name not in sizes:
+            raise ValueError(f"unrecognized configuration name {name}")
+        return sizes[name]
+    monkeypatch.setattr(run.os, "sysconf", sysconf)
+    assert run.available_bytes("numpy") == 16 * 2**30
+    sizes.clear()                                               # Windows: nothing known, nothing refused
+    assert run.available_bytes("numpy") is None

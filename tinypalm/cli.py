@@ -1,6 +1,7 @@
 """What the command-line programs share: clean exits on user errors, --help with defaults, durations for humans."""
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -16,6 +17,8 @@ def run_cli(main):
     signal.signal(signal.SIGINT, signal.default_int_handler)   # a program may quiet Ctrl-C while it imports
     if hasattr(sys.stdout, "reconfigure"):     # text the terminal's encoding lacks (LANG=C, a Windows console)
         sys.stdout.reconfigure(errors="replace")              # prints as ?, instead of ending the program
+        if not sys.stdout.isatty() and "PYTHONIOENCODING" not in os.environ:
+            sys.stdout.reconfigure(encoding="utf-8", errors="replace")   # a file or pipe: UTF-8 (Windows: not cp1252)
     try:
         main()
     except TinyPalmError as e:
@@ -66,6 +69,12 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
+def reader_gone(error):
+    """Whether a write to stdout failed because the reading end of its pipe closed: BrokenPipeError, or on Windows
+    an OSError with EINVAL (what a write to a closed pipe raises there)."""
+    return isinstance(error, BrokenPipeError) or (os.name == "nt" and error.errno in (errno.EINVAL, errno.EPIPE))
+
+
 class StdoutThatMayClose:
     """sys.stdout for a long run: once its reader has gone (`python train.py | head`, after head's lines), what is
     printed goes nowhere and the run carries on writing its files, instead of stopping half-way."""
@@ -76,14 +85,18 @@ class StdoutThatMayClose:
     def write(self, text):
         try:
             return self.stream.write(text)
-        except BrokenPipeError:
+        except OSError as e:
+            if not reader_gone(e):
+                raise
             self._reader_gone()
             return len(text)
 
     def flush(self):
         try:
             self.stream.flush()
-        except BrokenPipeError:
+        except OSError as e:
+            if not reader_gone(e):
+                raise
             self._reader_gone()
 
     def _reader_gone(self):

@@ -49,7 +49,8 @@ class _Job:
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.error, self.cancelled, self.active = None, False, 0
-        self.context = contextvars.copy_context()  # the caller's settings (numpy's errstate) for the workers too
+        self.context = contextvars.copy_context()  # the caller's settings (numpy's errstate) for the workers too,
+        self.errstate = np.geterr()                # which numpy before 2.0 keeps per thread instead
 
     def work(self, worker=False):
         while True:
@@ -63,7 +64,8 @@ class _Job:
                 if not self.cancelled:
                     with _in_task():
                         if worker:
-                            self.context.copy().run(self.fn, self.tasks[i])
+                            with np.errstate(**self.errstate):
+                                self.context.copy().run(self.fn, self.tasks[i])
                         else:
                             self.fn(self.tasks[i])
             except BaseException as e:           # re-raised by the caller's thread

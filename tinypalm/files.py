@@ -8,6 +8,7 @@ temporaries whose process is gone (a live one may be another program writing rig
 
 import os
 import re
+import time
 
 from .errors import TinyPalmError, os_error_advice
 
@@ -27,7 +28,7 @@ def write_atomically(path, write, what, other=""):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except OSError as e:
         if e.filename not in (None, tmp, path, directory):
             raise                         # about another file: one write() was reading (a corpus file)
@@ -39,6 +40,18 @@ def write_atomically(path, write, what, other=""):
             os.remove(tmp)
         except OSError:                   # already renamed, never created, or the disk is gone
             pass
+
+
+def _replace(tmp, path, tries=20):
+    # os.replace; on Windows a file another program holds open for a moment (a viewer, a virus scanner, the search
+    # indexer) cannot be replaced: try again for about a second before giving up
+    for attempt in range(tries):
+        try:
+            return os.replace(tmp, path)
+        except PermissionError:
+            if os.name != "nt" or attempt == tries - 1:
+                raise
+            time.sleep(0.05)
 
 
 def check_writable(path, flag):

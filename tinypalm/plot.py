@@ -5,6 +5,8 @@ import math
 import os
 from xml.sax.saxutils import escape
 
+from .files import write_atomically
+
 W, H = 640, 400
 LEFT, RIGHT, TOP, BOTTOM = 64, 24, 40, 52  # margins around the plot area
 COLORS = {"train": "#1f77b4", "val": "#ff7f0e"}
@@ -75,10 +77,8 @@ def write_loss_svg(path, train_points, val_points, title="tinypalm"):
             body.append(f'<line x1="{W - RIGHT - 64}" y1="{ly - 4}" x2="{W - RIGHT - 44}" y2="{ly - 4}" stroke="{color}" stroke-width="2"/>')
             body.append(f'<text x="{W - RIGHT - 38}" y="{ly}">{name}</text>')
 
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(_svg(body, title))
-    os.replace(tmp, path)  # a viewer never sees a half-written file
+    text = _svg(body, title).encode("utf-8")
+    write_atomically(os.fspath(path), lambda f: f.write(text), "loss picture")   # a viewer never sees half of one
 
 
 def read_metrics(path):

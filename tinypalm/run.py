@@ -180,7 +180,8 @@ def attention_by_tiles(cfg, backend, dtype):
 
 
 def available_bytes(backend):
-    """Free memory where the arrays will live: host memory for numpy, the GPU's for cupy; None if unknown."""
+    """Free memory where the arrays will live: host memory for numpy, the GPU's for cupy; None if unknown
+    (Windows). On macOS, which does not say what is free, the machine's whole memory: a bound all the same."""
     if backend == "cupy":
         try:
             import cupy
@@ -194,10 +195,12 @@ def available_bytes(backend):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):        # free pages (Linux), else all of them (macOS)
+        try:
+            return os.sysconf(pages) * os.sysconf("SC_PAGESIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    return None
 
 
 def check_memory(cfg, backend, batch_size, seq_len, dtype, what, base_trains=True, ranks_here=1):

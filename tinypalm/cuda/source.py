@@ -49,7 +49,8 @@ OPTIONS = ("--std=c++17",)
 def kernel_source(name):
     """common.cuh followed by <name>.cu, as one string."""
     folder = resources.files(__package__)
-    return folder.joinpath("common.cuh").read_text() + "\n" + folder.joinpath(f"{name}.cu").read_text()
+    return (folder.joinpath("common.cuh").read_text(encoding="utf-8") + "\n"
+            + folder.joinpath(f"{name}.cu").read_text(encoding="utf-8"))
 
 
 def ctype(dtype):
