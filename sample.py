@@ -16,6 +16,7 @@ signal.signal(signal.SIGINT, signal.SIG_DFL)     # Ctrl-C while the modules belo
 import re
 import sys
 import time
+import warnings
 
 from tinypalm import TinyPalmError
 from tinypalm.cli import ArgumentParser, check_ranges, finite_float, run_cli
@@ -57,7 +58,9 @@ def parse_escapes(text, flag):
     a shell passes "Q: cat\\n" as a backslash and an n. Any other backslash (\\q, \\日) is kept as it is."""
     def one(escape):
         try:
-            return escape.group().encode("ascii").decode("unicode_escape")
+            with warnings.catch_warnings():        # \777 decodes (to U+01FF), without Python's warning about it
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return escape.group().encode("ascii").decode("unicode_escape")
         except UnicodeError as e:
             raise TinyPalmError(f"{flag} {text!r}: bad backslash escape {escape.group()!r} ({getattr(e, 'reason', e)}); "
                                 "write a backslash as \\\\") from None
@@ -103,10 +106,15 @@ def main(argv=None):
 
     prompt_ids = [int(i) for i in tokenizer.encode(prompt)]
     limit = model.config.max_seq_len
+    echo = None
     if len(prompt_ids) > limit:
         print(f"note: the prompt is {len(prompt_ids)} tokens and the model sees at most {limit}; "
               f"keeping its last {limit}", file=sys.stderr)
         prompt_ids = prompt_ids[-limit:]
+        # the cut may fall inside a character: its stray continuation bytes (3 at most) are not shown
+        kept = tokenizer.decode_bytes(prompt_ids)
+        stray = len(kept[:3]) - len(kept[:3].lstrip(bytes(range(0x80, 0xC0))))
+        echo = kept[stray:].decode("utf-8", errors="replace")
 
     out = sys.stdout
     for i in range(args.num_samples):
@@ -115,7 +123,7 @@ def main(argv=None):
         start = time.perf_counter()
         new, stopped = stream(model, tokenizer, prompt_ids, args.max_new_tokens, out, stops,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + i,
-                              use_cache=not args.no_cache)
+                              use_cache=not args.no_cache, echo=echo)
         seconds = time.perf_counter() - start
         print(f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / seconds:.1f} tokens/s"
               f"{', no cache' if args.no_cache else ''}{f'; stopped at {stopped}' if stopped else ''}]", file=sys.stderr)

@@ -440,6 +440,7 @@ def main(argv=None):
     progress = Progress()
     t_start = t_log = time.perf_counter()        # perf_counter: time.time() ticks every 15.6 ms on some Windows
     step, running, save_due = start_step, [], False
+    picture = os.path.join(args.out, "loss.svg")        # None once it could not be written: said once, not again
     positions = 0                  # run through the model since the last log line: batches of pairs are shorter
 
     def diverged_advice():
@@ -507,12 +508,12 @@ def main(argv=None):
             if improved:               # best.npz first: a kill between the two saves leaves last.npz to redo it
                 save("best.npz", step)
             save("last.npz", step)
-            if comm.is_root:
+            if comm.is_root and picture:
                 try:
-                    write_loss_svg(os.path.join(args.out, "loss.svg"), *read_metrics(metrics_path),
-                                   title=f"tinypalm {cfg.n_params() / 1e6:.1f}M")
+                    write_loss_svg(picture, *read_metrics(metrics_path), title=f"tinypalm {cfg.n_params() / 1e6:.1f}M")
                 except TinyPalmError as e:     # the picture is a convenience: training goes on without it
-                    print(f"note: {e}", file=sys.stderr)
+                    print(f"note: {e}; training goes on without it", file=sys.stderr)
+                    picture = None
             if scheduled and args.patience and evals_without_gain >= args.patience:
                 print(f"early stop: no improvement in {args.patience} evaluations")
                 break
@@ -528,8 +529,8 @@ def main(argv=None):
         raise SystemExit(130)
     best_name = "adapter_best.npz" if args.lora_rank is not None else "best.npz"
     print(f"done: {step} steps in {format_duration(time.perf_counter() - t_start)}; best val loss {best_val:.4f} in "
-          f"{os.path.join(args.out, best_name)}; loss curves in {os.path.join(args.out, 'loss.svg')}, the log in "
-          f"{metrics_path}")
+          f"{os.path.join(args.out, best_name)}; " + (f"loss curves in {picture}, " if picture else "")
+          + f"the log in {metrics_path}")
     if args.lora_rank is not None:
         print(f"sample from it: python sample.py --ckpt {shlex.quote(args.init_from)} --adapter {shlex.quote(args.out)}")
     else:

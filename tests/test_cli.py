@@ -300,6 +300,8 @@ def test_long_prompt_is_cut_from_the_left_with_a_notice(corpus, tmp_path):
     (tmp_path / "p.txt").write_bytes(("\ufeff" + "日" * 30 + "abc").encode("utf-8"))
     r = run("sample.py", "--ckpt", "out", "--prompt-file", "p.txt", "--max-new-tokens", "1", cwd=tmp_path)
     assert r.stdout.startswith("日" * 9 + "abc")                  # the last 32 bytes: 2 stray, 9 characters, abc
+    r = run("sample.py", "--ckpt", "out", "--prompt", os.fsdecode(b"\x80\x80abc"), "--max-new-tokens", "1", cwd=tmp_path)
+    assert r.stdout.startswith("\ufffd\ufffdabc")              # an uncut prompt is shown whole, odd bytes and all
     (tmp_path / "q.txt").write_bytes(("\ufeff" + "ab").encode("utf-8"))
     r = run("sample.py", "--ckpt", "out", "--prompt-file", "q.txt", "--max-new-tokens", "1", cwd=tmp_path)
     assert r.stdout.startswith("ab")
@@ -626,3 +628,4 @@ def test_output_to_a_file_or_pipe_is_utf8_and_a_closed_pipe_on_windows_is_a_gone
     monkeypatch.setattr(os, "name", "nt")
     assert out.write("step 1\n") == 7        # the run carries on, its output going nowhere
     out.stream.file.close()
+

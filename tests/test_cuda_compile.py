@@ -6,6 +6,7 @@ the last test here runs its kernel comparisons when a GPU is present."""
 
 import inspect
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -21,8 +22,10 @@ ARCHS = ("sm_80", "sm_90")
 
 
 def needs_nvrtc():
-    # CuPy's NVRTC bindings come with the test extra, except on macOS (CUDA has no wheels there)
-    pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="needs CuPy's NVRTC (the test extra; not on macOS)")
+    # CuPy's NVRTC bindings come with the test extra, except on macOS (CUDA has no wheels there): skipped there
+    # alone, so that a test install that lacks them elsewhere fails rather than passes quietly
+    if sys.platform == "darwin":
+        pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CUDA has no macOS wheels")
 
 
 # --- compilation ---------------------------------------------------------------------------------------------

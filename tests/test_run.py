@@ -99,26 +99,26 @@ def test_memory_estimate_and_refusal(monkeypatch):
     model = PaLM(Config.preset("tiny"), seed=0)
     weights = sum(p.nbytes for p in model.params.values())
     assert run.training_bytes(model.config, 4, 16, "float32") > 4 * weights
-    monkeypatch.setattr(run, "available_bytes", lambda backend: 64 * 2**30)
+    monkeypatch.setattr(run, "available_bytes", lambda backend: (64 * 2**30, "free"))
     monkeypatch.setattr(cpu_ops, "pool", cpu_ops.ChunkPool(3))     # numpy: a gradient buffer per piece of the batch
     need = run.training_bytes(cfg, 16, 128, "float32", gradient_buffers=3)
     assert need == run.training_bytes(cfg, 16, 128, "float32") + 2 * 4 * cfg.n_params()
     expected = f"--preset palm-8b ({cfg.n_params() / 1e9:.2f}B parameters) needs about {need / 2**30:.1f} GiB"
-    with pytest.raises(TinyPalmError, match=re.escape(expected) + r" .*3 gradient buffers.* only 64.0 GiB of memory"):
+    with pytest.raises(TinyPalmError, match=re.escape(expected) + r" .*3 gradient buffers.* has only 64.0 GiB of memory free"):
         run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b")
     run.check_memory(Config.preset("small"), "numpy", 16, 128, "float32", "--preset small")        # fits: no error
     # LoRA: the base has neither gradients nor moments, so what it needs beyond the activations is the weights
     lora = run.training_bytes(cfg, 16, 128, "float32", gradient_buffers=3, base_trains=False)
     assert lora == run.training_bytes(cfg, 16, 128, "float32") - 3 * 4 * cfg.n_params()
-    monkeypatch.setattr(run, "available_bytes", lambda backend: lora + 2**20)
+    monkeypatch.setattr(run, "available_bytes", lambda backend: (lora + 2**20, "free"))
     run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b", base_trains=False)       # fits: no error
     with pytest.raises(TinyPalmError, match=r"3 gradient buffers.*AdamW state and activations at batch 16 x 128"):
         run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b", base_trains=True)
-    monkeypatch.setattr(run, "available_bytes", lambda backend: lora - 2**20)
+    monkeypatch.setattr(run, "available_bytes", lambda backend: (lora - 2**20, "free"))
     with pytest.raises(TinyPalmError, match=r"for weights, activations \(LoRA\) at batch 16 x 128"):
         run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b", base_trains=False)
     # the processes of an mpiexec run on one machine share its memory; on GPUs each rank has its own
-    monkeypatch.setattr(run, "available_bytes", lambda backend: 2 * lora - 2**20)
+    monkeypatch.setattr(run, "available_bytes", lambda backend: (2 * lora - 2**20, "free"))
     run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b", base_trains=False)        # one: fits
     with pytest.raises(TinyPalmError, match=r"in each of the 2 processes on this machine.*or fewer processes"):
         run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b", base_trains=False, ranks_here=2)
@@ -151,10 +151,10 @@ def test_memory_estimate_covers_what_an_h200_held():
 
 
 def test_available_memory_is_read_from_the_system():
-    have = run.available_bytes("numpy")
+    have, kind = run.available_bytes("numpy") or (None, None)
     if os.path.exists("/proc/meminfo"):                 # Linux: MemAvailable, in bytes
         kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
-        assert abs(have - kib * 1024) < 2**30
+        assert abs(have - kib * 1024) < 2**30 and kind == "free"
     assert have is None or have > 2**20
 
 
@@ -283,6 +283,28 @@ def test_available_memory_without_proc_meminfo(monkeypatch):
             raise ValueError(f"unrecognized configuration name {name}")
         return sizes[name]
     monkeypatch.setattr(run.os, "sysconf", sysconf)
-    assert run.available_bytes("numpy") == 16 * 2**30
+    assert run.available_bytes("numpy") == (16 * 2**30, "in all")
+    cfg = Config.preset("palm-8b")
+    with pytest.raises(TinyPalmError, match=r"has only 16.0 GiB of memory in all"):
+        run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b")
     sizes.clear()                                               # Windows: nothing known, nothing refused
     assert run.available_bytes("numpy") is None
+
+
+def test_a_loss_picture_that_cannot_be_written_is_noted_once(tmp_path, monkeypatch, capsys):
+    # the disk fills up, or a viewer holds loss.svg: training goes on, says so once, and claims no picture at the end
+    train = script("train")
+    calls = []
+
+    def full_disk(path, *args, **kwargs):
+        calls.append(path)
+        raise TinyPalmError(f"cannot write loss picture {path}: No space left on device; {path} was not written")
+    monkeypatch.setattr(train, "write_loss_svg", full_disk)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "text.txt").write_text("the cat sat on the mat. " * 400, encoding="utf-8")
+    train.main(["--data", "text.txt", "--preset", "tiny", "--batch-size", "2", "--seq-len", "16", "--max-steps", "6",
+                "--eval-every", "2", "--eval-steps", "1", "--log-every", "2", "--sample-tokens", "0"])
+    out, err = capsys.readouterr()
+    assert len(calls) == 1 and err.count("note: cannot write loss picture") == 1
+    assert "training goes on without it" in err and "loss curves in" not in out and "best val loss" in out
+    assert checkpoint.load(str(tmp_path / "out" / "last.npz")).step == 6

@@ -308,8 +308,9 @@ def load_classifier(path, ckpt=None, backend="numpy"):
         with numpy.load(path, allow_pickle=False) as npz:
             meta = json.loads(str(npz["meta"])) if "meta" in npz.files else {}
             if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-                raise TinyPalmError(f"--model {path}: not a tinypalm classifier (this tinypalm reads classifier format version {VERSION}); "
-                                    "pass a file written by `python -m tinypalm.classify train`")
+                raise TinyPalmError(f"--model {path}: not a tinypalm classifier (this tinypalm reads classifier "
+                                    f"format version {VERSION}); pass a file written by `python -m tinypalm.classify "
+                                    "train`")
             arrays = {k: npz[k] for k in npz.files if k != "meta"}
     except TinyPalmError:
         raise

@@ -457,7 +457,8 @@ def rope_backward(dout, cos, sin):
 # again the usual way.
 #
 # 1/sqrt(Dh) is folded into whichever of q (T*G rows) and k (S rows) has fewer rows: k in training, q when a
-# chunk of at least ATTENTION_MIN_ROWS query rows meets a longer cache. The scaled one is a copy the cache keeps; the other stays a view.
+# chunk of at least ATTENTION_MIN_ROWS query rows meets a longer cache. The scaled one is a copy the cache keeps;
+# the other stays a view.
 #
 # Backward, per block: dp = dout v^T, dscores = p (dp - c) with c = rowsum(p dp) = rowsum(dout out), then
 # dv = p^T dout, dk = dscores^T q, dq = dscores k (each times 1/sqrt(Dh) where it was not folded in);

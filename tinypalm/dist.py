@@ -465,8 +465,8 @@ def plan_report(cfg, ranks, dtype="float32", bandwidth_gbs=100.0, bucket_bytes=B
     rows = [("without ZeRO", adam), ("ZeRO-1", adam / ranks)]
     lines = [f"data parallel: {n / 1e6:,.1f}M parameters on {ranks} ranks, {dtype} training",
              f"  all-reduced per step: {mb(grads)} of gradients, in {len(buckets)} bucket(s) (each closed at "
-             f"{bucket_bytes >> 20} MiB or more, cut between layers; the last may be smaller); a ring all-reduce sends and receives {mb(moved)} "
-             "per rank (2(N-1)/N of it)",
+             f"{bucket_bytes >> 20} MiB or more, cut between layers; the last may be smaller); a ring all-reduce "
+             f"sends and receives {mb(moved)} per rank (2(N-1)/N of it)",
              f"  at {bandwidth_gbs:g} GB/s bus bandwidth per rank: {seconds * 1e3:,.2f} ms per step "
              "(ZeRO-1's reduce-scatter plus all-gather move the same bytes)",
              "  memory per rank      weights      gradients    AdamW m, v   total (activations not included)"]

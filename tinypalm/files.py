@@ -1,8 +1,8 @@
 """Writing files so that a crash at any moment leaves the old file or the new one, never half of one.
 
-Every file tinypalm writes for a user (checkpoints, adapters, classifiers, token files, predicted labels) but
-the run's log (metrics.jsonl, appended to) and its picture (loss.svg, renamed into place) is written to `<path>.tmp<PID>` beside it, flushed to disk, then renamed over `<path>`: a rename within a directory
-is atomic. A process killed half-way leaves its temporary behind; the next write of the same path removes the
+Every file tinypalm writes for a user (checkpoints, adapters, classifiers, token files, predicted labels, the
+loss picture) but the run's log (metrics.jsonl, appended to) is written to `<path>.tmp<PID>` beside it, flushed
+to disk, then renamed over `<path>`: a rename within a directory is atomic. A process killed half-way leaves its temporary behind; the next write of the same path removes the
 temporaries whose process is gone (a live one may be another program writing right now).
 """
 

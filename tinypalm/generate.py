@@ -37,13 +37,12 @@ def choose_token(logits, temperature, top_k, top_p, rng):
     return int(rng.choice(probs.size, p=probs))
 
 
-def check_sampling(n_prompt, max_new_tokens, temperature, top_k, top_p, seed=0):
+def check_sampling(n_prompt, max_new_tokens, temperature, top_k, top_p):
     """Refuse what generate cannot do: sample.py's flags check the same ranges, with the flags' names."""
     whole = lambda n: isinstance(n, (int, numpy.integer)) and not isinstance(n, bool)
     number = lambda x: isinstance(x, (int, float, numpy.integer, numpy.floating)) and not isinstance(x, bool)
     problems = [(n_prompt < 1, "the prompt is empty: pass at least one token id"),
                 (not number(temperature), f"temperature {temperature!r} must be a number (0: greedy)"),
-                (not (whole(seed) and seed >= 0), f"seed {seed!r} must be a whole number, at least 0"),
                 (not whole(max_new_tokens), f"max_new_tokens {max_new_tokens!r} must be a whole number"),
                 (whole(max_new_tokens) and max_new_tokens < 0, f"max_new_tokens {max_new_tokens} is negative"),
                 (top_k is not None and not whole(top_k), f"top_k {top_k!r} must be a whole number (None: no limit)"),
@@ -65,9 +64,12 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
     A prompt longer than max_seq_len is cut to its last max_seq_len tokens. When the context outgrows
     max_seq_len, its last max_seq_len // 2 tokens (at least one) are kept (the cache rebuilt from them) and
     generation goes on."""
-    check_sampling(len(prompt_ids), max_new_tokens, temperature, top_k, top_p, seed)
+    check_sampling(len(prompt_ids), max_new_tokens, temperature, top_k, top_p)
     max_len = model.config.max_seq_len
-    rng = numpy.random.default_rng(seed)
+    try:
+        rng = numpy.random.default_rng(seed)          # None: fresh randomness from the operating system
+    except (TypeError, ValueError) as e:
+        raise TinyPalmError(f"generate: seed {seed!r}: {e}; give a whole number, at least 0 (or None)") from None
     context = list(prompt_ids)[-max_len:]
     new_ids = []
     cache, fed = None, 0                     # fed: how many of the context's tokens the cache holds
@@ -133,13 +135,13 @@ class StopStreamer:
         self._show(len(self.text))
 
 
-def stream(model, tokenizer, prompt_ids, max_new_tokens, out, stops=(), **sampling):
-    """Write the prompt's text to out, then each new token's as it is made, up to end-of-text or a stop string.
+def stream(model, tokenizer, prompt_ids, max_new_tokens, out, stops=(), echo=None, **sampling):
+    """Write the prompt's text to out (echo, or else its ids decoded), then each new token's as it is made, up to
+    end-of-text or a stop string.
 
     sampling: generate()'s keyword arguments (temperature, top_k, top_p, seed, use_cache). Returns (the new ids,
     why generation stopped early: "" when it made max_new_tokens)."""
-    # a prompt cut from the left (sample.py) may start inside a character: its stray continuation bytes are not shown
-    out.write(tokenizer.decode_bytes(prompt_ids).lstrip(bytes(range(0x80, 0xC0))).decode("utf-8", errors="replace"))
+    out.write(tokenizer.decode(prompt_ids) if echo is None else echo)
     out.flush()
     streamer, stopped = StopStreamer(out, tokenizer, stops), ""
     try:

@@ -180,24 +180,25 @@ def attention_by_tiles(cfg, backend, dtype):
 
 
 def available_bytes(backend):
-    """Free memory where the arrays will live: host memory for numpy, the GPU's for cupy; None if unknown
-    (Windows). On macOS, which does not say what is free, the machine's whole memory: a bound all the same."""
+    """(bytes, "free" or "in all"): free memory where the arrays will live, host memory for numpy, the GPU's for
+    cupy; on macOS, which does not say what is free, the machine's whole memory (a bound all the same). None if
+    unknown (Windows)."""
     if backend == "cupy":
         try:
             import cupy
-            return int(cupy.cuda.runtime.memGetInfo()[0]) + int(cupy.get_default_memory_pool().free_bytes())
+            return int(cupy.cuda.runtime.memGetInfo()[0]) + int(cupy.get_default_memory_pool().free_bytes()), "free"
         except Exception:                 # no CuPy or no GPU: building the model says so in its own words
             return None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024, "free"
     except OSError:
         pass
-    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):        # free pages (Linux), else all of them (macOS)
+    for pages, kind in (("SC_AVPHYS_PAGES", "free"), ("SC_PHYS_PAGES", "in all")):   # free (Linux), else all (macOS)
         try:
-            return os.sysconf(pages) * os.sysconf("SC_PAGESIZE")
+            return os.sysconf(pages) * os.sysconf("SC_PAGESIZE"), kind
         except (ValueError, OSError, AttributeError):
             pass
     return None
@@ -213,7 +214,7 @@ def check_memory(cfg, backend, batch_size, seq_len, dtype, what, base_trains=Tru
         buffers = len(batch_threads.pieces(batch_size))
     need = training_bytes(cfg, batch_size, seq_len, dtype, gradient_buffers=buffers, base_trains=base_trains,
                           attention_matrix=not attention_by_tiles(cfg, backend, dtype))
-    have = available_bytes(backend)
+    have, kind = available_bytes(backend) or (None, None)
     sharing = ranks_here if backend == "numpy" else 1
     if have is not None and need * sharing > have:
         where = "GPU memory" if backend == "cupy" else "memory"
@@ -223,8 +224,8 @@ def check_memory(cfg, backend, batch_size, seq_len, dtype, what, base_trains=Tru
         size = f"{cfg.n_params() / 1e9:.2f}B" if cfg.n_params() >= 1e9 else f"{cfg.n_params() / 1e6:.2f}M"
         ranks = f" in each of the {sharing} processes on this machine" if sharing > 1 else ""
         raise TinyPalmError(f"{what} ({size} parameters) needs about {gib(need)} for weights, "
-                            f"{parts} at batch {batch_size} x {seq_len}{ranks}, and only {gib(have)} of {where} is "
-                            "free; use a smaller preset or shape, or a smaller batch" + (", or fewer processes" if
+                            f"{parts} at batch {batch_size} x {seq_len}{ranks}, and the machine has only {gib(have)} "
+                            f"of {where} {kind}; use a smaller preset or shape, or a smaller batch" + (", or fewer processes" if
                                                                                         sharing > 1 else ""))
 
 
