@@ -308,3 +308,15 @@ def test_a_loss_picture_that_cannot_be_written_is_noted_once(tmp_path, monkeypat
     assert len(calls) == 1 and err.count("note: cannot write loss picture") == 1
     assert "training goes on without it" in err and "loss curves in" not in out and "best val loss" in out
     assert checkpoint.load(str(tmp_path / "out" / "last.npz")).step == 6
+
+
+def test_the_memory_check_counts_the_threads_training_will_have(monkeypatch):
+    # numpy on Accelerate or MKL: BLAS keeps the cores, the pool drops to one thread, so one gradient buffer
+    from tinypalm import backend
+    monkeypatch.setattr(cpu_ops, "pool", cpu_ops.ChunkPool(3))
+    monkeypatch.setattr(backend, "set_blas_threads", lambda n: None)
+    cfg = Config.preset("palm-8b")
+    one_buffer = run.training_bytes(cfg, 16, 128, "float32", gradient_buffers=1)
+    monkeypatch.setattr(run, "available_bytes", lambda backend: (one_buffer + 2**20, "free"))
+    run.check_memory(cfg, "numpy", 16, 128, "float32", "--preset palm-8b")      # fits with the one buffer it needs
+    assert cpu_ops.pool.n_threads == 1

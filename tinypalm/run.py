@@ -211,6 +211,8 @@ def check_memory(cfg, backend, batch_size, seq_len, dtype, what, base_trains=Tru
     buffers = 1
     if backend == "numpy":
         from . import batch_threads
+        from .backend import get_ops
+        get_ops("numpy")                  # settles the thread count first: 1 where numpy's BLAS keeps the cores
         buffers = len(batch_threads.pieces(batch_size))
     need = training_bytes(cfg, batch_size, seq_len, dtype, gradient_buffers=buffers, base_trains=base_trains,
                           attention_matrix=not attention_by_tiles(cfg, backend, dtype))
