@@ -19,7 +19,6 @@ signal.signal(signal.SIGINT, signal.SIG_DFL)     # Ctrl-C while the modules belo
 import argparse
 import math
 import os
-import shlex
 import sys
 import time
 
@@ -29,7 +28,8 @@ from tinypalm import Config, PaLM, TinyPalmError
 from tinypalm import checkpoint, data, dist, instruct, lora
 from tinypalm.backend import read_scalars
 from tinypalm.cli import (SHAPE_FLAGS, ArgumentParser, StdoutThatMayClose, add_adamw_flags, add_shape_flags,
-                          check_ranges, finite_float, format_duration, json_line, run_cli, with_shape_flags)
+                          check_ranges, finite_float, format_duration, json_line, run_cli, shell_quote,
+                          with_shape_flags)
 from tinypalm.config import PRESETS
 from tinypalm.evaluate import evaluate_batches, token_byte_lengths
 from tinypalm.files import check_writable
@@ -212,7 +212,7 @@ def prepare(args, tokenizer_dict):
     head = data.read_corpus_head(args.data, args.bpe_train_bytes) if args.tokenizer == "bpe" else b""
     tokenizer = make_tokenizer(args, head, tokenizer_dict)
     n = data.prepare_token_file(args.data, args.prepare, tokenizer)
-    print(f"wrote {n:,} tokens to {args.prepare}; train with --data {shlex.quote(args.prepare)}")
+    print(f"wrote {n:,} tokens to {args.prepare}; train with --data {shell_quote(args.prepare)}")
 
 
 def vocab_bound(args):
@@ -521,7 +521,7 @@ def main(argv=None):
             save_due = True
         t_log += time.perf_counter() - t_pause          # evaluating and saving are not training throughput
         if stopping:
-            print(f"stopped: saved {last_path} at step {step}; continue with --resume --out {shlex.quote(args.out)}")
+            print(f"stopped: saved {last_path} at step {step}; continue with --resume --out {shell_quote(args.out)}")
             raise SystemExit(130)               # interrupted, so `train.py && sample.py` does not go on
 
     stop.release()                              # all saved: from here a Ctrl-C stops at once, with status 130
@@ -532,9 +532,9 @@ def main(argv=None):
           f"{os.path.join(args.out, best_name)}; " + (f"loss curves in {picture}, " if picture else "")
           + f"the log in {metrics_path}")
     if args.lora_rank is not None:
-        print(f"sample from it: python sample.py --ckpt {shlex.quote(args.init_from)} --adapter {shlex.quote(args.out)}")
+        print(f"sample from it: python sample.py --ckpt {shell_quote(args.init_from)} --adapter {shell_quote(args.out)}")
     else:
-        print(f"sample from it: python sample.py --ckpt {shlex.quote(args.out)}")
+        print(f"sample from it: python sample.py --ckpt {shell_quote(args.out)}")
     if args.sample_tokens:
         print("--- sample ---", flush=True)
         stream(model, tokenizer, [int(i) for i in tokenizer.encode("\n")], args.sample_tokens, out=sys.stdout,

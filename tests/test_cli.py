@@ -629,3 +629,10 @@ def test_output_to_a_file_or_pipe_is_utf8_and_a_closed_pipe_on_windows_is_a_gone
     assert out.write("step 1\n") == 7        # the run carries on, its output going nowhere
     out.stream.file.close()
 
+
+
+def test_commands_shown_to_the_user_are_quoted_for_their_shell(monkeypatch):
+    from tinypalm.cli import shell_quote
+    assert shell_quote("my run") == "'my run'" and shell_quote("out") == "out"
+    monkeypatch.setattr(os, "name", "nt")                         # cmd.exe knows double quotes only
+    assert shell_quote("my run") == '"my run"' and shell_quote("out") == "out"

@@ -5,7 +5,9 @@ import errno
 import json
 import math
 import os
+import shlex
 import signal
+import subprocess
 import sys
 
 from .errors import TinyPalmError, os_error_advice
@@ -67,6 +69,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+def shell_quote(text):
+    """text as one argument in a command the user will type: quoted for a POSIX shell, or for cmd.exe on Windows."""
+    return subprocess.list2cmdline([text]) if os.name == "nt" else shlex.quote(text)
 
 
 def reader_gone(error):
