@@ -267,3 +267,22 @@ def test_lora_resume_bad_input(base, corpus):  # noqa: F811
         np.savez(f, meta=np.array(json.dumps(meta)), **{k: v for k, v in entries.items() if not k.startswith("opt.")})
     assert_user_error(run("train.py", "--resume", "--out", "rc", "--max-steps", "4", cwd=d, check=False),
                       "no optimizer state", "--init-from and --lora-rank")
+
+
+def test_adapter_files_of_earlier_bf16_runs_load(tmp_path):
+    # earlier versions saved a bfloat16 run's adapters as raw 2-byte values (numpy writes ml_dtypes' type as void)
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from tinypalm.lora import load_adapter, save_adapter
+    model = small_model()
+    adapter = LoRA(model.config, rank=2, targets=("wq", "w_down"), xp=np, dtype="float32", seed=1)
+    for p in adapter.params.values():
+        p[...] = np.random.default_rng(2).standard_normal(p.shape).astype(np.float32)
+    save_adapter(str(tmp_path / "a.npz"), adapter, params_hash(model.params))
+    with np.load(tmp_path / "a.npz") as npz:
+        arrays = {k: (npz[k].astype(ml_dtypes.bfloat16) if k.startswith("lora.") else npz[k]) for k in npz.files}
+    np.savez(tmp_path / "old.npz", **arrays)
+    with np.load(tmp_path / "old.npz") as npz:
+        assert npz["lora.layers.0.wq.A"].dtype.kind == "V"              # as those files hold them
+    loaded = load_adapter(str(tmp_path / "old.npz"), model.params, model.config)
+    for name, p in adapter.params.items():
+        np.testing.assert_array_equal(loaded.params[name], p.astype(ml_dtypes.bfloat16).astype(np.float32))

@@ -29,7 +29,7 @@ import zipfile
 
 import numpy
 
-from .backend import compute_dtype, to_numpy
+from .backend import check_dtype, compute_dtype, to_numpy
 from .checkpoint import is_npz, resolve
 from .cli import ArgumentParser, finite_float
 from .errors import TinyPalmError
@@ -260,14 +260,22 @@ def read_adapter(path, flag="--adapter"):
             if meta.get("version") != VERSION:
                 raise TinyPalmError(f"{flag} {path}: adapter format version {meta.get('version')} is not supported "
                                     f"(this tinypalm reads version {VERSION})")
-            matrices = {k[len("lora."):]: npz[k] for k in npz.files if k.startswith("lora.")}
-            opt_state = {k[len("opt."):]: npz[k] for k in npz.files if k.startswith("opt.")} or None
+            matrices = {k[len("lora."):]: _saved_bf16(npz[k]) for k in npz.files if k.startswith("lora.")}
+            opt_state = {k[len("opt."):]: _saved_bf16(npz[k]) for k in npz.files if k.startswith("opt.")} or None
     except TinyPalmError:
         raise
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise TinyPalmError(f"{flag} {path}: cannot read the adapter, the file is truncated or corrupt "
                             f"({type(e).__name__}); use another one") from None
     return meta, matrices, opt_state
+
+
+def _saved_bf16(array):
+    """Adapter files written by bfloat16 runs of earlier versions hold raw 2-byte bf16 values (numpy saves
+    ml_dtypes' bfloat16 as void): read them back as float32. Any other array is returned as it is."""
+    if array.dtype.kind != "V" or array.dtype.itemsize != 2:
+        return array
+    return array.view(check_dtype("bfloat16")).astype(numpy.float32)
 
 
 def adapter_from(meta, matrices, path, cfg, xp=numpy, dtype="float32", flag="--adapter"):
