@@ -365,7 +365,7 @@ def test_eval_reads_other_columns_and_train_survives_a_closed_pipe(work, head, t
 
 def test_trained_length_is_the_longest_recorded_run():
     from types import SimpleNamespace as NS
-    from tinypalm.classify import trained_length
+    from tinypalm.loading import trained_length
     config = NS(max_seq_len=64)
     base = NS(train_args={"seq_len": 32})
     assert trained_length(NS(config=config, adapter=None), base) == 32

@@ -41,6 +41,14 @@ def get_ops(backend):
     return types.SimpleNamespace(**{**plain, **op_overrides(backend)})     # a twin replaces its plain function
 
 
+def settle_cpu_threads():
+    """BLAS to one thread and tinypalm's pool (cpu_ops.py) to one thread per core; where numpy's BLAS cannot be set
+    (Accelerate, MKL), the pool to one thread instead, and BLAS has the cores alone."""
+    from . import cpu_ops
+    if set_blas_threads(1) is None:
+        cpu_ops.pool.n_threads = 1
+
+
 def op_overrides(backend):
     """Faster twins of ops.py functions on this backend: name -> function.
 
@@ -49,8 +57,7 @@ def op_overrides(backend):
     anything else, a test double of CuPy included, runs the plain ops.py functions."""
     if backend == "numpy":
         from . import cpu_ops
-        if set_blas_threads(1) is None:
-            cpu_ops.pool.n_threads = 1        # BLAS threads we cannot turn off: let them have the cores alone
+        settle_cpu_threads()
         return cpu_ops.twins()
     if backend != "cupy" or importlib.util.find_spec(f"{__package__}.cuda") is None:
         return {}

@@ -9,8 +9,8 @@
 Data: a CSV with a header, or JSONL (one object per line), with a text and a label field (--text-field,
 --label-field; default text, label). The held-out split is 20% of each label's examples, drawn with --seed
 (stratified, so every label is in both parts in proportion; a label too small to give one held-out example,
-fewer than 3 at 20%, stays wholly in training), or a
-separate file with --test-data. Few-shot prompting and every fine-tuning mode are scored on the same split.
+fewer than 3 at 20%, stays wholly in training), or a separate file with --test-data. Few-shot prompting and
+every fine-tuning mode are scored on the same split.
 
 The head reads the final LayerNorm output, mean-pooled over the text's tokens (--pool mean, the default) or at
 its last token (--pool last, as causal-LM classifiers such as GPT-2's do: with causal attention only the last
@@ -43,7 +43,7 @@ from .cli import ArgumentParser, add_adamw_flags, check_ranges, finite_float
 from .errors import TinyPalmError
 from .files import check_writable, write_atomically
 from .flat import flatten
-from .loading import load_model
+from .loading import load_model, trained_length
 from .lora import LoRA, TARGETS, DEFAULT_TARGETS, params_hash, format_bytes
 from .model import LAYER_PARAMS, Layer, layer_storage_names
 from .optim import AdamW, clip_together, update_runs
@@ -541,14 +541,6 @@ def label_log_likelihoods(model, prompt, continuations, score="mean"):
         total = float(log_probs[i, positions, c].sum())
         scores.append(total / len(c) if score == "mean" else total)
     return scores
-
-
-def trained_length(model, ckpt):
-    """The positions the model learned, as far as its files record: the --seq-len of the run that made the
-    checkpoint, or its adapter's where that is longer; max_seq_len where none is recorded."""
-    runs = [ckpt.train_args] + ([model.adapter.meta.get("train_args", {})] if model.adapter is not None else [])
-    lengths = [int(run["seq_len"]) for run in runs if "seq_len" in run]
-    return min(max(lengths, default=model.config.max_seq_len), model.config.max_seq_len)
 
 
 def fewshot(args):

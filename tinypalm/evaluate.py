@@ -30,7 +30,7 @@ from .backend import DTYPES, read_scalars
 from .cli import ArgumentParser, check_ranges, format_duration, json_line, run_cli
 from .errors import TinyPalmError
 from .instruct import PairsData, is_pairs_file, read_pairs
-from .loading import load_model
+from .loading import load_model, trained_length
 
 
 def token_byte_lengths(tokenizer):
@@ -184,8 +184,8 @@ def main(argv=None):
     stride = args.stride if args.stride is not None else seq_len
     if not 1 <= stride <= seq_len:
         raise TinyPalmError(f"--stride {stride}: must be between 1 and --seq-len {seq_len}")
-    trained_len = run_args.get("seq_len")
-    if trained_len and seq_len > int(trained_len):
+    trained_len = trained_length(model, ckpt)
+    if seq_len > trained_len:
         print(f"note: --seq-len {seq_len} is longer than the {trained_len} positions the model trained on; it never "
               f"learned positions past {trained_len}, so expect a higher loss than at --seq-len {trained_len}",
               file=sys.stderr)

@@ -23,3 +23,11 @@ def load_model(ckpt_path, adapter_path=None, backend="numpy", dtype=None, trains
     if adapter_path is not None:          # LoRA adapters, refused unless trained on this very checkpoint
         model.adapter = load_adapter(adapter_path, ckpt.params, ckpt.config, model.xp, model.dtype)
     return model, tokenizer, ckpt
+
+
+def trained_length(model, ckpt):
+    """The positions the model learned, as far as its files record: the --seq-len of the run that made the
+    checkpoint, or its adapter's where that is longer; max_seq_len where none is recorded."""
+    runs = [ckpt.train_args] + ([model.adapter.meta.get("train_args", {})] if model.adapter is not None else [])
+    lengths = [int(run["seq_len"]) for run in runs if "seq_len" in run]
+    return min(max(lengths, default=model.config.max_seq_len), model.config.max_seq_len)

@@ -211,8 +211,8 @@ def check_memory(cfg, backend, batch_size, seq_len, dtype, what, base_trains=Tru
     buffers = 1
     if backend == "numpy":
         from . import batch_threads
-        from .backend import get_ops
-        get_ops("numpy")                  # settles the thread count first: 1 where numpy's BLAS keeps the cores
+        from .backend import settle_cpu_threads
+        settle_cpu_threads()              # the thread count training will have: 1 where numpy's BLAS keeps the cores
         buffers = len(batch_threads.pieces(batch_size))
     need = training_bytes(cfg, batch_size, seq_len, dtype, gradient_buffers=buffers, base_trains=base_trains,
                           attention_matrix=not attention_by_tiles(cfg, backend, dtype))
@@ -227,8 +227,8 @@ def check_memory(cfg, backend, batch_size, seq_len, dtype, what, base_trains=Tru
         ranks = f" in each of the {sharing} processes on this machine" if sharing > 1 else ""
         raise TinyPalmError(f"{what} ({size} parameters) needs about {gib(need)} for weights, "
                             f"{parts} at batch {batch_size} x {seq_len}{ranks}, and the machine has only {gib(have)} "
-                            f"of {where} {kind}; use a smaller preset or shape, or a smaller batch" + (", or fewer processes" if
-                                                                                        sharing > 1 else ""))
+                            f"of {where} {kind}; use a smaller preset or shape, or a smaller batch"
+                            + (", or fewer processes" if sharing > 1 else ""))
 
 
 def gib(n_bytes):
