@@ -113,8 +113,7 @@ def main(argv=None):
         prompt_ids = prompt_ids[-limit:]
         # the cut may fall inside a character: its stray continuation bytes (3 at most) are not shown
         kept = tokenizer.decode_bytes(prompt_ids)
-        stray = len(kept[:3]) - len(kept[:3].lstrip(bytes(range(0x80, 0xC0))))
-        echo = kept[stray:].decode("utf-8", errors="replace")
+        echo = (kept[:3].lstrip(bytes(range(0x80, 0xC0))) + kept[3:]).decode("utf-8", errors="replace")
 
     out = sys.stdout
     for i in range(args.num_samples):

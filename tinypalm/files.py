@@ -2,8 +2,9 @@
 
 Every file tinypalm writes for a user (checkpoints, adapters, classifiers, token files, predicted labels, the
 loss picture) but the run's log (metrics.jsonl, appended to) is written to `<path>.tmp<PID>` beside it, flushed
-to disk, then renamed over `<path>`: a rename within a directory is atomic. A process killed half-way leaves its temporary behind; the next write of the same path removes the
-temporaries whose process is gone (a live one may be another program writing right now).
+to disk, then renamed over `<path>`: a rename within a directory is atomic. A process killed half-way leaves its
+temporary behind; the next write of the same path removes the temporaries whose process is gone (a live one may
+be another program writing right now).
 """
 
 import os

@@ -25,7 +25,7 @@ def choose_token(logits, temperature, top_k, top_p, rng):
         logits = (logits - logits.max()) / temperature
     if top_k and top_k < logits.size:
         logits[numpy.argpartition(-logits, top_k - 1)[top_k:]] = -numpy.inf     # exactly k kept, ties too
-    probs = numpy.exp(logits - logits.max())
+    probs = numpy.exp(logits)                          # the largest is 0, so nothing overflows
     probs /= probs.sum()
     if top_p and top_p < 1.0:
         # keep the smallest set of most likely tokens whose probabilities add up to at least top_p
@@ -42,12 +42,12 @@ def check_sampling(n_prompt, max_new_tokens, temperature, top_k, top_p):
     whole = lambda n: isinstance(n, (int, numpy.integer)) and not isinstance(n, bool)
     number = lambda x: isinstance(x, (int, float, numpy.integer, numpy.floating)) and not isinstance(x, bool)
     problems = [(n_prompt < 1, "the prompt is empty: pass at least one token id"),
-                (not number(temperature), f"temperature {temperature!r} must be a number (0: greedy)"),
                 (not whole(max_new_tokens), f"max_new_tokens {max_new_tokens!r} must be a whole number"),
                 (whole(max_new_tokens) and max_new_tokens < 0, f"max_new_tokens {max_new_tokens} is negative"),
-                (top_k is not None and not whole(top_k), f"top_k {top_k!r} must be a whole number (None: no limit)"),
+                (not number(temperature), f"temperature {temperature!r} must be a number (0: greedy)"),
                 (number(temperature) and not 0 <= temperature < float("inf"),
                  f"temperature {temperature} must be a finite number, at least 0"),
+                (top_k is not None and not whole(top_k), f"top_k {top_k!r} must be a whole number (None: no limit)"),
                 (top_k is not None and whole(top_k) and top_k < 1, f"top_k {top_k} must be at least 1 (None: no limit)"),
                 (top_p is not None and not 0 < top_p <= 1, f"top_p {top_p} must be above 0 and at most 1 (None: none)")]
     for wrong, message in problems:

@@ -140,7 +140,8 @@ class PairsData:
         n_long, n_response, n_targets = self.n_cut(seq_len, indices)
         if not n_long:
             return None
-        text = f"note: {n_long:,} examples hold more than {flag} + 1 = {seq_len + 1} tokens: their prompts lose their start"
+        text = (f"note: {n_long:,} examples hold more than {flag} + 1 = {seq_len + 1} tokens: their prompts lose "
+                "their start")
         if n_response:
             text += (f", and {n_response:,} of them the start of their response too ({n_targets:,} response tokens "
                      "never predicted)")

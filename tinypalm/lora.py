@@ -9,8 +9,8 @@ alpha defaults to 2r, so the scale is 2 at every rank unless --lora-alpha sets a
 
 tinypalm stores the seven projections fused (model.py): wq, wk, wv, w_gate, w_up are column slices of w_in,
 applied to the LayerNorm output h; wo and w_down are row slices of w_out, applied to the attention output and the
-SwiGLU output. An adapter on wk adds (alpha / r) h A B to the wk columns of h @ w_in; one on w_down reads the SwiGLU columns
-of [attention | SwiGLU] and adds to the block's output.
+SwiGLU output. An adapter on wk adds (alpha / r) h A B to the wk columns of h @ w_in; one on w_down reads the
+SwiGLU columns of [attention | SwiGLU] and adds to the block's output.
 
 The adapter file is a .npz (numpy.load(path, allow_pickle=False) reads it):
     meta            JSON: format, version, rank, alpha, targets, the base's config and content hash, step, the

@@ -243,8 +243,8 @@ def _mix32(xp, h):
 
 def dropout_mask(xp, shape, rate, seed, first=0):
     # boolean keep-mask (dropout_forward scales what it keeps by 1/(1-rate)): element i is dropped when
-    # hash(seed, i) < rate * 2^32. first: the index of
-    # the mask's first element in a larger one, so that a piece of a batch draws exactly its rows of the batch's mask
+    # hash(seed, i) < rate * 2^32. first: the index of the mask's first element in a larger one, so that a piece
+    # of a batch draws exactly its rows of the batch's mask
     n = math.prod(shape)
     key = _mix32(xp, xp.asarray([seed & 0xFFFFFFFF], dtype=xp.uint32))
     i = xp.arange(n, dtype=xp.uint32) + xp.uint32(first & 0xFFFFFFFF)       # uint32: wraps as the hash expects
