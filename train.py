@@ -71,12 +71,14 @@ def build_parser():
     g.add_argument("--lr", type=finite_float, default=2e-3, help="peak learning rate, reached at the end of warmup")
     g.add_argument("--min-lr", type=finite_float, default=None,
                    help="learning rate at the end of the cosine decay; at most --lr (default: --lr / 10)")
-    g.add_argument("--warmup-steps", type=int, default=50, help="steps of linear warmup: step s runs at --lr x (s + 1) / N")
+    g.add_argument("--warmup-steps", type=int, default=50,
+                   help="steps of linear warmup: step s runs at --lr x (s + 1) / N")
     g.add_argument("--max-steps", type=int, default=600, help="optimizer steps in all (raise it to --resume a finished run)")
     g.add_argument("--decay-steps", type=int, default=None, help="the step at which the cosine decay reaches "
                    "--min-lr, counted from step 0, warmup included (default: --max-steps)")
     add_adamw_flags(g, weight_decay=0.1, beta2=0.95)
-    g.add_argument("--dropout", type=finite_float, default=0.0, help="dropout rate on each block's attention + MLP output, before the residual add")
+    g.add_argument("--dropout", type=finite_float, default=0.0,
+                   help="dropout rate on each block's attention + MLP output, before the residual add")
     g.add_argument("--eval-every", type=int, default=100, help="evaluate and save last.npz (best.npz if better) every N steps")
     g.add_argument("--eval-steps", type=int, default=10, help="validation batches per evaluation")
     g.add_argument("--log-every", type=int, default=10, help="print progress every N steps")
@@ -86,7 +88,8 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the batches and dropout")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.npz (a LoRA run: adapter_last.npz)")
     g.add_argument("--init-from", default=None, metavar="CKPT", help="fine-tune: load weights and tokenizer, fresh optimizer")
-    g.add_argument("--freeze-layers", type=int, default=0, help="train only the top layers: the bottom N and the embedding stay fixed (the embedding is also the output layer, tied)")
+    g.add_argument("--freeze-layers", type=int, default=0, help="train only the top layers: the bottom N and the "
+                   "embedding stay fixed (the embedding is also the output layer, tied)")
     lora.add_arguments(g)
     g.add_argument("--sample-tokens", type=int, default=200, help="length of the sample printed at the end (0: none)")
     return p
